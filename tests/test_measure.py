@@ -1,0 +1,89 @@
+"""Additive totals: hand-checkable counts, tile invariance, and the metric definitions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleihc.measure import AreaTotals, TotalsRaster, accumulate_area, area_metrics, cell_metrics, map_mask
+
+BINS = (0.2, 0.4, 0.6)
+
+
+def test_accumulate_counts_each_bin_by_hand():
+    od = np.array([[0.0, 0.19, 0.2, 0.39], [0.4, 0.59, 0.6, 2.0]], np.float32)
+    win = accumulate_area(od, location_a=(0, 0), raster_factor=4, bins_od=BINS)
+    assert win.bin_px[:, 0, 0].tolist() == [2, 2, 2, 2]
+    assert win.positive_od_sum[0, 0] == pytest.approx(0.2 + 0.39 + 0.4 + 0.59 + 0.6 + 2.0, abs=1e-6)
+
+
+def test_pigment_is_counted_apart_and_never_positive():
+    od = np.full((2, 2), 0.9, np.float32)
+    pig = np.array([[True, False], [False, False]])
+    win = accumulate_area(od, location_a=(0, 0), raster_factor=2, bins_od=BINS, pigment=pig)
+    assert win.pigment_px[0, 0] == 1
+    assert win.bin_px[3, 0, 0] == 3
+
+
+def test_input_is_not_modified():
+    od = np.random.default_rng(0).random((17, 9)).astype(np.float32)
+    before = od.copy()
+    accumulate_area(od, location_a=(3, 5), raster_factor=4, bins_od=BINS)
+    np.testing.assert_array_equal(od, before)
+
+
+@pytest.mark.parametrize("tile", [7, 16, 33])
+@pytest.mark.parametrize("origin", [(0, 0), (5, 3)])
+def test_raster_totals_do_not_depend_on_tiling(tile, origin):
+    rng = np.random.default_rng(1)
+    od = rng.gamma(1.0, 0.25, size=(70, 90)).astype(np.float32)
+    r = 4
+    shape_r = ((90 + r - 1) // r, (70 + r - 1) // r)
+    whole = TotalsRaster(shape_r, r)
+    whole.add(accumulate_area(od, location_a=(0, 0), raster_factor=r, bins_od=BINS))
+    tiled = TotalsRaster(shape_r, r)
+    xs = sorted({0, *range(origin[0] % tile, 90, tile)} | {90})
+    ys = sorted({0, *range(origin[1] % tile, 70, tile)} | {70})
+    for y0, y1 in itertools.pairwise(ys):
+        for x0, x1 in itertools.pairwise(xs):
+            tiled.add(accumulate_area(od[y0:y1, x0:x1], location_a=(x0, y0), raster_factor=r, bins_od=BINS))
+    np.testing.assert_array_equal(whole.bin_px, tiled.bin_px)
+    np.testing.assert_allclose(whole.positive_od_sum, tiled.positive_od_sum, rtol=0, atol=1e-9)
+    assert whole.bin_px.sum() == 70 * 90
+
+
+def test_area_metrics_definitions():
+    t = AreaTotals(bin_px=(50, 20, 20, 10), positive_od_sum=30.0, pigment_px=0)
+    m = area_metrics(t, pixel_area_um2=0.25)
+    assert m["region_area_mm2"] == pytest.approx(100 * 0.25e-6)
+    assert m["positive_area_percent"] == pytest.approx(50.0)
+    assert m["h_score"] == pytest.approx(20 + 2 * 20 + 3 * 10)
+    assert m["positive_mean_od"] == pytest.approx(0.6)
+    assert m["ppc_positivity"] == pytest.approx(0.5)
+
+
+def test_cell_metrics_exclude_pigment_and_use_region_area():
+    cells = pd.DataFrame(
+        {
+            "positive": [True, True, False, False, True],
+            "intensity_class": [1, 3, 0, 0, 2],
+            "pigment": [False, False, False, False, True],
+        }
+    )
+    m = cell_metrics(cells, region_area_mm2=0.5)
+    assert m["cells_total"] == 4 and m["cells_positive"] == 2 and m["pigment_cells"] == 1
+    assert m["positive_cells_per_mm2"] == pytest.approx(4.0)
+    assert m["cells_h_score"] == pytest.approx(25 + 3 * 25)
+
+
+def test_map_mask_by_centres_is_window_invariant():
+    rng = np.random.default_rng(2)
+    low = rng.random((20, 30)) > 0.5
+    whole = map_mask(low, mask_downsample=16, shape=(100, 60), downsample=5)
+    part = map_mask(low, mask_downsample=16, shape=(30, 20), downsample=5, origin_px=(7 * 5, 11 * 5))
+    np.testing.assert_array_equal(part, whole[11:31, 7:37])
+    # centre of output pixel (0, 0) is at 2.5 → mask pixel (0, 0)
+    assert whole[0, 0] == low[0, 0]
