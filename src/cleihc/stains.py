@@ -328,8 +328,8 @@ def angle_deg(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) 
     """Angle in degrees (0..180) between two vectors."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
-    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-    return math.degrees(math.acos(min(1.0, max(-1.0, cos))))
+    # atan2(|a x b|, a . b) stays accurate for tiny angles, where acos of the cosine loses half the digits.
+    return math.degrees(math.atan2(float(np.linalg.norm(np.cross(a, b))), float(np.dot(a, b))))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -535,7 +535,7 @@ def area_counts(
         Pixels with no bit set (glass, halo) are skipped.
     n_regions : int
         Number of regions (bits 0..n_regions-1 are read; 1..64 and at most the dtype's bit width).
-    thresholds_od : sequence of float, increasing
+    thresholds_od : sequence of 1 to 4 floats, strictly increasing
         Lower bounds of the positive bins in OD, e.g. QuPath-like ``(0.2, 0.4, 0.6)`` for weak, moderate,
         strong. ``thresholds_od[0]`` is the positivity threshold.
     background : three floats, optional
@@ -561,9 +561,12 @@ def area_counts(
             f"n_regions must be 1..{bits.dtype.itemsize * 8} for {bits.dtype} bits, got {n_regions}"
         )
     thr = np.asarray(thresholds_od, dtype=np.float64).reshape(-1)
-    if thr.size == 0 or not np.all(np.isfinite(thr)) or np.any(np.diff(thr) <= 0):
+    if not 1 <= thr.size <= _kernels.MAX_THRESHOLDS:
+        raise ValueError(f"give 1..{_kernels.MAX_THRESHOLDS} thresholds_od, got {thr.size}")
+    if not np.all(np.isfinite(thr)) or np.any(np.diff(thr) <= 0):
         raise ValueError(f"thresholds_od must be finite and strictly increasing, got {list(thr)}")
     n_bins = thr.size + 1
+    thr = np.concatenate([thr, np.full(_kernels.MAX_THRESHOLDS - thr.size, np.inf)])
     if accumulate is None:
         acc = AreaCounts(
             np.zeros((n_regions, n_bins), np.int64),
@@ -689,10 +692,14 @@ def estimate_macenko(
 ) -> StainMatrix:
     """Estimate two stain vectors from an image by Macenko's method.
 
-    Pixels with OD below `od_threshold` in any channel (glass, faint) are dropped; the OD of the rest is
+    Pixels whose OD vector is shorter than `od_threshold` (glass, faint) are dropped; the OD of the rest is
     projected on the plane of its two principal directions, and the stains are the directions at the
     `alpha_percent` and ``100 - alpha_percent`` percentiles of the angle in that plane. The two vectors are named
     and ordered to match the first two stains of `reference` (smallest total angle).
+
+    Macenko et al. drop pixels with OD below beta in *any* channel. Here beta applies to the OD vector's length:
+    stains with a near-zero channel (eosin and Prussian blue have little red or blue OD) would otherwise keep
+    only pixels mixed with the other stain, which biases the estimate towards it (by ~2 degrees for H&E).
 
     Parameters
     ----------
@@ -704,7 +711,7 @@ def estimate_macenko(
     tissue_mask : ndarray, shape (H, W), bool, optional
         Only these pixels are used.
     od_threshold : float
-        Macenko's beta (0.15).
+        Macenko's beta (0.15), on the OD vector's length.
     alpha_percent : float
         Macenko's alpha (1 percentile).
     min_pixels : int
@@ -727,10 +734,10 @@ def estimate_macenko(
             raise ValueError(f"tissue_mask shape {tm.shape} differs from the image's {rgb.shape[:2]}")
         pix = pix[tm.reshape(-1)]
     od = _od_pixels(pix, background)
-    od = od[np.all(od >= od_threshold, axis=1)]
+    od = od[np.linalg.norm(od, axis=1) >= od_threshold]
     if len(od) < min_pixels:
         raise CleihcError(
-            f"only {len(od)} stained pixels (OD >= {od_threshold} in every channel) for stain estimation: "
+            f"only {len(od)} stained pixels (OD >= {od_threshold}) for stain estimation: "
             "use a larger or more strongly stained region, or the protocol's fixed vectors"
         )
     cov = np.cov(od, rowvar=False)
