@@ -169,11 +169,32 @@ class TiffBackend(Backend):
         self._layout = _layout(series, path)
         self._channels = series.shape[-1] if self._layout == "interleaved" else series.shape[0]
         tiff_dims = []
-        for lvl in series.levels:
+        # each stored level: ("series", level index) or ("page", top-level page) for zarr access
+        self._stores: list[tuple[str, object]] = []
+        keyframes = []
+        for i, lvl in enumerate(series.levels):
             shp = lvl.shape
             h, w = (shp[0], shp[1]) if self._layout == "interleaved" else (shp[1], shp[2])
             tiff_dims.append((int(w), int(h)))
-        _check_not_truncated(path, [lvl.keyframe for lvl in series.levels], os.path.getsize(path))
+            self._stores.append(("series", i))
+            keyframes.append(lvl.keyframe)
+        if tf.is_svs and self._layout == "interleaved":
+            # tifffile stops an SVS pyramid at the first page flagged "reduced" (subfiletype 1); writers that
+            # flag their levels so would lose them: take every further tiled page of the same kind and aspect.
+            w0, h0 = tiff_dims[0]
+            for page in tf.pages[1:]:
+                if not (page.is_tiled and page.dtype == np.uint8 and page.shape[-1:] == (self._channels,)):
+                    continue
+                h, w = page.shape[:2]
+                if (w, h) in tiff_dims or w >= w0 or abs((w0 / w) / (h0 / h) - 1) > 0.02:
+                    continue
+                tiff_dims.append((int(w), int(h)))
+                self._stores.append(("page", page))
+                keyframes.append(page)
+            order = sorted(range(len(tiff_dims)), key=lambda i: -tiff_dims[i][0])
+            tiff_dims = [tiff_dims[i] for i in order]
+            self._stores = [self._stores[i] for i in order]
+        _check_not_truncated(path, keyframes, os.path.getsize(path))
 
         if os_fmt is not None:
             from cleihc.slide._openslide import OpenSlideBackend
@@ -268,7 +289,11 @@ class TiffBackend(Backend):
                 if arr is None:
                     # fillvalue 255: missing (sparse) tiles read as white glass, as OpenSlide's transparent
                     # pixels composited on white.
-                    store = self._series.aszarr(level=tiff_level, fillvalue=255)
+                    kind, obj = self._stores[tiff_level]
+                    if kind == "series":
+                        store = self._series.aszarr(level=obj, fillvalue=255)
+                    else:
+                        store = obj.aszarr(fillvalue=255)
                     arr = zarr.open_array(store, mode="r")
                     self._arrays[tiff_level] = arr
         return arr
