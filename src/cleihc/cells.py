@@ -1,0 +1,577 @@
+"""Positive cell detection on stain concentrations: nuclei, cells, membrane rings, per-cell stain measures.
+
+The method follows QuPath's *positive cell detection* (Bankhead et al. 2017): nuclei are found by thresholding a
+smoothed, background-subtracted counterstain optical density, touching nuclei are split by a watershed on the
+distance transform, each nucleus is grown by a fixed distance (limited by its neighbours) into a cell, and the
+target stain's optical density in the chosen compartment (nucleus, membrane ring or whole cell) decides whether a
+cell is positive and its 0/1+/2+/3+ intensity class.
+
+Exactness across tiles (docs/ARCHITECTURE.md): every decision about a cell uses only pixels within
+:func:`required_halo_um` of its centroid, and no statistic of the tile itself, so a cell whose centroid lies in a
+tile's core gets the same outline and the same values whatever the tile size or origin. Three rules make this
+hold: filters have bounded support (Gaussian truncated at 4 sigma, square morphological windows); a thresholded
+component longer than ``max_nucleus_length_um`` in x or y is discarded *before* anything else is decided about it,
+so every kept object is small and a component cut by the array border lies near that border (outside the core);
+hole filling, splitting and expansion then act within such small objects.
+
+References
+----------
+Bankhead P. et al. (2017) QuPath: Open source software for digital pathology image analysis. Sci Rep 7:16878.
+Ruifrok A.C., Johnston D.A. (2001) Quantification of histochemical staining by color deconvolution.
+Anal Quant Cytol Histol 23:291-299.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from cleihc._cell_kernels import (
+    bbox_size_kernel,
+    chamfer_distance_kernel,
+    expand_labels_kernel,
+    extreme_filter_kernel,
+    measure_kernel,
+)
+from cleihc.errors import ProtocolError
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "CellDetection",
+    "CellParams",
+    "detect_cells",
+    "detect_pigment",
+    "required_halo_um",
+]
+
+logger = logging.getLogger(__name__)
+
+Compartment = Literal["nucleus", "membrane", "cell"]
+Measure = Literal["mean", "max"]
+
+# Gaussian support in sigmas (scipy's default truncate): part of the locality budget of required_halo_um.
+_TRUNCATE = 4.0
+# Safety margin added to the halo for one-pixel connectivity and rounding of µm to pixels.
+_HALO_MARGIN_UM = 2.0
+
+
+@dataclass(frozen=True)
+class CellParams:
+    """Parameters of positive cell detection: the ``[cells]`` table of a protocol.
+
+    Distances in µm, areas in µm², intensities in optical density (OD) units of the deconvolved stains.
+    """
+
+    # Gaussian smoothing of the nucleus detection image before thresholding (QuPath: 1.5 µm at 0.5 µm/px).
+    smoothing_sigma_um: float = 1.0
+    # Radius of the local background subtraction (grey opening with a square of side 2r, white top-hat):
+    # removes diffuse counterstain in stroma and keratin; 0 turns it off. QuPath's default is 8 µm.
+    background_radius_um: float = 8.0
+    # Threshold on the nucleus detection image (counterstain OD + nucleus_target_weight * target OD, after
+    # background subtraction). QuPath's default is hematoxylin OD 0.1.
+    nucleus_threshold_od: float = 0.1
+    # Weight of the target OD added to the counterstain OD to find nuclei: DAB-positive nuclei (Ki67) are pale in
+    # hematoxylin, and under a membranous DAB ring (CD3) a lymphocyte nucleus is still found by its hematoxylin.
+    # 0 uses the counterstain only (QuPath's default, right for membranous markers whose DAB ring would otherwise
+    # be taken for nucleus); 1 is QuPath's "optical density sum", right for nuclear markers (Ki67).
+    nucleus_target_weight: float = 0.0
+    # A pale nucleus fully enclosed by a membranous target ring (smoothed target OD >= this) is a nucleus too:
+    # the hole of the ring is added to the nucleus mask. 0 turns it off.
+    ring_threshold_od: float = 0.2
+    # Nuclei smaller than this (after splitting) are discarded as debris or noise.
+    min_nucleus_area_um2: float = 10.0
+    # Nuclei larger than this (after hole filling) are discarded as clumps or stained stroma.
+    max_nucleus_area_um2: float = 400.0
+    # A thresholded component wider or taller than this is discarded: it bounds how far any decision reaches.
+    max_nucleus_length_um: float = 25.0
+    # Split touching nuclei by a watershed on the distance transform.
+    split: bool = True
+    # Minimum distance between two nucleus centres kept apart by the split (maxima of the distance transform).
+    split_min_distance_um: float = 3.0
+    # Cell = nucleus grown by this distance, limited by neighbouring cells (Voronoi-like); membrane ring = cell
+    # minus nucleus. QuPath's default is 5 µm; lymphocytes have a thin cytoplasm.
+    cell_expansion_um: float = 3.0
+    # Which compartment's target OD decides positivity: "membrane" (ring) or "cell" for membranous markers
+    # (CD3/CD4/CD8), "nucleus" for nuclear markers (Ki67), "cell" for cytoplasmic ones (CXCL10).
+    compartment: Compartment = "cell"
+    # Statistic of the target OD in the compartment: "mean" (QuPath's default) or "max".
+    measure: Measure = "mean"
+    # Detect brown pigment that is not DAB (melanin) and flag the cells whose compartment is mostly pigment.
+    exclude_pigment: bool = True
+    # A pixel is pigment where its counterstain + target OD reaches this (pigment is dark)...
+    pigment_min_od: float = 0.5
+    # ... and its |residual OD| is at least this fraction of counterstain + target OD (its hue is neither
+    # hematoxylin's nor DAB's, so deconvolution leaves a residual).
+    pigment_residual_ratio: float = 0.08
+    # A cell is flagged pigment when at least this fraction of its deciding compartment is pigment.
+    pigment_min_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"cells.{name} = {getattr(self, name)!r}: must be {rule}")
+
+        finite = {
+            f: float(getattr(self, f))
+            for f in self.__dataclass_fields__
+            if isinstance(getattr(self, f), float)
+        }
+        for name, value in finite.items():
+            need(math.isfinite(value), name, "a finite number")
+        need(0.0 <= self.smoothing_sigma_um <= 10.0, "smoothing_sigma_um", "between 0 and 10 µm")
+        need(0.0 <= self.background_radius_um <= 50.0, "background_radius_um", "between 0 (off) and 50 µm")
+        need(0.0 < self.nucleus_threshold_od <= 5.0, "nucleus_threshold_od", "in (0, 5] OD")
+        need(0.0 <= self.nucleus_target_weight <= 2.0, "nucleus_target_weight", "between 0 and 2")
+        need(0.0 <= self.ring_threshold_od <= 5.0, "ring_threshold_od", "between 0 (off) and 5 OD")
+        need(0.0 < self.min_nucleus_area_um2, "min_nucleus_area_um2", "> 0 µm²")
+        need(
+            self.min_nucleus_area_um2 < self.max_nucleus_area_um2 <= 5000.0,
+            "max_nucleus_area_um2",
+            "greater than min_nucleus_area_um2 and at most 5000 µm²",
+        )
+        need(1.0 <= self.max_nucleus_length_um <= 100.0, "max_nucleus_length_um", "between 1 and 100 µm")
+        need(0.0 < self.split_min_distance_um <= 20.0, "split_min_distance_um", "in (0, 20] µm")
+        need(0.0 <= self.cell_expansion_um <= 20.0, "cell_expansion_um", "between 0 and 20 µm")
+        need(self.compartment in get_args(Compartment), "compartment", f"one of {get_args(Compartment)}")
+        need(self.measure in get_args(Measure), "measure", f"one of {get_args(Measure)}")
+        need(0.0 < self.pigment_min_od <= 5.0, "pigment_min_od", "in (0, 5] OD")
+        need(0.0 < self.pigment_residual_ratio <= 1.0, "pigment_residual_ratio", "in (0, 1]")
+        need(0.0 < self.pigment_min_fraction <= 1.0, "pigment_min_fraction", "in (0, 1]")
+        for name in ("split", "exclude_pigment"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+
+
+#: Columns of :attr:`CellDetection.table`, in order; row ``k`` describes nucleus label ``k + 1``.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "label",
+    "x_a",
+    "y_a",
+    "nucleus_area_um2",
+    "cell_area_um2",
+    "target_od_mean",
+    "target_od_nucleus_mean",
+    "target_od_nucleus_max",
+    "target_od_ring_mean",
+    "target_od_ring_max",
+    "target_od_cell_mean",
+    "target_od_cell_max",
+    "counterstain_od_mean",
+    "pigment_fraction",
+    "positive",
+    "intensity_class",
+    "pigment",
+)
+
+
+@dataclass(frozen=True)
+class CellDetection:
+    """Result of :func:`detect_cells` on one array (a tile with its halo, or a whole image).
+
+    Attributes
+    ----------
+    labels : ndarray of int32, shape (H, W)
+        Nucleus labels 1..n (0 = background).
+    cell_labels : ndarray of int32, shape (H, W)
+        Cell labels: nucleus ``k`` grown into cell ``k``; ring of cell ``k`` = ``cell_labels == k`` outside nuclei.
+    table : dict of str to 1-D ndarray
+        One row per nucleus (row ``k`` is label ``k + 1``), columns :data:`TABLE_COLUMNS`:
+        ``label`` (int32); ``x_a``, ``y_a`` nucleus centroid in the array's pixel coordinates (float64, pixel
+        centres at integers); ``nucleus_area_um2``, ``cell_area_um2``; target OD ``target_od_mean`` (the deciding
+        compartment and measure), ``target_od_{nucleus,ring,cell}_{mean,max}`` (ring columns are NaN where a cell
+        has no ring because neighbours leave it none); ``counterstain_od_mean`` (nucleus); ``pigment_fraction``
+        of the deciding compartment; ``positive`` (bool: ``target_od_mean >= positive_od``); ``intensity_class``
+        (int8: 0 negative, 1 weak 1+, 2 moderate 2+, 3 strong 3+); ``pigment`` (bool: compartment mostly
+        non-DAB pigment; such cells should not be counted as positive).
+    """
+
+    labels: np.ndarray
+    cell_labels: np.ndarray
+    table: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        """Number of detected cells."""
+        return int(self.table["label"].shape[0])
+
+
+def required_halo_um(params: CellParams) -> float:
+    """Context radius (µm, in x and in y) that :func:`detect_cells` needs around a tile's core to be exact.
+
+    Sum of: the support of the smoothing (4 sigma) and of the background opening (twice its radius), the length
+    of a nucleus (the cell's own object) and of a neighbouring nucleus (which limits its expansion), the expansion
+    on both sides, and a margin of 2 µm for connectivity and rounding.
+
+    Parameters
+    ----------
+    params : CellParams
+
+    Returns
+    -------
+    float
+        Halo in µm; the engine reads each tile with at least this much context on every side.
+    """
+    filters = _TRUNCATE * params.smoothing_sigma_um + 2.0 * params.background_radius_um
+    return float(
+        filters + 2.0 * params.max_nucleus_length_um + 2.0 * params.cell_expansion_um + _HALO_MARGIN_UM
+    )
+
+
+def _channel(names: tuple[str, ...], name: str, role: str) -> int:
+    if name not in names:
+        raise ProtocolError(
+            f"cells: {role} stain {name!r} is not one of the stains {tuple(names)}; set [cells] {role} to one of them"
+        )
+    return names.index(name)
+
+
+def _residual_index(names: tuple[str, ...], ci: int, ti: int) -> int | None:
+    if "residual" in names:
+        return names.index("residual")
+    others = [k for k in range(len(names)) if k not in (ci, ti)]
+    return others[0] if len(others) == 1 else None
+
+
+def _square_filter(image: np.ndarray, radius_px: int, *, is_max: bool) -> np.ndarray:
+    """Maximum or minimum over a (2 r + 1)² square, border clamped (scipy's ``mode="nearest"``), in linear time."""
+    rows = np.empty_like(image)
+    extreme_filter_kernel(image, radius_px, 1, is_max, rows)
+    out = np.empty_like(image)
+    extreme_filter_kernel(rows, radius_px, 0, is_max, out)
+    return out
+
+
+def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    if sigma_px <= 0.0:
+        return np.array(image, dtype=np.float32, copy=True)
+    return ndimage.gaussian_filter(image, sigma_px, mode="nearest", truncate=_TRUNCATE, output=np.float32)
+
+
+def detect_pigment(
+    conc: np.ndarray,
+    *,
+    names: tuple[str, ...],
+    counterstain: str,
+    target: str,
+    mpp_um: float,
+    params: CellParams,
+) -> np.ndarray:
+    """Mask of dark brown pigment that is not DAB (melanin), from the residual of colour deconvolution.
+
+    Melanin absorbs broadly, more in blue than in red, so its OD vector is darker and more neutral than DAB's and
+    is not a mixture of hematoxylin and DAB: deconvolution with an H-DAB matrix gives it hematoxylin, DAB *and* a
+    residual. A pixel is pigment where its counterstain + target OD is at least ``pigment_min_od`` and its
+    absolute residual is at least ``pigment_residual_ratio`` times that sum (a hematoxylin/DAB mixture has a
+    residual near 0 whatever its darkness). The test is per pixel; :func:`detect_cells` averages it over a cell's
+    compartment (``pigment_fraction``), which is what smooths out noise.
+
+    Limits: light, sparse melanin (residual below the noise of JPEG-compressed slides) is missed; very dark DAB
+    deposits that saturate the camera become neutral-grey and can be flagged; the residual's scale depends on the
+    stain matrix, so ``pigment_residual_ratio`` is a per-protocol setting. With no residual channel (two stains
+    only) nothing is flagged.
+
+    Parameters
+    ----------
+    conc : ndarray, shape (H, W, n_stains)
+        Stain concentrations (OD units) from :func:`cleihc.stains.deconvolve`.
+    names : tuple of str
+        Channel names of ``conc`` (``StainMatrix.names``).
+    counterstain, target : str
+        Names of the counterstain (hematoxylin) and target (DAB) channels.
+    mpp_um : float
+        Microns per pixel of ``conc``.
+    params : CellParams
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+    """
+    names = tuple(names)
+    _check_conc(conc, names, mpp_um)
+    ci = _channel(names, counterstain, "counterstain")
+    ti = _channel(names, target, "target")
+    ri = _residual_index(names, ci, ti)
+    if ri is None:
+        return np.zeros(conc.shape[:2], dtype=bool)
+    total = conc[..., ci].astype(np.float32) + conc[..., ti].astype(np.float32)
+    residual = np.abs(conc[..., ri].astype(np.float32))
+    return (total >= np.float32(params.pigment_min_od)) & (
+        residual >= np.float32(params.pigment_residual_ratio) * total
+    )
+
+
+def _check_conc(conc: np.ndarray, names: tuple[str, ...], mpp_um: float) -> None:
+    if not isinstance(conc, np.ndarray) or conc.ndim != 3 or conc.shape[2] != len(names):
+        shape = getattr(conc, "shape", None)
+        raise ValueError(
+            f"cells: conc must be an (H, W, {len(names)}) array matching names {names}, got {shape}"
+        )
+    if not np.issubdtype(conc.dtype, np.floating):
+        raise ValueError(f"cells: conc must be a float array of OD concentrations, got {conc.dtype}")
+    if not (isinstance(mpp_um, int | float) and math.isfinite(mpp_um) and mpp_um > 0):
+        raise ValueError(f"cells: mpp_um must be a positive number, got {mpp_um!r}")
+
+
+def _check_thresholds(positive_od: float, bins_od: tuple[float, ...]) -> np.ndarray:
+    bins = np.asarray(bins_od, dtype=np.float64)
+    if bins.ndim != 1 or bins.size != 3 or not np.all(np.isfinite(bins)) or not np.all(np.diff(bins) > 0):
+        raise ProtocolError(f"cells: bins_od {bins_od!r} must be three increasing OD thresholds (1+, 2+, 3+)")
+    if not (math.isfinite(positive_od) and positive_od > 0):
+        raise ProtocolError(f"cells: positive_od {positive_od!r} must be a positive OD threshold")
+    return bins
+
+
+def _nucleus_mask(
+    det: np.ndarray, ring_holes: np.ndarray | None, params: CellParams, mpp_um: float
+) -> np.ndarray:
+    """Threshold, discard long components, fill holes, keep areas in range: a mask of nucleus clumps."""
+    mask = det >= np.float32(params.nucleus_threshold_od)
+    if ring_holes is not None:
+        mask |= ring_holes
+    eight = np.ones((3, 3), dtype=bool)
+    lab, n = ndimage.label(mask, structure=eight)
+    if n == 0:
+        return mask
+    px_area_um2 = mpp_um * mpp_um
+    max_len_px = params.max_nucleus_length_um / mpp_um
+    max_area_px = params.max_nucleus_area_um2 / px_area_um2
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    boxes = np.zeros((n + 1, 2), dtype=np.int64)
+    bbox_size_kernel(lab, n, boxes)
+    keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px) & (area <= max_area_px)
+    keep[0] = False
+    # Holes are filled only after long components are gone: a hole then lies inside one small object's box,
+    # so whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
+    mask = _fill_holes(keep[lab])
+    lab, n = ndimage.label(mask, structure=eight)
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    keep = (area >= params.min_nucleus_area_um2 / px_area_um2) & (area <= max_area_px)
+    keep[0] = False
+    return keep[lab]
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill background components (4-connected) that do not touch the array border: faster than
+    :func:`scipy.ndimage.binary_fill_holes` (one labelling instead of an iterated dilation), same result."""
+    background, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    hole = ~outside
+    hole[0] = False
+    return mask | hole[background]
+
+
+def _split(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
+    """Nucleus labels: each clump split by a watershed on its distance transform (markers = its maxima)."""
+    eight = np.ones((3, 3), dtype=bool)
+    clumps, n = ndimage.label(mask, structure=eight)
+    if n == 0 or not params.split:
+        return clumps.astype(np.int32, copy=False)
+    dist = np.empty(mask.shape, dtype=np.float32)
+    chamfer_distance_kernel(mask, dist)
+    md_px = max(1, round(params.split_min_distance_um / mpp_um))
+    # Maxima within a (2 md + 1) square; a plateau or equal maxima closer than md (ties) become one marker.
+    peaks = ((dist == _square_filter(dist, md_px, is_max=True)) & mask).astype(np.float32)
+    near = (_square_filter(peaks, md_px // 2, is_max=True) > 0) & mask
+    markers, _ = ndimage.label(near, structure=eight)
+    # Number of distinct markers per clump: only clumps with two or more need a watershed.
+    pairs = np.unique(np.stack([clumps[markers > 0], markers[markers > 0]]), axis=1)
+    per_clump = np.bincount(pairs[0], minlength=n + 1)
+    multi = np.flatnonzero(per_clump >= 2)
+    labels = clumps.astype(np.int32)
+    if multi.size == 0:
+        return labels
+    next_label = n + 1
+    boxes = ndimage.find_objects(clumps)
+    for k in multi:  # clumps of touching nuclei: a few per tile, each cropped to its box
+        box = boxes[k - 1]
+        inside = clumps[box] == k
+        sub = watershed(-dist[box], np.where(inside, markers[box], 0), mask=inside)
+        ids = np.unique(sub[inside])
+        lut = np.zeros(int(ids.max()) + 1, dtype=np.int32)
+        lut[ids] = np.arange(next_label, next_label + ids.size, dtype=np.int32)
+        labels[box] = np.where(inside, lut[sub], labels[box])
+        next_label += ids.size
+    return labels
+
+
+def _relabel(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Labels renumbered 1..k in increasing order of the old label, dropping those where ``keep`` is False."""
+    lut = np.zeros(keep.shape[0], dtype=np.int32)
+    keep = keep.copy()
+    keep[0] = False
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def detect_cells(
+    conc: np.ndarray,
+    *,
+    names: tuple[str, ...],
+    counterstain: str,
+    target: str,
+    mpp_um: float,
+    params: CellParams,
+    positive_od: float,
+    bins_od: tuple[float, ...],
+) -> CellDetection:
+    """Detect nuclei and cells and score each cell for the target stain (QuPath-style positive cell detection).
+
+    Steps: detection image = counterstain OD + ``nucleus_target_weight`` × target OD; Gaussian smoothing; white
+    top-hat (local background subtraction); threshold at ``nucleus_threshold_od``; plus the holes of the smoothed
+    target mask at ``ring_threshold_od`` (pale nuclei inside membranous rings); components longer than
+    ``max_nucleus_length_um`` or larger than ``max_nucleus_area_um2`` discarded; holes filled; areas checked;
+    touching nuclei split by a marker watershed on the (chamfer) distance transform (markers: its maxima at least
+    ``split_min_distance_um`` apart); split pieces below ``min_nucleus_area_um2`` dropped; cells = nuclei expanded
+    by ``cell_expansion_um`` without overlap (like :func:`skimage.segmentation.expand_labels`, with chamfer
+    distances); per-cell statistics of
+    the raw (unsmoothed) target and counterstain OD in one pass.
+
+    Parameters
+    ----------
+    conc : ndarray, shape (H, W, n_stains)
+        Stain concentrations in OD units (:func:`cleihc.stains.deconvolve`); a tile with its halo or a whole image.
+        Not modified.
+    names : tuple of str
+        Channel names of ``conc``.
+    counterstain : str
+        Name of the nuclear counterstain channel (e.g. ``"hematoxylin"``).
+    target : str
+        Name of the target stain channel (e.g. ``"dab"``).
+    mpp_um : float
+        Microns per pixel of ``conc``.
+    params : CellParams
+    positive_od : float
+        A cell is positive when its target OD (compartment and measure of ``params``) is at least this.
+        Computed once per slide or set by the protocol, never per tile.
+    bins_od : tuple of 3 floats
+        Increasing OD thresholds of the 1+, 2+ and 3+ intensity classes (e.g. ``(0.2, 0.4, 0.6)``); a positive
+        cell's class is the number of them it reaches, at least 1; negative cells are class 0.
+
+    Returns
+    -------
+    CellDetection
+
+    Raises
+    ------
+    ProtocolError
+        When ``counterstain`` or ``target`` is not a channel, or the thresholds are invalid.
+    """
+    names = tuple(names)
+    _check_conc(conc, names, mpp_um)
+    ci = _channel(names, counterstain, "counterstain")
+    ti = _channel(names, target, "target")
+    bins = _check_thresholds(positive_od, bins_od)
+    mpp_um = float(mpp_um)
+    counter_od = np.ascontiguousarray(conc[..., ci], dtype=np.float32)
+    target_od = np.ascontiguousarray(conc[..., ti], dtype=np.float32)
+
+    det = counter_od + np.float32(params.nucleus_target_weight) * target_od
+    det = _smooth(det, params.smoothing_sigma_um / mpp_um)
+    r_px = round(params.background_radius_um / mpp_um)
+    if r_px > 0:
+        # White top-hat: subtract the grey opening (erosion then dilation by a square of side 2 r + 1).
+        det -= _square_filter(_square_filter(det, r_px, is_max=False), r_px, is_max=True)
+
+    ring_holes = None
+    if params.ring_threshold_od > 0:
+        ring = _smooth(target_od, params.smoothing_sigma_um / mpp_um) >= np.float32(params.ring_threshold_od)
+        ring_holes = _fill_holes(ring) & ~ring
+    mask = _nucleus_mask(det, ring_holes, params, mpp_um)
+    nuclei = _split(mask, params, mpp_um)
+    # Split pieces too small to be nuclei are dropped rather than merged: merging would need a second rule.
+    piece_area = np.bincount(nuclei.ravel())
+    nuclei = _relabel(nuclei, piece_area >= params.min_nucleus_area_um2 / (mpp_um * mpp_um))
+    cells = np.empty_like(nuclei)
+    scratch = np.empty(nuclei.shape, dtype=np.float32)
+    expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), scratch, cells)
+
+    ri = _residual_index(names, ci, ti)
+    if params.exclude_pigment and ri is not None:
+        residual_od = np.ascontiguousarray(conc[..., ri], dtype=np.float32)
+        pigment_od = (np.float32(params.pigment_min_od), np.float32(params.pigment_residual_ratio))
+    else:  # a threshold of 0 switches the pigment test off in the kernel
+        residual_od, pigment_od = target_od, (np.float32(0.0), np.float32(0.0))
+    table = _measure(
+        nuclei, cells, target_od, counter_od, residual_od, pigment_od, params, mpp_um, positive_od, bins
+    )
+    return CellDetection(labels=nuclei, cell_labels=cells, table=table)
+
+
+def _measure(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    target_od: np.ndarray,
+    counter_od: np.ndarray,
+    residual_od: np.ndarray,
+    pigment_od: tuple[np.float32, np.float32],
+    params: CellParams,
+    mpp_um: float,
+    positive_od: float,
+    bins: np.ndarray,
+) -> dict[str, np.ndarray]:
+    n = int(nuclei.max(initial=0))
+    ints = np.zeros((6, n + 1), dtype=np.int64)
+    sums = np.zeros((3, n + 1), dtype=np.float64)
+    maxs = np.full((2, n + 1), -np.inf, dtype=np.float64)
+    measure_kernel(nuclei, cells, target_od, counter_od, residual_od, *pigment_od, ints, sums, maxs)
+    ints, sums, maxs = ints[:, 1:], sums[:, 1:], maxs[:, 1:]
+    n_area, sx, sy, n_pig, r_area, r_pig = ints
+    n_t, n_c, r_t = sums
+    n_max, r_max = maxs
+    c_area = n_area + r_area
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nuc_mean = n_t / n_area
+        ring_mean = np.where(r_area > 0, r_t / r_area, np.nan)
+        cell_mean = (n_t + r_t) / c_area
+        n_pig_frac = n_pig / n_area
+        r_pig_frac = np.where(r_area > 0, r_pig / np.maximum(r_area, 1), np.nan)
+        c_pig_frac = (n_pig + r_pig) / c_area
+    ring_max = np.where(r_area > 0, r_max, np.nan)
+    cell_max = np.maximum(n_max, r_max)
+
+    # A cell whose neighbours leave it no ring is judged on the whole cell (= its nucleus) for "membrane".
+    if params.compartment == "nucleus":
+        value = nuc_mean if params.measure == "mean" else n_max
+        pig_frac = n_pig_frac
+    elif params.compartment == "membrane":
+        if params.measure == "mean":
+            value = np.where(r_area > 0, ring_mean, nuc_mean)
+        else:
+            value = np.where(r_area > 0, ring_max, n_max)
+        pig_frac = np.where(r_area > 0, r_pig_frac, n_pig_frac)
+    else:
+        value = cell_mean if params.measure == "mean" else cell_max
+        pig_frac = c_pig_frac
+    positive = value >= positive_od
+    intensity = (value[:, None] >= bins[None, :]).sum(axis=1)
+    intensity = np.where(positive, np.maximum(intensity, 1), 0).astype(np.int8)
+    pigment = pig_frac >= params.pigment_min_fraction
+    px_area_um2 = mpp_um * mpp_um
+    return {
+        "label": np.arange(1, n + 1, dtype=np.int32),
+        "x_a": sx / n_area,
+        "y_a": sy / n_area,
+        "nucleus_area_um2": n_area * px_area_um2,
+        "cell_area_um2": c_area * px_area_um2,
+        "target_od_mean": value.astype(np.float64),
+        "target_od_nucleus_mean": nuc_mean,
+        "target_od_nucleus_max": n_max,
+        "target_od_ring_mean": ring_mean,
+        "target_od_ring_max": ring_max,
+        "target_od_cell_mean": cell_mean,
+        "target_od_cell_max": cell_max,
+        "counterstain_od_mean": n_c / n_area,
+        "pigment_fraction": pig_frac.astype(np.float64),
+        "positive": positive,
+        "intensity_class": intensity,
+        "pigment": pigment,
+    }
