@@ -43,6 +43,7 @@ __all__ = [
     "check_drift",
     "concentration",
     "deconvolve",
+    "drift_angles",
     "estimate_background",
     "estimate_from_regions",
     "estimate_macenko",
@@ -703,12 +704,13 @@ def estimate_macenko(
 
     Parameters
     ----------
-    rgb : ndarray, shape (H, W, 3), uint8
+    rgb : ndarray, shape (H, W, 3) or (N, 3), uint8
+        An image, or a list of pixels (e.g. ``image[tissue_mask]``).
     background : three floats
         I0 (see :func:`estimate_background`).
     reference : StainMatrix
         Gives the names and the expected order (its first two stains).
-    tissue_mask : ndarray, shape (H, W), bool, optional
+    tissue_mask : ndarray, shape (H, W) or (N,), bool, optional
         Only these pixels are used.
     od_threshold : float
         Macenko's beta (0.15), on the OD vector's length.
@@ -726,12 +728,14 @@ def estimate_macenko(
     ----------
     Macenko et al. 2009 (see module docstring).
     """
-    rgb = _check_rgb(rgb)
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim not in (2, 3) or rgb.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB pixels (H, W, 3) or (N, 3), got {rgb.dtype} {rgb.shape}")
     pix = rgb.reshape(-1, 3)
     if tissue_mask is not None:
         tm = np.asarray(tissue_mask, dtype=bool)
-        if tm.shape != rgb.shape[:2]:
-            raise ValueError(f"tissue_mask shape {tm.shape} differs from the image's {rgb.shape[:2]}")
+        if tm.shape != rgb.shape[:-1]:
+            raise ValueError(f"tissue_mask shape {tm.shape} differs from the image's {rgb.shape[:-1]}")
         pix = pix[tm.reshape(-1)]
     od = _od_pixels(pix, background)
     od = od[np.linalg.norm(od, axis=1) >= od_threshold]
@@ -799,14 +803,26 @@ def estimate_from_regions(
     return StainMatrix(tuple(names), np.vstack(vecs), tuple(_as_background(background)))
 
 
+def drift_angles(estimated: StainMatrix, reference: StainMatrix) -> dict[str, float]:
+    """Angle in degrees between each reference stain and the estimated stain of the same name.
+
+    A derived ``"residual"`` is not compared; stains missing from `estimated` are left out.
+    """
+    return {
+        name: angle_deg(estimated.vector(name), reference.vector(name))
+        for name in reference.stain_names
+        if name in estimated.names
+    }
+
+
 def check_drift(
     estimated: StainMatrix,
     reference: StainMatrix,
     *,
     tolerance_deg: float,
     action: Literal["warn", "fail"] = "warn",
-) -> dict[str, float]:
-    """Compare estimated stain vectors with the reference, stain by stain.
+) -> str:
+    """Compare estimated stain vectors with the reference, stain by stain (see :func:`drift_angles`).
 
     Parameters
     ----------
@@ -815,28 +831,26 @@ def check_drift(
     tolerance_deg : float
         Largest acceptable angle.
     action : {"warn", "fail"}
-        Beyond tolerance: log a warning, or raise :class:`~cleihc.errors.StainDriftError`.
+        Beyond tolerance: log a warning (and return it), or raise :class:`~cleihc.errors.StainDriftError`.
 
     Returns
     -------
-    dict
-        Stain name to angle in degrees.
+    str
+        The one-line warning when a stain is beyond tolerance (with ``action="warn"``), else ``""``; callers
+        record it with their run's warnings.
     """
     if action not in ("warn", "fail"):
         raise ValueError(f"action must be 'warn' or 'fail', got {action!r}")
-    angles = {
-        name: angle_deg(estimated.vector(name), reference.vector(name))
-        for name in reference.stain_names
-        if name in estimated.names
-    }
+    angles = drift_angles(estimated, reference)
     over = {n: a for n, a in angles.items() if a > tolerance_deg}
-    if over:
-        detail = ", ".join(f"{n} {a:.1f} deg" for n, a in over.items())
-        msg = (
-            f"estimated stain vectors differ from the reference beyond {tolerance_deg:g} degrees ({detail}): "
-            "check the staining and scanner, or re-measure the protocol's vectors"
-        )
-        if action == "fail":
-            raise StainDriftError(msg)
-        logger.warning(msg)
-    return angles
+    if not over:
+        return ""
+    detail = ", ".join(f"{n} {a:.1f} deg" for n, a in over.items())
+    msg = (
+        f"estimated stain vectors differ from the reference beyond {tolerance_deg:g} degrees ({detail}): "
+        "check the staining and scanner, or re-measure the protocol's vectors"
+    )
+    if action == "fail":
+        raise StainDriftError(msg)
+    logger.warning(msg)
+    return msg
