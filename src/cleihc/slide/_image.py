@@ -36,6 +36,8 @@ class ImageBackend(Backend):
             with Image.open(path) as im:
                 mode, size = im.mode, im.size
                 orientation = im.getexif().get(0x0112, 1) if kind == "jpeg" else 1
+        except PermissionError:
+            raise
         except Image.DecompressionBombError as exc:
             raise UnsupportedFormatError(
                 "plain image too large to decode at once; convert it to a pyramidal tiled TIFF", path=path
@@ -86,6 +88,8 @@ class ImageBackend(Backend):
                                 im.convert("RGBA") if "A" in im.mode or im.mode == "P" else im.convert("RGB")
                             )
                             arr = composite_on_white(np.asarray(rgba))
+                    except PermissionError:
+                        raise
                     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                         raise corrupt(self.path, exc, "image data") from exc
                     arr.setflags(write=False)

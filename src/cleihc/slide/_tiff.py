@@ -338,6 +338,8 @@ def open_tiff(path: str, os_fmt: str | None) -> Backend:
     try:
         tf = tifffile.TiffFile(path)
         series = tf.series
+    except PermissionError:
+        raise
     except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError, ... on damaged files
         if os_fmt is not None:
             logger.info("%s: tifffile cannot parse it (%s); trying OpenSlide", path, exc)
@@ -349,7 +351,10 @@ def open_tiff(path: str, os_fmt: str | None) -> Backend:
         ) from exc
     try:
         if not series:
-            raise UnsupportedFormatError("TIFF file without an image; export the slide again", path=path)
+            raise CorruptSlideError(
+                "TIFF header but no readable image (truncated or corrupt); re-copy the complete file",
+                path=path,
+            )
         if series[0].keyframe.compression in _JPEG2000_COMPRESSIONS and os_fmt is not None:
             tf.close()
             return OpenSlideBackend(path, os_fmt)
