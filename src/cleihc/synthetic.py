@@ -26,24 +26,37 @@ samples the scene at its centre ``(c + 0.5, r + 0.5)``; cell positions and regio
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
+from cleihc._tiffwrite import write_ome_tiff, write_svs, write_svs_tiles
 from cleihc.errors import CleihcError
+from cleihc.io import atomic_write
 from cleihc.stains import StainMatrix, preset
 
 __all__ = [
     "GENERATOR_VERSION",
     "STAINS",
+    "SampleSpec",
     "SkinParams",
     "SyntheticSlide",
+    "make_sample_set",
     "render_skin",
+    "sample_specs",
+    "truth_path_for",
+    "write_large_synthetic_svs",
+    "write_ome_tiff",
+    "write_svs",
+    "write_truth",
 ]
 
 logger = logging.getLogger(__name__)
@@ -477,6 +490,11 @@ class _Scene:
     def _rng(self, stream: int, bx: int, by: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stream, bx + (1 << 20), by + (1 << 20)])
 
+    def evict_blocks_above(self, by_min: int) -> None:
+        """Forget cached objects of block rows above `by_min` (streaming renders move down the slide)."""
+        for key in [k for k in self._block_cache if k[0] in ("v", "c", "f") and k[2] < by_min]:
+            del self._block_cache[key]
+
     def _block_um(self, bx: int, by: int) -> tuple[float, float, float, float]:
         s = _BLOCK_PX * self.mpp
         return bx * s, by * s, s, s
@@ -826,7 +844,7 @@ class _Scene:
 
         act = self.act
         pat = self.setup.pattern
-        halo_px = 40.0 / mpp
+        halo_px = 130.0 / mpp  # >= the reach of a vessel's influence (CXCL10 proximity)
         vess = self.vessels_in(x0 - halo_px, y0 - halo_px, x0 + w + halo_px, y0 + h + halo_px)
         if pat == "diffuse":
             # CXCL10-like: cytoplasmic/extracellular patches, favoured around vessels, in the superficial dermis and
@@ -885,7 +903,7 @@ class _Scene:
         for i in range(len(cells)):
             cx, cy, a, b, th = cells.x[i], cells.y[i], cells.a_um[i], cells.b_um[i], cells.theta[i]
             is_lym = cells.cls[i] == _LYM
-            reach = (a + (ring_um if is_lym else 0.0) + 1.0) / mpp
+            reach = (a + (ring_um if is_lym else 0.0) + (4.0 if cells.melanin[i] else 1.0)) / mpp
             cx0, cx1 = max(0, int(cx - reach) - x0), min(w, int(cx + reach) + 2 - x0)
             cy0, cy1 = max(0, int(cy - reach) - y0), min(h, int(cy + reach) + 2 - y0)
             if cx0 >= cx1 or cy0 >= cy1:
@@ -1294,3 +1312,220 @@ def _truth(
     truth["cells"] = cell_list
     truth["regions"]["features"] = features
     return truth
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files: truth JSON, streaming big slides, the committed sample set
+# ---------------------------------------------------------------------------------------------------------------
+def truth_path_for(slide_path: str | os.PathLike[str]) -> Path:
+    """``<stem>.truth.json`` beside a slide; the stem drops ``.ome.tif``/``.ome.tiff`` whole.
+
+    Examples
+    --------
+    >>> truth_path_for("x/S02_pre_cxcl10.ome.tif").name
+    'S02_pre_cxcl10.truth.json'
+    """
+    p = Path(slide_path)
+    name = p.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return p.with_name(name[: -len(suffix)] + ".truth.json")
+    return p.with_name(p.stem + ".truth.json")
+
+
+def write_truth(path: str | os.PathLike[str], truth: Mapping[str, Any]) -> Path:
+    """Write a truth dict as compact JSON (atomically)."""
+    path = Path(path)
+    with atomic_write(path, mode="w") as f:
+        json.dump(truth, f, separators=(",", ":"), ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def write_large_synthetic_svs(
+    path: str | os.PathLike[str],
+    *,
+    width_px: int,
+    height_px: int,
+    stain: str,
+    mpp_um: float = 0.5,
+    seed: int = 0,
+    tile_px: int = 256,
+    jpeg_quality: int = 90,
+    params: SkinParams | None = None,
+    chunk_px: int = 2048,
+) -> Path:
+    """Render a synthetic slide tile by tile straight into an Aperio-style SVS (for big benchmark slides).
+
+    Level 0 is rendered in strips of `tile_px` rows and chunks of `chunk_px` columns and never held whole: peak
+    memory is a strip plus level 1 (1/16 of level 0) plus per-block object caches that are dropped as the strip
+    moves down. Every level equals :func:`write_svs` of ``render_skin(..., jpeg_quality=None).rgb`` with the
+    same arguments (rendering is a function of global coordinates); the SVS thumbnail is stored uncompressed.
+    No ground truth is written: computing it needs whole-slide masks (use :func:`render_skin` for truth).
+
+    Parameters
+    ----------
+    path : path
+        Output ``.svs`` (written atomically; BigTIFF when level 0 exceeds 2 GiB raw).
+    width_px, height_px : int
+        Level-0 size, e.g. 40,000 x 30,000.
+    stain : str
+        As in :func:`render_skin`.
+    mpp_um, seed, params
+        As in :func:`render_skin`.
+    tile_px : int
+        TIFF tile edge (multiple of 16).
+    jpeg_quality : int
+        JPEG quality of the tiles.
+    chunk_px : int
+        Columns rendered at once (rounded down to a multiple of `tile_px`).
+
+    Returns
+    -------
+    Path
+        `path`.
+    """
+    _check_args(stain, width_px, height_px, mpp_um, jpeg_quality)
+    params = params or SkinParams()
+    scene = _Scene(
+        stain=stain, width_px=int(width_px), height_px=int(height_px), mpp_um=mpp_um, seed=seed, params=params
+    )
+    w, h = int(width_px), int(height_px)
+    tile = int(tile_px)
+    chunk = max(tile, int(chunk_px) // tile * tile)
+
+    def tiles(sink: Any) -> Iterator[np.ndarray]:
+        for ty in range(0, h, tile):
+            th = min(tile, h - ty)
+            strip = np.empty((th, w, 3), np.uint8)
+            for cx in range(0, w, chunk):
+                cw = min(chunk, w - cx)
+                strip[:, cx : cx + cw], _ = scene.render_rect(cx, ty, cw, th)
+            sink(strip, ty)
+            for tx in range(0, w, tile):
+                yield strip[:, tx : tx + tile]
+            scene.evict_blocks_above(math.floor((ty - 64.0 / scene.mpp) / _BLOCK_PX) - 1)
+            logger.debug("rendered rows %d..%d of %d", ty, ty + th, h)
+
+    return write_svs_tiles(
+        path,
+        width_px=w,
+        height_px=h,
+        level0_tiles=tiles,
+        mpp_um=mpp_um,
+        tile_px=tile,
+        jpeg_quality=jpeg_quality,
+    )
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One slide of the sample set.
+
+    Attributes
+    ----------
+    file_name : str
+        ``<subject>_<timepoint>_<stain>.svs`` or ``.ome.tif``.
+    subject, timepoint, stain : str
+        Study labels and protocol name.
+    seed : int
+        Render seed.
+    params : SkinParams
+        Content (activity lower after treatment).
+    """
+
+    file_name: str
+    subject: str
+    timepoint: str
+    stain: str
+    seed: int
+    params: SkinParams
+
+
+def sample_specs() -> list[SampleSpec]:
+    """The committed sample set: two subjects, before and after treatment, all six protocols."""
+    base = {"S01": SkinParams(), "S02": SkinParams(melanin=0.25, lymphocyte_diameter_um=6.8)}
+    activity = {"pre": 1.0, "post": 0.4}
+    rows = [
+        ("S01", "pre", "cd3", ".svs"),
+        ("S01", "post", "cd3", ".svs"),
+        ("S02", "pre", "cd3", ".svs"),
+        ("S02", "post", "cd3", ".svs"),
+        ("S01", "pre", "cd8", ".svs"),
+        ("S01", "pre", "cxcl10", ".svs"),
+        ("S01", "post", "cxcl10", ".svs"),
+        ("S02", "pre", "cxcl10", ".ome.tif"),
+        ("S01", "pre", "gag-alcian", ".svs"),
+        ("S01", "pre", "gag-colloidal-iron", ".svs"),
+    ]
+    specs = []
+    for i, (subject, tp, stain, ext) in enumerate(rows):
+        specs.append(
+            SampleSpec(
+                file_name=f"{subject}_{tp}_{stain}{ext}",
+                subject=subject,
+                timepoint=tp,
+                stain=stain,
+                seed=1000 + 17 * i,
+                params=replace(base[subject], activity=activity[tp]),
+            )
+        )
+    return specs
+
+
+def make_sample_set(
+    out_dir: str | os.PathLike[str],
+    *,
+    width_px: int = 2000,
+    height_px: int = 1400,
+    mpp_um: float = 0.5,
+    jpeg_quality: int = 90,
+    specs: list[SampleSpec] | None = None,
+) -> list[Path]:
+    """Write the sample slides and their ``<stem>.truth.json`` files.
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder (created if needed).
+    width_px, height_px, mpp_um : int, int, float
+        Size and resolution of every slide (default 1.0 x 0.7 mm at 0.5 µm/px: a small punch biopsy section).
+    jpeg_quality : int
+        JPEG quality of the slide tiles.
+    specs : list of SampleSpec, optional
+        Defaults to :func:`sample_specs`.
+
+    Returns
+    -------
+    list of Path
+        The slide files written, in `specs` order.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for spec in specs or sample_specs():
+        slide = render_skin(
+            stain=spec.stain,
+            width_px=width_px,
+            height_px=height_px,
+            mpp_um=mpp_um,
+            seed=spec.seed,
+            jpeg_quality=None,
+            params=spec.params,
+        )
+        path = out / spec.file_name
+        if spec.file_name.lower().endswith((".ome.tif", ".ome.tiff")):
+            write_ome_tiff(path, slide.rgb, mpp_um=mpp_um, jpeg_quality=jpeg_quality, name=spec.file_name)
+            fmt = "ome-tiff"
+        else:
+            write_svs(path, slide.rgb, mpp_um=mpp_um, jpeg_quality=jpeg_quality)
+            fmt = "svs"
+        truth = dict(slide.truth)
+        # The file holds the image JPEG-compressed once, at this quality; the truth is from the exact fields.
+        truth["jpeg_quality"] = jpeg_quality
+        truth["file"] = {"name": spec.file_name, "format": fmt, "tile_px": 256}
+        truth["study"] = {"subject": spec.subject, "timepoint": spec.timepoint}
+        write_truth(truth_path_for(path), truth)
+        written.append(path)
+        logger.info("wrote %s", path)
+    return written
