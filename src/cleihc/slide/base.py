@@ -154,7 +154,8 @@ def _bin_mean(block: np.ndarray, factor: int) -> np.ndarray:
     """Mean of each factor x factor block, rounded half up, in exact integer arithmetic."""
     h, w = block.shape[0] // factor, block.shape[1] // factor
     n = factor * factor
-    sums = block.reshape(h, factor, w, factor, block.shape[2]).sum(axis=(1, 3), dtype=np.uint32)
+    # uint32 would overflow in 2 * sums for factors above ~2900; int64 never does
+    sums = block.reshape(h, factor, w, factor, block.shape[2]).sum(axis=(1, 3), dtype=np.int64)
     return ((2 * sums + n) // (2 * n)).astype(np.uint8)
 
 
@@ -438,6 +439,22 @@ class Slide:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = _bin_mean(block, f)
         return out
 
+    def _read_binned(
+        self, level: int, location_l: tuple[int, int], size_l: tuple[int, int], factor: int
+    ) -> np.ndarray:
+        """A level rectangle binned by `factor` (blocks aligned on `location_l`), read in bands of rows so that
+        memory stays bounded whatever the size; incomplete blocks at the right and bottom are dropped."""
+        x, y = location_l
+        w, h = size_l
+        wa, ha = max(1, w // factor), max(1, h // factor)
+        band = max(1, _BAND_PIXELS // max(1, wa * factor * factor))
+        out = np.empty((ha, wa, 3), dtype=np.uint8)
+        for ya in range(0, ha, band):
+            hb = min(band, ha - ya)
+            block = self.read_level_rect(level, (x, y + ya * factor), (wa * factor, hb * factor))
+            out[ya : ya + hb] = _bin_mean(block, factor) if factor > 1 else block
+        return out
+
     def read_at_mpp(self, location_px: Sequence[int], size_px: Sequence[int], *, mpp_um: float) -> np.ndarray:
         """A level-0 rectangle resampled to `mpp_um` µm/px (best level, then anti-aliased resize): previews.
 
@@ -455,8 +472,9 @@ class Slide:
         ds = self._meta.level_downsamples[level]
         lx0, ly0 = math.floor(x / ds), math.floor(y / ds)
         lx1, ly1 = max(lx0 + 1, math.ceil((x + w) / ds)), max(ly0 + 1, math.ceil((y + h) / ds))
-        region = self.read_level_rect(level, (lx0, ly0), (lx1 - lx0, ly1 - ly0))
-        return _resize_rgb(region, (out_h, out_w))
+        lw, lh = lx1 - lx0, ly1 - ly0
+        factor = max(1, min(lw // out_w, lh // out_h))
+        return _resize_rgb(self._read_binned(level, (lx0, ly0), (lw, lh), factor), (out_h, out_w))
 
     def get_thumbnail(self, max_size_px: Sequence[int]) -> np.ndarray:
         """The whole slide as RGB uint8 fitting in `max_size_px` (width, height), aspect ratio kept.
@@ -476,15 +494,7 @@ class Slide:
                 level = i
         lw, lh = self._meta.level_dimensions[level]
         factor = max(1, min(lw // tw, lh // th))
-        aw, ah = lw // factor, lh // factor
-        res = AnalysisResolution(
-            level, factor, (0.0, 0.0), self._meta.level_downsamples[level] * factor, (aw, ah)
-        )
-        band_a = max(1, _BAND_PIXELS // max(1, lw * factor))
-        bands = [
-            self.read_analysis_rect(res, (0, ya), (aw, min(band_a, ah - ya))) for ya in range(0, ah, band_a)
-        ]
-        return _resize_rgb(np.concatenate(bands, axis=0), (th, tw))
+        return _resize_rgb(self._read_binned(level, (0, 0), (lw, lh), factor), (th, tw))
 
     def check_brightfield(self) -> None:
         """Raise NotBrightfieldError when the slide looks like fluorescence (dark background).
