@@ -638,3 +638,27 @@ def test_tile_cache_returns_identical_pixels(tmp_path):
         assert (
             np.abs(fresh.astype(int) - img[20:120, 10:130]).mean() < 5
         )  # JPEG round trip of a noisy texture (measured 3.2)
+
+
+def test_aperio_jpeg2000_stays_on_openslide(tmp_path):
+    """Aperio JPEG 2000 (33003 YCbCr / 33005 RGB) is vendor specific: read by OpenSlide (documented in _tiff)."""
+    img = texture(128, 192, seed=11)
+    path = tmp_path / "j2k.svs"
+    write_aperio(path, [img, np.ascontiguousarray(img[::2, ::2])], compression=33005)
+    with open_slide(path) as s:
+        assert (s.backend, s.format, s.level_count) == ("openslide", "aperio", 2)
+        assert s.mpp == pytest.approx((0.25, 0.25))
+        np.testing.assert_array_equal(s.read_region((0, 0), (192, 128)), img)  # lossless codestream
+
+
+def test_jpeg_exif_orientation(tmp_path):
+    img = texture(40, 60, seed=12)
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise for display
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    with open_slide(path) as s:
+        assert s.dimensions == (40, 60)  # width and height swapped, as displayed
+        out = s.read_region((0, 0), (40, 60))
+        assert out.shape == (60, 40, 3)
+        assert np.abs(out.astype(int) - np.rot90(img, k=-1)).mean() < 4

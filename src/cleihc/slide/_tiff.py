@@ -40,7 +40,7 @@ __all__ = ["TiffBackend", "open_tiff"]
 # OpenSlide formats whose pixels tifffile decodes identically (verified against OpenSlide in the tests).
 TIFFFILE_FORMATS = frozenset({"aperio", "hamamatsu", "generic-tiff"})
 # Aperio JPEG 2000 variants: keep on OpenSlide (see module docstring).
-_JPEG2000_COMPRESSIONS = frozenset({33003, 33004, 33005, 34712})
+_JPEG2000_COMPRESSIONS = frozenset({33003, 33005})
 
 # Decoded tiles kept per open slide (tile reads with halos overlap their neighbours).
 TILE_CACHE_BYTES = 64 * 1024 * 1024
