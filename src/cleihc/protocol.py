@@ -829,6 +829,10 @@ def find_protocol(name_or_path: str | os.PathLike[str]) -> Path:
     candidate = Path(text)
     if candidate.is_file():
         return candidate
+    if candidate.is_dir() and (os.sep in text or text in (".", "..")):
+        raise ProtocolError(
+            "is a folder, not a protocol file; give a .toml file or a protocol name", path=text
+        )
     looks_like_path = (
         text.endswith(".toml") or os.sep in text or (os.altsep is not None and os.altsep in text)
     )

@@ -20,6 +20,7 @@ References
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -196,7 +197,8 @@ class StainMatrix:
                 raise CleihcError(
                     f"stain vector of {name!r} has a negative component {v.tolist()}: OD is >= 0"
                 )
-        vec = vec / norms[:, None]
+        # Rows already unit (to 1e-12) are kept bit for bit, so a matrix written out and read back is identical.
+        vec = np.where(np.abs(norms - 1.0)[:, None] > 1e-12, vec / norms[:, None], vec)
         if vec.shape[0] == 2:
             if names[0] == RESIDUAL or names[1] == RESIDUAL:
                 raise CleihcError(
@@ -266,8 +268,10 @@ class StainMatrix:
         return self.od_vectors[self.index(name)]
 
     def with_background(self, rgb: Sequence[float] | np.ndarray) -> StainMatrix:
-        """The same stains with background I0 = `rgb`."""
-        return StainMatrix(self.names, self.od_vectors, tuple(_as_background(rgb)))
+        """The same stains (bit for bit) with background I0 = `rgb`."""
+        out = copy.copy(self)
+        object.__setattr__(out, "background_rgb", _as_background(rgb))
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record (for provenance); :meth:`from_dict` reads it back exactly."""
