@@ -662,3 +662,21 @@ def test_jpeg_exif_orientation(tmp_path):
         out = s.read_region((0, 0), (40, 60))
         assert out.shape == (60, 40, 3)
         assert np.abs(out.astype(int) - np.rot90(img, k=-1)).mean() < 4
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("name", ["ROI_347_1.jpg", "ROI_346_1.jpg"])
+def test_tissue_filled_ihc_crops_are_brightfield(name):
+    """Crops with no glass at all (dense CD3/CD8 IHC, median brightness ~86-91) must not be taken for fluorescence."""
+    with open_slide(shared_file("nuclick_ihc_lyon19_minitest", "images", name)) as s:
+        s.check_brightfield()
+
+
+def test_check_brightfield_on_synthetic_fluorescence(tmp_path):
+    rng = np.random.default_rng(13)
+    dark = rng.integers(0, 25, (200, 200, 3), dtype=np.uint8)
+    dark[50:60, 50:60] = (0, 0, 255)  # a bright "nucleus" does not make it brightfield
+    path = tmp_path / "fluo.png"
+    Image.fromarray(dark).save(path)
+    with open_slide(path) as s, pytest.raises(NotBrightfieldError, match="fluorescence"):
+        s.check_brightfield()

@@ -34,8 +34,9 @@ __all__ = ["AnalysisResolution", "Slide", "is_slide", "open_slide"]
 MPP_TOLERANCE = 1.1
 # Thumbnails are built from bands of at most this many level pixels, so a single-level giant never loads whole.
 _BAND_PIXELS = 16_000_000
-# Brightfield glass is bright; a fluorescence slide's background is near black.
-_MIN_BRIGHTFIELD_BACKGROUND = 100.0
+# Brightfield glass is bright; a fluorescence slide's background is near black (see Slide.check_brightfield).
+_MIN_BRIGHTFIELD_P95 = 120.0
+_MIN_BRIGHTFIELD_MEDIAN = 40.0
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -499,16 +500,18 @@ class Slide:
     def check_brightfield(self) -> None:
         """Raise NotBrightfieldError when the slide looks like fluorescence (dark background).
 
-        Brightfield glass transmits light, so most of a brightfield thumbnail (glass and stained tissue) is
-        bright; a fluorescence scan is mostly near-black. The test is the median brightness of a 512 px
-        thumbnail against 100/255.
+        Brightfield glass and even densely stained tissue transmit light, so the brightest pixels of a brightfield
+        thumbnail are bright; a fluorescence scan is mostly near-black. Refused when the 95th percentile of
+        brightness (mean of R, G, B on a 512 px thumbnail) is below 120/255 or the median below 40/255.
+        Measured: fluorescence NDPI p95 14-69; tissue-filled CD3/CD8 IHC crops p95 >= 167, median >= 86.
         """
-        thumb = self.get_thumbnail((512, 512))
-        brightness = float(np.median(thumb.mean(axis=2)))
-        if brightness < _MIN_BRIGHTFIELD_BACKGROUND:
+        brightness = self.get_thumbnail((512, 512)).mean(axis=2)
+        p95, median = float(np.percentile(brightness, 95)), float(np.median(brightness))
+        if p95 < _MIN_BRIGHTFIELD_P95 or median < _MIN_BRIGHTFIELD_MEDIAN:
             raise NotBrightfieldError(
-                f"dark background (median brightness {brightness:.0f}/255): this looks like a fluorescence "
-                "scan; cleihc measures brightfield (transmitted-light) IHC and histochemistry",
+                f"dark background (brightness median {median:.0f}, 95th percentile {p95:.0f} of 255): this "
+                "looks like a fluorescence scan; cleihc measures brightfield (transmitted-light) IHC and "
+                "histochemistry",
                 path=str(self.path),
             )
 
