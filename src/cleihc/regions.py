@@ -1,0 +1,862 @@
+"""Regions: annotation files a user hands in, and the automatic skin compartments.
+
+Every region is a named polygonal geometry in level-0 pixels. Regions come from two places:
+
+* **Files** (``--regions``): QuPath GeoJSON, Aperio ImageScope XML and ASAP XML, read by :func:`read_regions`
+  (format by content, never by extension). Files are data: JSON through :mod:`json` with NaN/Infinity refused,
+  XML through :mod:`defusedxml` (no entity expansion, no DTD, no external references), a size cap, and every
+  coordinate checked. Anything malformed or hostile raises a one-line :class:`~cleihc.errors.RegionsError`.
+* **Automatic skin compartments** from :func:`skin_compartments`: the epidermis (the dense nuclear layer at the
+  tissue surface), the dermis, and depth bands below the dermo-epidermal junction (DEJ).
+
+A file's region replaces the automatic region of the same name (:func:`merge_regions`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import defusedxml
+import defusedxml.ElementTree as SafeET
+import numpy as np
+import shapely
+from scipy import ndimage as ndi
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
+from skimage.filters import threshold_otsu
+from skimage.morphology import disk, medial_axis
+
+from cleihc.errors import RegionsError
+from cleihc.geometry import feature_collection, mask_to_polygons, polygonal, rasterize, to_feature
+from cleihc.io import atomic_write
+
+__all__ = [
+    "COMPARTMENT_NAMES",
+    "REGION_FILE_EXTENSIONS",
+    "CompartmentParams",
+    "Compartments",
+    "Region",
+    "merge_regions",
+    "rasterize",
+    "read_regions",
+    "regions_for_slide",
+    "regions_to_geojson",
+    "skin_compartments",
+    "write_geojson",
+]
+
+log = logging.getLogger(__name__)
+
+#: Largest annotation file accepted; real QuPath/ImageScope exports of a biopsy are a few MB.
+MAX_FILE_BYTES = 200 * 1024 * 1024
+#: Extensions looked for in a ``--regions`` folder, in this order.
+REGION_FILE_EXTENSIONS = (".geojson", ".json", ".xml")
+#: The automatic compartments, in table order.
+COMPARTMENT_NAMES = ("epidermis", "dermis", "papillary_dermis", "superficial_dermis", "deep_dermis")
+_MAX_VERTICES = 50_000_000  # beyond this a file is hostile, not an annotation
+_ELLIPSE_SEGMENTS = 128
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named region of a slide.
+
+    Attributes
+    ----------
+    name : str
+        The region's name; one table row per name.
+    geometry : shapely Polygon or MultiPolygon
+        Valid, non-empty, in level-0 pixel coordinates.
+    source : str
+        ``"auto"`` for automatic regions, else the path of the file it came from.
+    properties : dict
+        Extra information (format, number of shapes merged, ...), JSON-serialisable.
+    """
+
+    name: str
+    geometry: BaseGeometry
+    source: str
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def area_px(self) -> float:
+        """Area in level-0 pixels²."""
+        return float(self.geometry.area)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading annotation files
+# ---------------------------------------------------------------------------------------------------------------
+class _Bad(Exception):
+    """Internal: a reason a file is unusable; turned into RegionsError with the file's path."""
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Bad(f"{what} is not a number ({value!r})")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise _Bad(f"{what} is not a number ({value!r})") from None
+    if not math.isfinite(v):
+        raise _Bad(f"{what} is not finite ({value!r})")
+    return v
+
+
+def _json_number(value: Any, what: str) -> float:
+    # JSON coordinates must be numbers, not strings.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Bad(f"{what} is not a number ({value!r})")
+    return _number(value, what)
+
+
+def _ring(points: Sequence[tuple[float, float]], what: str) -> list[tuple[float, float]]:
+    distinct = {tuple(p) for p in points}
+    if len(distinct) < 3:
+        raise _Bad(f"{what} has fewer than 3 distinct vertices (an empty polygon)")
+    return list(points)
+
+
+def _clean(geometry: BaseGeometry, what: str, repaired: list[str]) -> MultiPolygon:
+    """Valid polygonal geometry; invalid input (self-intersections, ...) is repaired with make_valid and logged."""
+    if not geometry.is_valid:
+        reason = shapely.is_valid_reason(geometry)
+        geometry = shapely.make_valid(geometry)
+        repaired.append(f"{what} ({reason})")
+    return polygonal(geometry)
+
+
+# --- GeoJSON ----------------------------------------------------------------------------------------------------
+def _reject_constant(name: str) -> float:
+    raise _Bad(f"invalid JSON number {name}")
+
+
+def _geojson_polygon(coords: Any, what: str) -> Polygon:
+    if not isinstance(coords, list) or not coords:
+        raise _Bad(f"{what} has no rings")
+    rings = []
+    for k, ring in enumerate(coords):
+        if not isinstance(ring, list):
+            raise _Bad(f"{what} ring {k} is not a list of positions")
+        pts = []
+        for pos in ring:
+            if not isinstance(pos, list | tuple) or len(pos) < 2:
+                raise _Bad(f"{what} ring {k} has a position that is not [x, y]")
+            pts.append((_json_number(pos[0], f"{what} x"), _json_number(pos[1], f"{what} y")))
+        rings.append(_ring(pts, f"{what} ring {k}"))
+    return Polygon(rings[0], rings[1:])
+
+
+def _geojson_geometry(geom: Any, what: str, skipped: list[str], depth: int = 0) -> list[Polygon]:
+    if geom is None:
+        skipped.append(f"{what} (no geometry)")
+        return []
+    if not isinstance(geom, dict) or not isinstance(geom.get("type"), str):
+        raise _Bad(f"{what} geometry is not a GeoJSON geometry object")
+    kind = geom["type"]
+    if kind == "Polygon":
+        return [_geojson_polygon(geom.get("coordinates"), what)]
+    if kind == "MultiPolygon":
+        coords = geom.get("coordinates")
+        if not isinstance(coords, list):
+            raise _Bad(f"{what} MultiPolygon coordinates are not a list")
+        return [_geojson_polygon(c, f"{what} part {k}") for k, c in enumerate(coords)]
+    if kind == "GeometryCollection":
+        parts = geom.get("geometries")
+        if not isinstance(parts, list) or depth > 8:
+            raise _Bad(f"{what} GeometryCollection is malformed or nested too deeply")
+        return [p for g in parts for p in _geojson_geometry(g, what, skipped, depth + 1)]
+    if kind in ("Point", "MultiPoint", "LineString", "MultiLineString"):
+        skipped.append(f"{what} ({kind})")
+        return []
+    raise _Bad(f"{what} has unknown geometry type {kind!r}")
+
+
+def _feature_name(props: Any) -> str:
+    if isinstance(props, dict):
+        cls = props.get("classification")
+        if isinstance(cls, dict) and isinstance(cls.get("name"), str) and cls["name"].strip():
+            return cls["name"].strip()
+        if isinstance(cls, str) and cls.strip():
+            return cls.strip()
+        name = props.get("name")
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    return "annotation"
+
+
+def _read_geojson(text: str) -> tuple[list[tuple[str, list[Polygon], list[Polygon]]], list[str]]:
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise _Bad("JSON is nested too deeply") from None
+    except json.JSONDecodeError as e:
+        raise _Bad(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise _Bad("FeatureCollection has no 'features' list")
+    elif isinstance(data, list):
+        features = data
+    elif isinstance(data, dict) and ("geometry" in data or data.get("type") == "Feature"):
+        features = [data]
+    elif isinstance(data, dict) and isinstance(data.get("type"), str):
+        features = [{"type": "Feature", "geometry": data, "properties": {}}]
+    else:
+        raise _Bad("not GeoJSON: expected a FeatureCollection, a list of Features, a Feature or a geometry")
+    shapes: list[tuple[str, list[Polygon], list[Polygon]]] = []
+    skipped: list[str] = []
+    for k, feat in enumerate(features):
+        if not isinstance(feat, dict) or "geometry" not in feat:
+            raise _Bad(f"feature {k} is not a GeoJSON Feature")
+        props = feat.get("properties")
+        object_type = props.get("objectType") if isinstance(props, dict) else None
+        if object_type not in (None, "annotation"):
+            # QuPath detections/cells/tiles are measurements, not regions to measure in.
+            skipped.append(f"feature {k} (objectType {object_type!r})")
+            continue
+        name = _feature_name(props)
+        shapes.append((name, _geojson_geometry(feat["geometry"], f"feature {k}", skipped), []))
+    return shapes, skipped
+
+
+# --- XML --------------------------------------------------------------------------------------------------------
+def _local(tag: Any) -> str:
+    return tag.rsplit("}", 1)[-1] if isinstance(tag, str) else ""
+
+
+def _children(node: Any, name: str) -> list[Any]:
+    return [c for c in node if _local(c.tag) == name]
+
+
+def _ellipse(xs: Sequence[float], ys: Sequence[float]) -> Polygon:
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    if x1 <= x0 or y1 <= y0:
+        raise _Bad("an ellipse has a zero-size bounding box")
+    t = np.linspace(0.0, 2.0 * np.pi, _ELLIPSE_SEGMENTS, endpoint=False)
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    return Polygon(np.column_stack([cx + rx * np.cos(t), cy + ry * np.sin(t)]))
+
+
+def _rectangle(xs: Sequence[float], ys: Sequence[float], what: str) -> Polygon:
+    if len(xs) >= 3:
+        return Polygon(_ring(list(zip(xs, ys, strict=True)), what))
+    if len(xs) == 2 and xs[0] != xs[1] and ys[0] != ys[1]:
+        return box(min(xs), min(ys), max(xs), max(ys))
+    raise _Bad(f"{what} is a rectangle without two opposite corners")
+
+
+def _read_imagescope(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Polygon]]], list[str]]:
+    """Aperio ImageScope: Annotation > Regions > Region(Type, NegativeROA) > Vertices > Vertex(X, Y).
+
+    Region types: 0 free-hand/polygon, 1 rectangle (its corner vertices), 2 ellipse (inscribed in the bounding
+    box of its vertices), 3 arrow and 4 ruler (lines, skipped), 5 point (skipped). NegativeROA="1" regions are
+    subtracted from their annotation.
+    """
+    shapes: list[tuple[str, list[Polygon], list[Polygon]]] = []
+    skipped: list[str] = []
+    annotations = _children(root, "Annotation")
+    if not annotations:
+        raise _Bad("ImageScope XML without <Annotation> elements")
+    for a_k, ann in enumerate(annotations):
+        ann_id = ann.get("Id") or str(a_k + 1)
+        name = (ann.get("Name") or "").strip()
+        if not name:
+            for attrs in _children(ann, "Attributes"):
+                for attr in _children(attrs, "Attribute"):
+                    if (attr.get("Name") or "").strip():
+                        name = attr.get("Name").strip()
+                        break
+                if name:
+                    break
+        name = name or f"Annotation {ann_id}"
+        positive: list[Polygon] = []
+        negative: list[Polygon] = []
+        for regions in _children(ann, "Regions"):
+            for reg in _children(regions, "Region"):
+                what = f"annotation {ann_id!r} region {reg.get('Id', '?')!r}"
+                kind = (reg.get("Type") or "0").strip()
+                verts = [v for vs in _children(reg, "Vertices") for v in _children(vs, "Vertex")]
+                xs = [_number(v.get("X"), f"{what} vertex X") for v in verts]
+                ys = [_number(v.get("Y"), f"{what} vertex Y") for v in verts]
+                if kind == "0":
+                    poly = Polygon(_ring(list(zip(xs, ys, strict=True)), what))
+                elif kind == "1":
+                    poly = _rectangle(xs, ys, what)
+                elif kind == "2":
+                    if len(xs) < 2:
+                        raise _Bad(f"{what} is an ellipse without its bounding vertices")
+                    poly = _ellipse(xs, ys)
+                elif kind in ("3", "4", "5"):
+                    skipped.append(f"{what} (type {kind}: arrow, ruler or point)")
+                    continue
+                else:
+                    raise _Bad(f"{what} has unknown Type={kind!r} (expected 0 to 5)")
+                negative_roa = (reg.get("NegativeROA") or "0").strip()
+                if negative_roa not in ("0", "1"):
+                    raise _Bad(f"{what} has NegativeROA={negative_roa!r} (expected 0 or 1)")
+                (negative if negative_roa == "1" else positive).append(poly)
+        shapes.append((name, positive, negative))
+    return shapes, skipped
+
+
+def _read_asap(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Polygon]]], list[str]]:
+    """ASAP: Annotations > Annotation(Name, Type, PartOfGroup) > Coordinates > Coordinate(Order, X, Y)."""
+    shapes: list[tuple[str, list[Polygon], list[Polygon]]] = []
+    skipped: list[str] = []
+    anns = [a for block in _children(root, "Annotations") for a in _children(block, "Annotation")]
+    for k, ann in enumerate(anns):
+        label = ann.get("Name") or f"Annotation {k}"
+        what = f"annotation {label!r}"
+        group = (ann.get("PartOfGroup") or "").strip()
+        name = group if group and group.lower() != "none" else (ann.get("Name") or "").strip() or "annotation"
+        kind = (ann.get("Type") or "Polygon").strip()
+        coords = [c for cs in _children(ann, "Coordinates") for c in _children(cs, "Coordinate")]
+        pts = []
+        for n, c in enumerate(coords):
+            order = _number(c.get("Order", n), f"{what} coordinate Order")
+            pts.append((order, _number(c.get("X"), f"{what} X"), _number(c.get("Y"), f"{what} Y")))
+        pts.sort(key=lambda p: p[0])
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        if kind in ("Polygon", "Spline"):
+            # ASAP draws splines through their control points; the polygon of the points is within a few px.
+            poly = Polygon(_ring(list(zip(xs, ys, strict=True)), what))
+        elif kind == "Rectangle":
+            poly = _rectangle(xs, ys, what)
+        elif kind in ("Dot", "PointSet", "Measurement"):
+            skipped.append(f"{what} ({kind})")
+            continue
+        else:
+            raise _Bad(f"{what} has unknown Type={kind!r}")
+        shapes.append((name, [poly], []))
+    if not anns:
+        raise _Bad("ASAP XML without <Annotation> elements")
+    return shapes, skipped
+
+
+def _read_xml(data: bytes) -> tuple[list[tuple[str, list[Polygon], list[Polygon]]], list[str]]:
+    try:
+        root = SafeET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except defusedxml.DTDForbidden:
+        raise _Bad(
+            "XML with a DTD (<!DOCTYPE>) is refused; export the annotations again without one"
+        ) from None
+    except defusedxml.DefusedXmlException as e:
+        raise _Bad(f"hostile XML refused ({type(e).__name__}); export the annotations again") from None
+    except SafeET.ParseError as e:
+        raise _Bad(f"malformed XML: {e}") from None
+    tag = _local(root.tag)
+    if tag == "Annotations":
+        return _read_imagescope(root)
+    if tag == "ASAP_Annotations":
+        return _read_asap(root)
+    raise _Bad(f"XML root <{tag}> is neither ImageScope <Annotations> nor ASAP <ASAP_Annotations>")
+
+
+def read_regions(path: str | os.PathLike[str]) -> list[Region]:
+    """Read the regions of one annotation file.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A QuPath GeoJSON file (FeatureCollection, list of Features, one Feature or one geometry), an Aperio
+        ImageScope XML file or an ASAP XML file; the format is told by content. Coordinates are level-0 pixels.
+
+    Returns
+    -------
+    list of Region
+        One region per name, in order of first appearance; shapes of the same name are unioned. GeoJSON names
+        come from ``properties.classification.name``, else ``properties.name``, else ``"annotation"``;
+        ImageScope from the Annotation's ``Name``, else its first Attribute's ``Name``, else ``"Annotation <Id>"``
+        (NegativeROA regions are subtracted from their annotation); ASAP from ``PartOfGroup`` unless ``None``,
+        else ``Name``.
+
+    Raises
+    ------
+    RegionsError
+        The file is missing, too large, not an annotation file, malformed or hostile (entity expansion, external
+        entities, DTDs), has non-numeric or non-finite coordinates, an empty polygon, or no polygon at all.
+
+    Notes
+    -----
+    Points, lines, rulers, arrows, and QuPath detections (``objectType`` other than ``annotation``) are not
+    regions: they are skipped with a logged warning. Invalid polygons (self-intersections) are repaired with
+    :func:`shapely.make_valid` and logged.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise RegionsError("annotation file not found; check the --regions path", path=p)
+    size = p.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise RegionsError(
+            f"annotation file is {size / 2**20:.0f} MB, above the {MAX_FILE_BYTES // 2**20} MB limit; "
+            "export only the annotations (not detections) or simplify them",
+            path=p,
+        )
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise RegionsError(
+            f"cannot read the annotation file ({e.strerror}); check its permissions", path=p
+        ) from None
+    try:
+        head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+        if head in (b"{", b"["):
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError:
+                raise _Bad("GeoJSON is not UTF-8 text") from None
+            shapes, skipped = _read_geojson(text)
+            fmt = "geojson"
+        elif head == b"<":
+            shapes, skipped = _read_xml(data)
+            fmt = "xml"
+        else:
+            raise _Bad("not a GeoJSON or XML annotation file")
+        regions = _assemble(shapes, source=str(p), fmt=fmt)
+    except _Bad as e:
+        raise RegionsError(
+            f"{e}; fix or re-export the annotation file (QuPath GeoJSON, ImageScope or ASAP XML)", path=p
+        ) from None
+    except (ValueError, TypeError, shapely.errors.GEOSException) as e:
+        raise RegionsError(f"unusable geometry ({e}); fix or re-export the annotation file", path=p) from None
+    if skipped:
+        log.warning("%s: skipped %d non-area shape(s): %s", p, len(skipped), "; ".join(skipped[:5]))
+    return regions
+
+
+def _assemble(
+    shapes: list[tuple[str, list[Polygon], list[Polygon]]], *, source: str, fmt: str
+) -> list[Region]:
+    n_vertices = sum(len(q.exterior.coords) for _, pos, neg in shapes for q in (*pos, *neg))
+    if n_vertices > _MAX_VERTICES:
+        raise _Bad(f"{n_vertices} vertices is more than an annotation file can sensibly hold")
+    repaired: list[str] = []
+    by_name: dict[str, list[BaseGeometry]] = {}
+    counts: dict[str, int] = {}
+    for k, (name, pos, neg) in enumerate(shapes):
+        if not pos:
+            continue
+        geom = shapely.union_all([_clean(q, f"{name!r} shape {k}", repaired) for q in pos])
+        if neg:
+            geom = geom.difference(
+                shapely.union_all([_clean(q, f"{name!r} exclusion {k}", repaired) for q in neg])
+            )
+        by_name.setdefault(name, []).append(geom)
+        counts[name] = counts.get(name, 0) + len(pos)
+    if repaired:
+        log.warning(
+            "%s: repaired %d invalid polygon(s) with make_valid: %s",
+            source,
+            len(repaired),
+            "; ".join(repaired[:5]),
+        )
+    if not by_name:
+        raise _Bad("no polygon annotations found (only points, lines or detections)")
+    regions = []
+    for name, geoms in by_name.items():
+        geom = polygonal(shapely.union_all(geoms))
+        if geom.is_empty or geom.area <= 0:
+            raise _Bad(
+                f"region {name!r} has zero area (its exclusions cover it, or its polygons are degenerate)"
+            )
+        if len(geom.geoms) == 1:
+            geom = geom.geoms[0]
+        regions.append(Region(name, geom, source, {"format": fmt, "n_shapes": counts[name]}))
+    return regions
+
+
+def _slide_stem(slide_path: str | os.PathLike[str]) -> str:
+    name = Path(slide_path).name
+    m = re.match(r"^(.*)\.ome\.tiff?$", name, flags=re.IGNORECASE)
+    if m:
+        return m.group(1)
+    return Path(name).stem
+
+
+def regions_for_slide(
+    path_or_folder: str | os.PathLike[str], slide_path: str | os.PathLike[str]
+) -> list[Region]:
+    """The user regions for one slide.
+
+    Parameters
+    ----------
+    path_or_folder : str or PathLike
+        One annotation file (used for the slide), or a folder holding ``<slide stem>.geojson``, ``.json`` or
+        ``.xml`` (for ``name.ome.tif`` the stem is ``name``; the match ignores case).
+    slide_path : str or PathLike
+        The slide.
+
+    Returns
+    -------
+    list of Region
+        Empty (and logged) when the folder holds no file for this slide.
+
+    Raises
+    ------
+    RegionsError
+        The path does not exist, the folder holds several files for the slide, or the file is unusable.
+    """
+    p = Path(path_or_folder)
+    if p.is_file():
+        return read_regions(p)
+    if not p.is_dir():
+        raise RegionsError("regions path not found; give an annotation file or a folder of them", path=p)
+    stem = _slide_stem(slide_path)
+    wanted = {f"{stem}{ext}".lower(): i for i, ext in enumerate(REGION_FILE_EXTENSIONS)}
+    found = sorted(
+        (wanted[f.name.lower()], f) for f in p.iterdir() if f.name.lower() in wanted and f.is_file()
+    )
+    if not found:
+        log.info(
+            "%s: no annotation file for slide %s (looked for %s.{geojson,json,xml})", p, slide_path, stem
+        )
+        return []
+    if len(found) > 1:
+        names = ", ".join(f.name for _, f in found)
+        raise RegionsError(f"several annotation files for slide {stem!r} ({names}); keep one", path=p)
+    return read_regions(found[0][1])
+
+
+def regions_to_geojson(regions: Iterable[Region]) -> dict[str, Any]:
+    """A QuPath-importable FeatureCollection: one annotation per region, classified by its name."""
+    features = []
+    for r in regions:
+        props = {k: v for k, v in r.properties.items() if k not in ("objectType", "name", "classification")}
+        props["source"] = r.source
+        features.append(to_feature(r.geometry, name=r.name, classification=r.name, properties=props))
+    return feature_collection(features)
+
+
+def write_geojson(regions: Iterable[Region], path: str | os.PathLike[str]) -> None:
+    """Write regions as QuPath GeoJSON, atomically (a crash leaves the old file or the new one)."""
+    text = json.dumps(regions_to_geojson(regions), allow_nan=False, separators=(",", ":"))
+    with atomic_write(path, mode="w") as f:
+        f.write(text)
+
+
+def merge_regions(automatic: Sequence[Region], user: Sequence[Region]) -> list[Region]:
+    """Automatic regions with user regions replacing those of the same name.
+
+    Order: ``tissue`` first (whichever list holds it), then the automatic order, then user-only regions in their
+    order.
+    """
+    user_by_name = {r.name: r for r in user}
+    auto_names = [r.name for r in automatic]
+    merged = [user_by_name.get(r.name, r) for r in automatic]
+    merged += [r for r in user if r.name not in auto_names]
+    return sorted(merged, key=lambda r: r.name != "tissue")  # stable: only moves tissue to the front
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Automatic skin compartments
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompartmentParams:
+    """How the epidermis, dermis and depth bands are found (the ``[compartments]`` table of a protocol).
+
+    Parameters
+    ----------
+    enabled : bool
+        Find skin compartments automatically (turn off for tissue that is not skin).
+    mpp_um : float
+        Working resolution, µm per pixel, of the low-resolution counterstain map (2 to 4 µm/px is enough).
+    papillary_um : float
+        Papillary dermis: depth [0, papillary_um) below the DEJ.
+    superficial_um : float
+        Superficial dermis: depth [papillary_um, superficial_um); the deep dermis is below.
+    nuclear_sigma_um : float
+        Gaussian sigma (µm) smoothing counterstain OD into a local nuclear density (~2.5·sigma window).
+    opening_um : float
+        Radius (µm) of a morphological opening of the dense tissue that cuts thin bridges to dense dermal
+        infiltrates; 0 turns it off.
+    threshold_od : float
+        Density threshold in OD; 0 chooses it automatically (Otsu on the smoothed density of the tissue within
+        ``threshold_band_um`` of the air).
+    threshold_band_um : float
+        Depth of the surface band (µm) whose densities set the automatic threshold.
+    min_contrast : float
+        The epidermis's mean density must be at least this times the median density of the rest of the tissue.
+    min_epidermis_um2 : float
+        Smallest epidermis piece kept (µm²).
+    max_epidermis_thickness_um : float
+        Largest typical (median) thickness of an epidermis piece; thicker dense masses are infiltrates or
+        tumour, not epidermis.
+    max_surface_gap_um : float
+        The epidermis must come within this distance of the tissue surface (room for a stratum corneum).
+    max_corneum_um : float
+        Thin non-dense tissue between the epidermis and the air (stratum corneum, up to this thickness) is
+        counted as epidermis.
+    """
+
+    enabled: bool = True  # find skin compartments automatically
+    mpp_um: float = 2.0  # working resolution, µm per pixel
+    papillary_um: float = 150.0  # papillary dermis: [0, papillary_um) below the DEJ
+    superficial_um: float = 500.0  # superficial dermis: [papillary_um, superficial_um); deep dermis below
+    nuclear_sigma_um: float = 10.0  # Gaussian sigma of the nuclear-density smoothing, µm
+    opening_um: float = 10.0  # radius of the opening that detaches dermal infiltrates, µm; 0 = off
+    threshold_od: float = 0.0  # density threshold (OD); 0 = automatic (Otsu)
+    threshold_band_um: float = 200.0  # the automatic threshold looks at tissue this close to the air, µm
+    min_contrast: float = 1.7  # epidermis density / median density of the other tissue, at least
+    min_epidermis_um2: float = 20000.0  # smallest epidermis piece, µm²
+    max_epidermis_thickness_um: float = 400.0  # largest median thickness of an epidermis piece, µm
+    max_surface_gap_um: float = 60.0  # the epidermis lies within this distance of the tissue surface, µm
+    max_corneum_um: float = 60.0  # thin tissue above the epidermis counted as stratum corneum, µm
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mpp_um": 0.1 <= self.mpp_um <= 50.0,
+            "papillary_um": 0.0 < self.papillary_um,
+            "superficial_um": self.papillary_um < self.superficial_um,
+            "nuclear_sigma_um": 0.0 < self.nuclear_sigma_um <= 500.0,
+            "opening_um": 0.0 <= self.opening_um <= 500.0,
+            "threshold_od": 0.0 <= self.threshold_od <= 10.0,
+            "threshold_band_um": 0.0 < self.threshold_band_um,
+            "min_contrast": 1.0 <= self.min_contrast <= 100.0,
+            "min_epidermis_um2": 0.0 <= self.min_epidermis_um2,
+            "max_epidermis_thickness_um": 0.0 < self.max_epidermis_thickness_um,
+            "max_surface_gap_um": 0.0 <= self.max_surface_gap_um,
+            "max_corneum_um": 0.0 <= self.max_corneum_um,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"CompartmentParams.{name} is out of range ({getattr(self, name)!r})")
+        for name in ("enabled",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CompartmentParams.{name} must be true or false")
+
+
+@dataclass(frozen=True)
+class Compartments:
+    """Skin compartments at the working resolution.
+
+    Attributes
+    ----------
+    masks : dict of str to (H, W) bool ndarray
+        ``epidermis``, ``dermis``, ``papillary_dermis``, ``superficial_dermis``, ``deep_dermis`` (read-only).
+    mpp_um : float
+        Microns per mask pixel.
+    downsample : float
+        Level-0 pixels per mask pixel.
+    origin_px : (x, y)
+        Level-0 position of the masks' top-left corner.
+    warnings : tuple of str
+        Why a compartment is empty (e.g. no epidermis found).
+    depth_um : (H, W) float32 ndarray
+        Distance below the DEJ in the dermis (NaN elsewhere and when there is no epidermis).
+    """
+
+    masks: dict[str, np.ndarray]
+    mpp_um: float
+    downsample: float
+    origin_px: tuple[float, float] = (0.0, 0.0)
+    warnings: tuple[str, ...] = ()
+    depth_um: np.ndarray | None = field(default=None, repr=False)
+
+    def to_regions(self) -> list[Region]:
+        """Non-empty compartments as Regions (exact pixel outlines in level-0 px, source ``"auto"``)."""
+        out = []
+        for name in COMPARTMENT_NAMES:
+            m = self.masks.get(name)
+            if m is None or not m.any():
+                continue
+            geom = mask_to_polygons(m, downsample=self.downsample, origin_px=self.origin_px)
+            out.append(Region(name, geom, "auto", {"mpp_um": self.mpp_um}))
+        return out
+
+    def to_geojson(self) -> dict[str, Any]:
+        """The compartments as a QuPath FeatureCollection."""
+        return regions_to_geojson(self.to_regions())
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+def skin_compartments(
+    counterstain_od: np.ndarray,
+    tissue_mask: np.ndarray,
+    *,
+    mpp_um: float,
+    downsample: float,
+    origin_px: tuple[float, float] = (0.0, 0.0),
+    params: CompartmentParams | None = None,
+) -> Compartments:
+    """Find the epidermis, the dermis and the depth bands below the dermo-epidermal junction.
+
+    Parameters
+    ----------
+    counterstain_od : (H, W) float ndarray
+        Counterstain optical density (hematoxylin or nuclear fast red) from a low-resolution image.
+    tissue_mask : (H, W) bool ndarray
+        Tissue at the same resolution.
+    mpp_um : float
+        Microns per pixel of both arrays.
+    downsample : float
+        Level-0 pixels per pixel of both arrays (for :meth:`Compartments.to_regions`).
+    origin_px : (x, y)
+        Level-0 position of the arrays' top-left corner.
+    params : CompartmentParams, optional
+        Parameters; defaults if omitted.
+
+    Returns
+    -------
+    Compartments
+        With a warning, and the epidermis and depth bands empty (dermis = tissue), when no epidermis is found.
+
+    Notes
+    -----
+    1. Local nuclear density: counterstain OD smoothed by a Gaussian of ``nuclear_sigma_um``, normalised by the
+       smoothed tissue mask so density does not fall off at the tissue surface (normalised convolution,
+       Knutsson & Westin 1993).
+    2. Dense tissue: density above ``threshold_od`` or, by default, Otsu's threshold (Otsu 1979) of the
+       densities within ``threshold_band_um`` of the air; then an opening of radius ``opening_um``.
+    3. Epidermis: dense pieces of at least ``min_epidermis_um2`` that reach within ``max_surface_gap_um`` of the
+       air, whose median thickness (twice the medial-axis distance) is at most ``max_epidermis_thickness_um``,
+       and that are at least ``min_contrast`` times denser than the rest of the tissue; small holes are filled
+       and thin tissue between them and the air (stratum corneum) is added.
+    4. Depth below the DEJ: Euclidean distance to the epidermis (µm, ``scipy.ndimage.distance_transform_edt``
+       with ``sampling=mpp_um``) measured to the junction, i.e. minus half a pixel, so a band [a, b) is the set
+       of dermis pixels whose centre lies a to b µm from the junction.
+    """
+    p = params if params is not None else CompartmentParams()
+    od = np.asarray(counterstain_od, dtype=np.float64)
+    tissue = np.asarray(tissue_mask).astype(bool)
+    if od.ndim != 2 or tissue.shape != od.shape:
+        raise ValueError(
+            f"counterstain_od {od.shape} and tissue_mask {tissue.shape} must be the same 2-D shape"
+        )
+    if not mpp_um > 0 or not downsample > 0:
+        raise ValueError("mpp_um and downsample must be > 0")
+    warnings: list[str] = []
+    epidermis = np.zeros_like(tissue)
+    if not p.enabled:
+        warnings.append("automatic compartments are disabled in the protocol")
+    elif tissue.sum() < 4:
+        warnings.append("no tissue: no compartments")
+    else:
+        epidermis, why = _find_epidermis(
+            np.nan_to_num(od, nan=0.0, posinf=0.0, neginf=0.0), tissue, mpp_um, p
+        )
+        if why:
+            warnings.append(why)
+    dermis = tissue & ~epidermis
+    masks = {"epidermis": epidermis, "dermis": dermis}
+    depth = np.full(tissue.shape, np.nan, dtype=np.float32)
+    if epidermis.any():
+        d = ndi.distance_transform_edt(~epidermis, sampling=mpp_um) - 0.5 * mpp_um
+        depth[dermis] = d[dermis]
+        masks["papillary_dermis"] = dermis & (d < p.papillary_um)
+        masks["superficial_dermis"] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
+        masks["deep_dermis"] = dermis & (d >= p.superficial_um)
+    else:
+        if p.enabled and tissue.any():
+            warnings.append("depth bands undefined without an epidermis")
+        for name in ("papillary_dermis", "superficial_dermis", "deep_dermis"):
+            masks[name] = np.zeros_like(tissue)
+    for w in warnings:
+        log.warning("skin compartments: %s", w)
+    return Compartments(
+        masks={k: _readonly(v) for k, v in masks.items()},
+        mpp_um=float(mpp_um),
+        downsample=float(downsample),
+        origin_px=(float(origin_px[0]), float(origin_px[1])),
+        warnings=tuple(warnings),
+        depth_um=_readonly(depth),
+    )
+
+
+def _find_epidermis(
+    od: np.ndarray, tissue: np.ndarray, mpp_um: float, p: CompartmentParams
+) -> tuple[np.ndarray, str]:
+    """The epidermis mask, or an empty mask and the reason none was found."""
+    none = np.zeros_like(tissue)
+    sigma_px = p.nuclear_sigma_um / mpp_um
+    t = tissue.astype(np.float64)
+    weight = ndi.gaussian_filter(t, sigma_px, mode="constant")
+    density = ndi.gaussian_filter(od * t, sigma_px, mode="constant") / np.maximum(weight, 1e-6)
+    # Distance of tissue pixels to the air (outside the tissue), µm.
+    to_air = ndi.distance_transform_edt(np.pad(tissue, 1), sampling=mpp_um)[1:-1, 1:-1]
+    if p.threshold_od > 0:
+        thr = p.threshold_od
+    else:
+        # Otsu near the surface, where epidermis and dermis are present in comparable amounts; over the whole
+        # section the deep dermis dominates and pulls the threshold into the dense papillary infiltrate.
+        band = tissue & (to_air <= p.threshold_band_um)
+        values = density[band] if band.sum() >= 16 else density[tissue]
+        if np.ptp(values) <= 0:
+            return none, "no epidermis found (uniform counterstain)"
+        thr = float(threshold_otsu(values))
+    dense = tissue & (density > thr)
+    radius_px = round(p.opening_um / mpp_um)
+    if radius_px >= 1:
+        # Cut thin bridges between the epidermis and dense dermal infiltrates at the junction (interface
+        # dermatitis), so that they do not pull the DEJ down.
+        dense = ndi.binary_opening(dense, structure=disk(radius_px))
+    labels, n = ndi.label(dense)
+    if n == 0:
+        return none, "no epidermis found (no dense nuclear layer)"
+    area_um2 = np.bincount(labels.ravel(), minlength=n + 1) * mpp_um**2
+    near_air = np.zeros(n + 1, dtype=bool)
+    near_air[np.unique(labels[dense & (to_air <= p.max_surface_gap_um + mpp_um)])] = True
+    keep = (area_um2 >= p.min_epidermis_um2) & near_air
+    keep[0] = False
+    if not keep[1:].any():
+        return none, "no epidermis found (no dense layer of the minimum size at the tissue surface)"
+    # Median thickness of each candidate piece along its medial axis.
+    cand = keep[labels]
+    skel, dist = medial_axis(cand, return_distance=True)
+    for k in np.flatnonzero(keep):
+        on = skel & (labels == k)
+        thick_um = 2.0 * float(np.median(dist[on])) * mpp_um if on.any() else 0.0
+        if thick_um > p.max_epidermis_thickness_um:
+            keep[k] = False
+    epi = keep[labels]
+    if not epi.any():
+        return none, "no epidermis found (dense regions at the surface are too thick to be epidermis)"
+    rest = tissue & ~epi
+    ref = float(np.median(density[rest])) if rest.any() else 0.0
+    contrast = float(np.mean(density[epi])) / ref if ref > 0 else np.inf
+    if contrast < p.min_contrast:
+        return none, (
+            f"no epidermis found (surface layer only {contrast:.2f}x denser than the dermis, "
+            f"below min_contrast {p.min_contrast})"
+        )
+    # Fill holes up to a few density-smoothing windows (pale cell clusters), not dermal papillae cut across.
+    holes = ndi.binary_fill_holes(epi) & ~epi & tissue
+    hl, hn = ndi.label(holes)
+    if hn:
+        small = np.bincount(hl.ravel(), minlength=hn + 1) * mpp_um**2 <= (4.0 * p.nuclear_sigma_um) ** 2
+        small[0] = False
+        epi = epi | small[hl]
+    # Stratum corneum: thin non-dense tissue pieces lying between the epidermis and the air.
+    if p.max_corneum_um > 0:
+        other = tissue & ~epi
+        ol, on_ = ndi.label(other)
+        if on_:
+            inner = ndi.distance_transform_edt(np.pad(other, 1), sampling=mpp_um)[1:-1, 1:-1]
+            thickest = ndi.maximum(inner, ol, index=np.arange(1, on_ + 1))
+            sizes = np.bincount(ol.ravel(), minlength=on_ + 1)[1:]
+            largest = int(np.argmax(sizes)) + 1
+            touches_epi = np.zeros(on_ + 1, dtype=bool)
+            touches_epi[np.unique(ol[ndi.binary_dilation(epi) & other])] = True
+            touches_air = np.zeros(on_ + 1, dtype=bool)
+            touches_air[np.unique(ol[other & (to_air <= mpp_um)])] = True
+            corneum = np.zeros(on_ + 1, dtype=bool)
+            corneum[1:] = (
+                (2.0 * np.asarray(thickest) <= p.max_corneum_um + mpp_um) & touches_epi[1:] & touches_air[1:]
+            )
+            corneum[largest] = False  # the dermis itself is never corneum
+            corneum[0] = False
+            epi = epi | corneum[ol]
+    return epi, ""
