@@ -257,6 +257,8 @@ def cell_metrics(cells: pd.DataFrame, *, region_area_mm2: float) -> dict[str, fl
     ``cells`` needs the columns ``positive`` (bool), ``intensity_class`` (0–3) and ``pigment`` (bool).
     ``cells_h_score`` is QuPath's cell H-score ``1·%1+ + 2·%2+ + 3·%3+`` over counted cells.
     """
+    if not len(cells):
+        cells = pd.DataFrame({"positive": [], "intensity_class": [], "pigment": []})
     pigment = cells["pigment"].to_numpy(bool)
     counted = cells.loc[~pigment]
     total = len(counted)

@@ -1,0 +1,389 @@
+"""Study runs: many slides, one protocol, resumable, one bad slide never stops the rest.
+
+:func:`run_batch` finds the slides, skips those whose results already exist for the same input (sha256),
+protocol (sha256) and cleihc version, measures the others (serially or on Dask), writes each slide's outputs
+atomically, records failures with a one-line reason, and rebuilds the combined tables from the per-slide records.
+It reports what happens through an ``on_event`` callback; it never prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import os
+import re
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cleihc import __version__
+from cleihc.errors import CleihcError, SlideNotFoundError
+from cleihc.io import atomic_write, sha256_file
+from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
+from cleihc.pipeline import quantify, slide_stem
+from cleihc.protocol import Protocol
+from cleihc.slide import is_slide
+
+__all__ = [
+    "BatchSummary",
+    "Event",
+    "SlideOutcome",
+    "StudyMetadata",
+    "discover_slides",
+    "run_batch",
+]
+
+log = logging.getLogger(__name__)
+
+#: Sidecar files that sit next to slides and are not slides themselves.
+_SIDECAR_SUFFIXES = (".json", ".geojson", ".xml", ".csv", ".md", ".txt", ".toml", ".parquet", ".npz", ".log")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something a progress display may show: ``kind`` in slide_start, tile, slide_done."""
+
+    kind: str
+    slide: str = ""
+    done: int = 0
+    total: int = 0
+    status: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What happened to one input: status ``done``, ``skipped`` or ``failed``, with a one-line reason."""
+
+    slide: str
+    path: str
+    status: str
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class BatchSummary:
+    """The outcome of a run."""
+
+    out_dir: Path
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcome]]:
+    """Expand files, folders (recursively, slides recognised by content) and globs into slide paths.
+
+    Returns the slides (sorted, deduplicated) and a failure for each named input that is missing or not a slide.
+    Files met inside folders that are not slides (sidecars, notes) are passed over silently.
+    """
+    slides: dict[Path, None] = {}
+    failures: list[SlideOutcome] = []
+
+    def fail(path: str, reason: str) -> None:
+        failures.append(SlideOutcome(slide_stem(path), str(path), "failed", reason))
+
+    for item in inputs:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        if not matches:
+            fail(item, "no file matches this pattern")
+            continue
+        for m in matches:
+            p = Path(m)
+            if p.is_dir():
+                for f in sorted(p.rglob("*")):
+                    if (
+                        f.is_file()
+                        and not f.name.startswith(".")
+                        and not f.name.lower().endswith(_SIDECAR_SUFFIXES)
+                    ):
+                        if is_slide(f):
+                            slides[f] = None
+            elif p.is_file():
+                if is_slide(p):
+                    slides[p] = None
+                else:
+                    fail(
+                        m, "not a slide or image that cleihc reads (see `cleihc info` for supported formats)"
+                    )
+            else:
+                fail(m, "no such file or folder")
+    return list(slides), failures
+
+
+class StudyMetadata:
+    """Study columns (subject, timepoint, group, ...) for each slide, from a samples CSV or a name pattern.
+
+    Parameters
+    ----------
+    samples : path, optional
+        CSV with a ``slide`` column (slide stem or file name) and any metadata columns.
+    name_pattern : str, optional
+        Like ``"{subject}_{timepoint}_{stain}"``: fields parsed from the slide stem.
+    """
+
+    def __init__(self, *, samples: str | os.PathLike[str] | None = None, name_pattern: str | None = None):
+        self.columns: list[str] = []
+        self._table: dict[str, dict[str, str]] = {}
+        self._regex: re.Pattern[str] | None = None
+        if samples is not None:
+            self._read_samples(Path(samples))
+        if name_pattern:
+            self._regex = self._compile(name_pattern)
+            for name in self._regex.groupindex:
+                if name not in self.columns:
+                    self.columns.append(name)
+
+    def _read_samples(self, path: Path) -> None:
+        try:
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except FileNotFoundError:
+            raise SlideNotFoundError("samples file not found; check the --samples path", path=path) from None
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+            raise CleihcError(
+                f"cannot read the samples CSV ({exc}); save it as UTF-8 CSV", path=path
+            ) from None
+        if "slide" not in df.columns:
+            raise CleihcError(
+                f"the samples CSV needs a 'slide' column (found: {', '.join(df.columns)})", path=path
+            )
+        self.columns = [c for c in df.columns if c != "slide"]
+        for row in df.to_dict(orient="records"):
+            key = slide_stem(row.pop("slide").strip())
+            self._table[key] = row
+
+    @staticmethod
+    def _compile(pattern: str) -> re.Pattern[str]:
+        parts = re.split(r"(\{[A-Za-z_][A-Za-z0-9_]*\})", pattern)
+        regex = ""
+        names: list[str] = []
+        for part in parts:
+            if part.startswith("{") and part.endswith("}"):
+                name = part[1:-1]
+                if name in names:
+                    raise CleihcError(f"--name-pattern {pattern!r} names the field {{{name}}} twice")
+                names.append(name)
+                regex += f"(?P<{name}>.+?)"
+            else:
+                regex += re.escape(part)
+        if not names:
+            raise CleihcError(
+                f"--name-pattern {pattern!r} has no {{field}}; e.g. '{{subject}}_{{timepoint}}_{{stain}}'"
+            )
+        return re.compile(f"^{regex}$")
+
+    def for_slide(self, stem: str) -> dict[str, str]:
+        """The metadata of one slide (missing fields are absent)."""
+        meta: dict[str, str] = {}
+        if self._regex is not None:
+            m = self._regex.match(stem)
+            if m:
+                meta.update(m.groupdict())
+        meta.update(self._table.get(stem, {}))
+        # 'stain' in tables is the protocol's name; a parsed stain is kept apart.
+        if "stain" in meta:
+            meta["stain_label"] = meta.pop("stain")
+        return meta
+
+    @property
+    def lead_columns(self) -> tuple[str, ...]:
+        cols = ["stain_label" if c == "stain" else c for c in self.columns]
+        return tuple(cols)
+
+
+def _is_current(record: dict[str, Any], *, input_sha256: str, protocol_sha256: str) -> bool:
+    return (
+        record.get("input_sha256") == input_sha256
+        and record.get("protocol_sha256") == protocol_sha256
+        and record.get("cleihc_version") == __version__
+    )
+
+
+def run_batch(
+    inputs: Sequence[str],
+    protocol: Protocol,
+    *,
+    out_dir: str | os.PathLike[str],
+    regions: str | os.PathLike[str] | None = None,
+    metadata: StudyMetadata | None = None,
+    mpp: float | None = None,
+    tile_size: int | None = None,
+    runner: Any = None,
+    force: bool = False,
+    arguments: dict[str, Any] | None = None,
+    on_event: Callable[[Event], None] | None = None,
+) -> BatchSummary:
+    """Measure every slide found in `inputs` with one protocol, into `out_dir`.
+
+    Parameters
+    ----------
+    inputs : sequence of str
+        Files, folders (searched recursively) and glob patterns.
+    protocol : Protocol
+    out_dir : path
+    regions : path, optional
+        Annotation file or folder of ``<slide stem>.<ext>`` files.
+    metadata : StudyMetadata, optional
+        Study columns put at the front of every row.
+    mpp : float, optional
+        Microns per pixel for slides that lack it.
+    tile_size : int, optional
+    runner : SerialRunner or DaskRunner, optional
+    force : bool
+        Recompute slides whose results are current.
+    arguments : dict, optional
+        The command line, recorded in run.json.
+    on_event : callable, optional
+        Receives :class:`Event` objects for progress displays.
+
+    Returns
+    -------
+    BatchSummary
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    emit = on_event or (lambda e: None)
+    metadata = metadata or StudyMetadata()
+    slides, failures = discover_slides(inputs)
+    summary = BatchSummary(out)
+    summary.outcomes.extend(failures)
+    existing = {rec["slide"]: rec for rec in read_slide_records(out)}
+    seen_stems: dict[str, Path] = {}
+    inputs_record = []
+    for path in slides:
+        stem = slide_stem(path)
+        if stem in seen_stems:
+            summary.outcomes.append(
+                SlideOutcome(
+                    stem,
+                    str(path),
+                    "failed",
+                    f"another input has the same name ({seen_stems[stem]}); rename one",
+                )
+            )
+            continue
+        seen_stems[stem] = path
+        t0 = time.perf_counter()
+        emit(Event("slide_start", stem))
+        try:
+            digest = sha256_file(path)
+            inputs_record.append(
+                {"slide": stem, "path": str(path), "size_bytes": path.stat().st_size, "sha256": digest}
+            )
+            rec = existing.get(stem)
+            if (
+                not force
+                and rec is not None
+                and _is_current(rec, input_sha256=digest, protocol_sha256=protocol.sha256)
+            ):
+                summary.outcomes.append(SlideOutcome(stem, str(path), "skipped", "results are current"))
+                emit(Event("slide_done", stem, status="skipped"))
+                continue
+
+            def progress(done: int, total: int, _stem: str = stem) -> None:
+                emit(Event("tile", _stem, done=done, total=total))
+
+            result = quantify(
+                path,
+                protocol,
+                regions=regions,
+                mpp=mpp,
+                tile_size=tile_size,
+                progress=progress,
+                runner=runner,
+            )
+            meta = metadata.for_slide(stem)
+            if meta:
+                for k, v in reversed(list(meta.items())):
+                    result.regions.insert(0, k, v)
+            write_slide_outputs(result, out, extra={"metadata": meta})
+            seconds = time.perf_counter() - t0
+            summary.outcomes.append(SlideOutcome(stem, str(path), "done", seconds=seconds))
+            emit(Event("slide_done", stem, status="done", message=f"{seconds:.1f} s"))
+        except CleihcError as exc:
+            reason = exc.reason if exc.path == str(path) else str(exc)
+            summary.outcomes.append(SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0))
+            emit(Event("slide_done", stem, status="failed", message=reason))
+        except Exception as exc:  # an unforeseen failure: isolate the slide, log the traceback, keep going
+            log.error("%s: %s\n%s", path, exc, traceback.format_exc())
+            reason = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see run.log"
+            summary.outcomes.append(SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0))
+            emit(Event("slide_done", stem, status="failed", message=reason))
+    lead = ("subject", "timepoint", "group", *metadata.lead_columns)
+    rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
+    summary.seconds = time.perf_counter() - started
+    _write_failures(out, summary.failed)
+    write_json(
+        out / "run.json",
+        {
+            "cleihc_version": __version__,
+            "software": _versions(),
+            "arguments": arguments or {},
+            "protocol": {"name": protocol.name, "version": protocol.version, "sha256": protocol.sha256},
+            "inputs": inputs_record,
+            "outcomes": [o.__dict__ for o in summary.outcomes],
+            "failures": [{"slide": o.slide, "path": o.path, "reason": o.reason} for o in summary.failed],
+            "seconds": summary.seconds,
+            "slides": {
+                rec["slide"]: rec.get("provenance", {})
+                for rec in read_slide_records(out)
+                if rec["slide"] in seen_stems
+            },
+        },
+    )
+    return summary
+
+
+def _write_failures(out: Path, failed: Iterable[SlideOutcome]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide", "path", "reason"])
+    for o in failed:
+        w.writerow([o.slide, o.path, o.reason])
+    with atomic_write(out / "failures.csv", mode="w") as f:
+        f.write(buf.getvalue())
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = [
+        "numpy",
+        "scipy",
+        "scikit-image",
+        "numba",
+        "tifffile",
+        "imagecodecs",
+        "openslide-python",
+        "openslide-bin",
+        "pandas",
+        "pyarrow",
+        "dask",
+        "distributed",
+        "shapely",
+    ]
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    import platform
+
+    out["python"] = platform.python_version()
+    return out

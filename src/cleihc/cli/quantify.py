@@ -1,0 +1,180 @@
+"""``cleihc quantify``: measure slides with a protocol, resumably, serially or on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from cleihc.errors import CleihcError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "quantify",
+        help="measure slides with a protocol (batch, resumable)",
+        description=(
+            "Measure every slide in INPUT (files, folders searched recursively, globs) with one protocol. "
+            "Slides whose results exist for the same input, protocol and cleihc version are skipped."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files, folders or glob patterns")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--stain", metavar="NAME", help="a protocol by name (see `cleihc protocols`), e.g. cxcl10"
+    )
+    which.add_argument("--protocol", metavar="FILE", help="a protocol TOML file")
+    p.add_argument(
+        "--out", metavar="DIR", type=Path, help="results folder (default ./cleihc-results/<stain>/)"
+    )
+    p.add_argument(
+        "--regions", metavar="PATH", help="annotation file, or folder of <slide stem>.geojson/.xml"
+    )
+    p.add_argument(
+        "--samples", metavar="CSV", help="study metadata: a 'slide' column plus subject, timepoint, ..."
+    )
+    p.add_argument(
+        "--name-pattern",
+        metavar="PATTERN",
+        help='metadata from slide names, e.g. "{subject}_{timepoint}_{stain}"',
+    )
+    p.add_argument(
+        "--mpp", type=float, metavar="X", help="microns per pixel for slides that lack it (never guessed)"
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        metavar="PX",
+        help="tile size in analysis pixels (results do not depend on it)",
+    )
+    p.add_argument(
+        "--jobs", type=int, metavar="N", help="worker processes on a local Dask cluster (default 1: serial)"
+    )
+    p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    p.add_argument("--force", action="store_true", help="recompute slides whose results are current")
+    p.add_argument("--quiet", action="store_true", help="print only the summary and failures")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cleihc.batch import StudyMetadata, run_batch
+    from cleihc.parallel import make_runner
+    from cleihc.protocol import load_protocol
+
+    if args.mpp is not None and not args.mpp > 0:
+        print(
+            "cleihc quantify: error: --mpp must be a positive number of microns per pixel, e.g. --mpp 0.25",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if args.jobs is not None and args.jobs < 1:
+        print("cleihc quantify: error: --jobs must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.tile_size is not None and args.tile_size < 64:
+        print("cleihc quantify: error: --tile-size must be at least 64 pixels", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        protocol = load_protocol(args.protocol or args.stain)
+        metadata = StudyMetadata(samples=args.samples, name_pattern=args.name_pattern)
+    except CleihcError as exc:
+        print(f"cleihc quantify: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = args.out or Path("cleihc-results") / protocol.name
+    out.mkdir(parents=True, exist_ok=True)
+    handler = _attach_run_log(out / "run.log")
+    display = _Display(quiet=args.quiet)
+    arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
+    t0 = time.perf_counter()
+    try:
+        with make_runner(jobs=args.jobs or 1, scheduler=args.scheduler) as runner:
+            logging.getLogger("cleihc").info("runner: %s", getattr(runner, "description", "serial"))
+            summary = run_batch(
+                args.inputs,
+                protocol,
+                out_dir=out,
+                regions=args.regions,
+                metadata=metadata,
+                mpp=args.mpp,
+                tile_size=args.tile_size,
+                runner=runner,
+                force=args.force,
+                arguments=arguments,
+                on_event=display.event,
+            )
+    except OSError as exc:  # e.g. a Dask scheduler that cannot be reached
+        print(f"cleihc quantify: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        display.close()
+        logging.getLogger("cleihc").removeHandler(handler)
+        handler.close()
+    for o in summary.failed:
+        print(f"cleihc quantify: failed: {o.path}: {o.reason}", file=sys.stderr)
+    print(
+        f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
+        f"in {time.perf_counter() - t0:.1f} s; results in {out}/"
+    )
+    return EXIT_FAILED if summary.failed else EXIT_OK
+
+
+def _attach_run_log(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("cleihc")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    return handler
+
+
+class _Display:
+    """Progress: rich bars on a terminal, plain lines otherwise, nothing but the summary with --quiet."""
+
+    def __init__(self, *, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self._progress = None
+        self._slides_task = None
+        self._tile_task = None
+        self._n = 0
+        if not quiet and self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                transient=False,
+            )
+            self._progress.start()
+            self._slides_task = self._progress.add_task("slides", total=None)
+
+    def event(self, e: Any) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            if e.kind == "slide_start":
+                if self._tile_task is not None:
+                    self._progress.remove_task(self._tile_task)
+                self._tile_task = self._progress.add_task(f"  {e.slide}", total=None)
+            elif e.kind == "tile" and self._tile_task is not None:
+                self._progress.update(self._tile_task, completed=e.done, total=e.total)
+            elif e.kind == "slide_done":
+                self._n += 1
+                self._progress.update(self._slides_task, completed=self._n)
+                if e.status == "failed":
+                    self._progress.console.print(f"[red]failed[/red] {e.slide}: {e.message}")
+        elif e.kind == "slide_done":
+            tail = f": {e.message}" if e.message else ""
+            print(f"{e.status:>7} {e.slide}{tail}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()

@@ -1,0 +1,283 @@
+"""The one writer of a results folder (a contract: other tools read these names).
+
+::
+
+    OUT/
+      regions.csv, regions.parquet   one row per slide × region (rebuilt from slides/*.json)
+      cells/<slide>.parquet          one row per cell (cell protocols)
+      masks/<slide>.ome.tif          positive-pixel fraction on the totals raster, as a pyramid, for review
+      qc/<slide>.png                 thumbnail with tissue outline, regions, positive overlay and cells
+      regions/<slide>.geojson        tissue and regions used (automatic and user), level-0 px, for correction
+      totals/<slide>.npz             additive totals raster and region masks (recompute without the slide)
+      slides/<slide>.json            per-slide record: region rows, input hash, protocol hash, provenance
+      run.json, failures.csv         the run: arguments, versions, inputs, timings, failures
+
+Every file is written atomically (temporary file, then rename), and ``slides/<slide>.json`` last: a slide counts
+as done only when its record exists, so a run killed at any moment leaves a consistent folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cleihc.geometry import feature_collection, to_feature
+from cleihc.io import atomic_path, atomic_write
+
+__all__ = [
+    "SLIDE_RECORD_VERSION",
+    "read_slide_records",
+    "rebuild_tables",
+    "write_json",
+    "write_slide_outputs",
+]
+
+SLIDE_RECORD_VERSION = 1
+
+_REGION_COLOURS = {
+    "tissue": (0, 170, 0),
+    "epidermis": (230, 140, 0),
+    "dermis": (0, 120, 220),
+    "papillary_dermis": (150, 80, 220),
+    "superficial_dermis": (0, 190, 190),
+    "deep_dermis": (120, 120, 120),
+}
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # JSON has no NaN
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically (NaN becomes null)."""
+    with atomic_write(path, mode="w") as f:
+        json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def write_slide_outputs(result: Any, out_dir: str | os.PathLike[str], *, extra: dict | None = None) -> Path:
+    """Write every per-slide output of a :class:`cleihc.pipeline.Result`; the record last.
+
+    Parameters
+    ----------
+    result : cleihc.pipeline.Result
+    out_dir : path
+    extra : dict, optional
+        More fields for the slide record (for example study metadata).
+
+    Returns
+    -------
+    Path
+        The slide record ``slides/<slide>.json``.
+    """
+    out = Path(out_dir)
+    stem = result.slide
+    plan = result.plan
+    if "cells" in plan.protocol.measure:
+        _write_parquet(result.cells, out / "cells" / f"{stem}.parquet")
+    write_mask_pyramid(result, out / "masks" / f"{stem}.ome.tif")
+    write_regions_geojson(result, out / "regions" / f"{stem}.geojson")
+    write_totals(result, out / "totals" / f"{stem}.npz")
+    write_qc_png(result, out / "qc" / f"{stem}.png")
+    record = {
+        "record_version": SLIDE_RECORD_VERSION,
+        "slide": stem,
+        "path": result.path,
+        "input_sha256": result.provenance["slide"]["sha256"],
+        "protocol_sha256": result.plan.protocol.sha256,
+        "cleihc_version": result.provenance["cleihc_version"],
+        "rows": result.regions.to_dict(orient="records"),
+        "provenance": result.provenance,
+        **(extra or {}),
+    }
+    path = out / "slides" / f"{stem}.json"
+    write_json(path, record)
+    return path
+
+
+def read_slide_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The per-slide records of a results folder, sorted by slide name."""
+    folder = Path(out_dir) / "slides"
+    records = []
+    for p in sorted(folder.glob("*.json")):
+        with open(p, encoding="utf-8") as f:
+            records.append(json.load(f))
+    return records
+
+
+def rebuild_tables(out_dir: str | os.PathLike[str], *, lead_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Rebuild ``regions.csv`` and ``regions.parquet`` from the per-slide records (atomically).
+
+    Parameters
+    ----------
+    out_dir : path
+    lead_columns : tuple of str
+        Columns moved to the front when present (study metadata such as subject and timepoint).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The combined table.
+    """
+    out = Path(out_dir)
+    rows = [row for rec in read_slide_records(out) for row in rec["rows"]]
+    df = pd.DataFrame(rows)
+    if len(df):
+        lead = [c for c in lead_columns if c in df.columns]
+        df = df[lead + [c for c in df.columns if c not in lead]]
+        df = df.sort_values(["slide", "region"], kind="stable").reset_index(drop=True)
+    with atomic_write(out / "regions.csv", mode="w") as f:
+        df.to_csv(f, index=False, lineterminator="\n")
+    _write_parquet(df, out / "regions.parquet")
+    return df
+
+
+def write_totals(result: Any, path: Path) -> None:
+    """The totals raster and region masks, as a plain ``.npz`` (no pickled objects)."""
+    raster = result.raster
+    names = list(result.region_masks)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                bin_px=raster.bin_px,
+                positive_od_sum=raster.positive_od_sum,
+                pigment_px=raster.pigment_px,
+                region_names=np.array(names, dtype=str),
+                region_masks=np.stack([result.region_masks[n] for n in names]),
+                raster_downsample=np.float64(result.plan.raster_downsample),
+                raster_factor=np.int64(raster.raster_factor),
+                pixel_area_um2=np.float64(result.plan.pixel_area_um2),
+            )
+
+
+def write_regions_geojson(result: Any, path: Path) -> None:
+    """Tissue and every region used, in level-0 pixels (QuPath-style features a user can edit)."""
+    plan = result.plan
+    features = [to_feature(plan.tissue.polygons, name="tissue", classification="tissue")]
+    for region in plan.regions:
+        features.append(
+            to_feature(
+                region.geometry,
+                name=region.name,
+                classification=region.name,
+                properties={"source": region.source},
+            )
+        )
+    write_json(path, feature_collection(features))
+
+
+def write_mask_pyramid(result: Any, path: Path) -> None:
+    """Positive-pixel fraction (0–255) on the totals raster as a pyramidal OME-TIFF with its µm/px."""
+    import tifffile
+
+    frac = result.raster.positive_fraction()
+    img = np.where(np.isfinite(frac) & result.region_masks["tissue"], np.round(frac * 255), 0).astype(
+        np.uint8
+    )
+    plan = result.plan
+    mpp = plan.resolution.mpp_um[0] * plan.raster_factor
+    levels = [img]
+    while max(levels[-1].shape) > 512:
+        a = levels[-1]
+        h, w = (a.shape[0] // 2) * 2, (a.shape[1] // 2) * 2
+        if h == 0 or w == 0:
+            break
+        levels.append(a[:h, :w].reshape(h // 2, 2, w // 2, 2).max(axis=(1, 3)))
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, ome=True, bigtiff=img.size > 2**31) as tif:
+            opts = {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}
+            tif.write(
+                levels[0],
+                subifds=len(levels) - 1,
+                metadata={
+                    "axes": "YX",
+                    "PhysicalSizeX": mpp,
+                    "PhysicalSizeY": mpp,
+                    "Name": "positive_fraction",
+                },
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                resolutionunit="CENTIMETER",
+                **opts,
+            )
+            for k, lev in enumerate(levels[1:], 1):
+                tif.write(
+                    lev,
+                    subfiletype=1,
+                    resolution=(1e4 / (mpp * 2**k),) * 2,
+                    resolutionunit="CENTIMETER",
+                    **opts,
+                )
+
+
+def write_qc_png(result: Any, path: Path, *, max_size_px: int = 1600) -> None:
+    """A thumbnail with the tissue outline, region outlines, the positive overlay and the cells."""
+    from PIL import Image, ImageDraw
+
+    from cleihc.slide import open_slide
+
+    plan = result.plan
+    with open_slide(plan.slide_path, mpp=plan.mpp_override) as slide:
+        thumb = slide.get_thumbnail((max_size_px, max_size_px))
+        w0 = slide.dimensions[0]
+    th, tw = thumb.shape[:2]
+    scale = tw / w0  # thumbnail px per level-0 px
+    rgb = thumb.astype(np.float32)
+    # Positive overlay: red tint proportional to the positive fraction of each raster cell.
+    frac = result.raster.positive_fraction()
+    fh, fw = frac.shape
+    ys = np.clip(((np.arange(th) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fh - 1)
+    xs = np.clip(((np.arange(tw) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fw - 1)
+    f = np.nan_to_num(frac[np.ix_(ys, xs)], nan=0.0)[..., None]
+    rgb = rgb * (1 - 0.6 * f) + np.array([230.0, 0.0, 40.0]) * 0.6 * f
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+
+    def outline(geom: Any, colour: tuple[int, int, int], width: int) -> None:
+        polys = getattr(geom, "geoms", [geom])
+        for poly in polys:
+            if poly.is_empty:
+                continue
+            for ring in [poly.exterior, *poly.interiors]:
+                pts = [(x * scale, y * scale) for x, y in ring.coords]
+                if len(pts) > 1:
+                    draw.line(pts, fill=colour, width=width)
+
+    outline(plan.tissue.polygons, _REGION_COLOURS["tissue"], 2)
+    for region in plan.regions:
+        outline(region.geometry, _REGION_COLOURS.get(region.name, (250, 200, 0)), 1)
+    cells = result.cells
+    if len(cells) and "positive" in cells:
+        r = 1.5
+        for x, y, pos in zip(
+            cells["x_px"].to_numpy() * scale,
+            cells["y_px"].to_numpy() * scale,
+            cells["positive"].to_numpy(),
+            strict=True,
+        ):
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=(200, 0, 0) if pos else (0, 60, 200))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

@@ -1,0 +1,659 @@
+"""The quantification pipeline: one slide in, one :class:`Result` out.
+
+``quantify`` is a fold over per-tile results:
+
+1. **plan** (:func:`plan_slide`): open the slide, read a low-resolution overview, detect tissue, estimate the
+   background (I0) and, if the protocol asks, the stain vectors; find the skin compartments; read the user's
+   regions; choose the analysis resolution and the tile grid. Everything a tile needs goes into a picklable
+   :class:`SlidePlan`, so tiles can run in other processes or on a Dask cluster.
+2. **tiles** (:func:`process_tile`): read one tile with its halo, deconvolve, add the core's pixels to the totals
+   raster window, detect cells and keep those whose centroid is in the core.
+3. **fold** (:func:`finalize`): add the windows into the totals raster in tile order, concatenate the cells, build
+   region masks on the raster, and compute every ratio once.
+
+``iter_tiles`` yields progress as it goes; the core never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cleihc import __version__
+from cleihc.cells import CellParams, detect_cells, detect_pigment, required_halo_um
+from cleihc.errors import NoTissueError
+from cleihc.geometry import rasterize
+from cleihc.io import sha256_file
+from cleihc.measure import TotalsRaster, accumulate_area, area_metrics, cell_metrics, map_mask
+from cleihc.protocol import Protocol, load_protocol
+from cleihc.regions import Region, merge_regions, regions_for_slide, skin_compartments
+from cleihc.slide import AnalysisResolution, Slide, open_slide
+from cleihc.stains import (
+    StainMatrix,
+    check_drift,
+    concentration,
+    deconvolve,
+    estimate_background,
+    estimate_macenko,
+)
+from cleihc.tiling import Tile, TileGrid
+from cleihc.tissue import TissueMask, tissue_mask_for_slide
+
+__all__ = [
+    "EXCLUDE_NAMES",
+    "Result",
+    "SlidePlan",
+    "TileResult",
+    "finalize",
+    "iter_tiles",
+    "plan_slide",
+    "process_tile",
+    "quantify",
+    "slide_stem",
+]
+
+log = logging.getLogger(__name__)
+
+#: Region names (case-insensitive) that remove their area from every other region: artefacts, folds, ink.
+EXCLUDE_NAMES = frozenset({"exclude", "exclusion", "ignore", "ignore*", "artefact", "artifact"})
+
+#: The most specific region wins when a cell is labelled with one region name.
+_SPECIFICITY = ("tissue", "dermis", "epidermis", "papillary_dermis", "superficial_dermis", "deep_dermis")
+
+
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """A slide's name in tables: the file name without its extension (``.ome.tif`` counts as one)."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+@dataclass(frozen=True)
+class SlidePlan:
+    """Everything the tiles of one slide need; picklable (workers reopen the slide by path)."""
+
+    slide_path: str
+    mpp_override: tuple[float, float] | None
+    protocol: Protocol
+    stains: StainMatrix
+    resolution: AnalysisResolution
+    grid: TileGrid
+    tiles: tuple[Tile, ...]
+    raster_factor: int
+    raster_shape: tuple[int, int]
+    tissue: TissueMask
+    regions: tuple[Region, ...]
+    compartment_masks: dict[str, np.ndarray]
+    compartment_downsample: float
+    warnings: tuple[str, ...]
+    timings_s: dict[str, float]
+
+    @property
+    def raster_downsample(self) -> float:
+        """Level-0 pixels per totals-raster cell."""
+        return self.resolution.downsample * self.raster_factor
+
+    @property
+    def pixel_area_um2(self) -> float:
+        """Area of one analysis pixel."""
+        return float(self.resolution.mpp_um[0] * self.resolution.mpp_um[1])
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What one tile adds: its totals-raster window and the cells it owns (level-0 coordinates)."""
+
+    index: tuple[int, int]
+    window: Any  # measure.RasterWindow
+    cells: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Result:
+    """The measurements of one slide with one protocol.
+
+    Attributes
+    ----------
+    slide : str
+        The slide's stem (file name without extension).
+    path : str
+    regions : pandas.DataFrame
+        One row per region (see ``docs/outputs.md`` for the columns).
+    cells : pandas.DataFrame
+        One row per detected cell (empty for area-only protocols).
+    plan : SlidePlan
+        The resolved protocol, stains, tissue, regions and resolution used.
+    raster : TotalsRaster
+        The additive totals on the raster grid (for review masks and for recomputing with corrections).
+    region_masks : dict of str to ndarray
+        Each reported region on the raster grid (region ∩ tissue, minus exclusions).
+    provenance : dict
+        JSON-serialisable record of inputs, versions, parameters and timings.
+    """
+
+    slide: str
+    path: str
+    regions: pd.DataFrame
+    cells: pd.DataFrame
+    plan: SlidePlan
+    raster: TotalsRaster
+    region_masks: dict[str, np.ndarray]
+    provenance: dict[str, Any] = field(repr=False)
+
+
+def _lowres_overview(slide: Slide, mpp_um: float) -> tuple[np.ndarray, float, float]:
+    """The whole slide on the exact analysis grid nearest `mpp_um`: (rgb, level-0 downsample, µm/px)."""
+    res = slide.analysis_resolution(mpp_um)
+    rgb = slide.read_analysis_rect(res, (0, 0), res.dimensions_a)
+    return rgb, float(res.downsample), float(res.mpp_um[0])
+
+
+def plan_slide(
+    slide_path: str | os.PathLike[str],
+    protocol: Protocol | str,
+    *,
+    regions: str | os.PathLike[str] | Sequence[Region] | None = None,
+    mpp: float | tuple[float, float] | None = None,
+    tile_size: int | None = None,
+    tile_origin_px: tuple[int, int] = (0, 0),
+) -> SlidePlan:
+    """Prepare one slide: tissue, background, stains, compartments, regions, resolution and tiles.
+
+    Parameters
+    ----------
+    slide_path : path
+    protocol : Protocol or str
+        A protocol, or a name or file path for :func:`cleihc.protocol.load_protocol`.
+    regions : path or sequence of Region, optional
+        Annotation file or folder (``<slide stem>.<ext>``), or regions already read. A user region replaces the
+        automatic region of the same name.
+    mpp : float or (float, float), optional
+        Microns per pixel at level 0, overriding (or supplying) the file's.
+    tile_size : int, optional
+        Tile core size in analysis pixels (default: the protocol's).
+    tile_origin_px : (int, int)
+        Shift of the tile grid in analysis pixels (results do not depend on it; tests use it).
+
+    Returns
+    -------
+    SlidePlan
+
+    Raises
+    ------
+    cleihc.errors.MissingMppError
+        The slide has no MPP and none was given.
+    cleihc.errors.NoTissueError
+        No tissue was found.
+    """
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    proto = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
+    mpp_override = None if mpp is None else (mpp if isinstance(mpp, tuple) else (float(mpp), float(mpp)))
+    warnings: list[str] = []
+    with open_slide(slide_path, mpp=mpp_override) as slide:
+        resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
+        tissue = tissue_mask_for_slide(slide, params=proto.tissue)
+        if not tissue.mask.any():
+            raise NoTissueError(
+                "no tissue found; check the slide is a brightfield section, or lower the protocol's "
+                "[tissue] threshold",
+                path=slide_path,
+            )
+        timings["tissue_s"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        overview, overview_ds, overview_mpp = _lowres_overview(slide, proto.compartments.mpp_um)
+        tissue_ov = map_mask(
+            tissue.mask,
+            mask_downsample=tissue.downsample,
+            shape=(overview.shape[1], overview.shape[0]),
+            downsample=overview_ds,
+        )
+        stains = _resolve_stains(proto, overview, tissue_ov, slide.background_rgb, warnings)
+        conc_ov = deconvolve(overview, stains)
+        compartments = None
+        if proto.compartments.enabled:
+            compartments = skin_compartments(
+                conc_ov[..., stains.index(proto.counterstain)],
+                tissue_ov,
+                mpp_um=overview_mpp,
+                downsample=overview_ds,
+                params=proto.compartments,
+            )
+            warnings.extend(compartments.warnings)
+        timings["overview_s"] = time.perf_counter() - t1
+
+    user_regions = _user_regions(regions, slide_path)
+    auto = compartments.to_regions() if compartments is not None else []
+    merged = merge_regions(auto, user_regions)
+    comp_masks = dict(compartments.masks) if compartments is not None else {}
+    # A user region replaces the automatic region of the same name: drop the automatic mask.
+    for r in user_regions:
+        comp_masks.pop(r.name, None)
+
+    cells_params: CellParams | None = proto.cells if "cells" in proto.measure else None
+    halo_um = max(proto.analysis.halo_um, required_halo_um(cells_params) if cells_params else 0.0)
+    halo_a = int(np.ceil(halo_um / min(resolution.mpp_um)))
+    grid = TileGrid(
+        resolution.dimensions_a,
+        tile_size_px=int(tile_size or proto.analysis.tile_size_px),
+        halo_px=halo_a,
+        origin_px=tile_origin_px,
+        downsample=resolution.downsample,
+    )
+    tiles = tuple(grid.tiles(tissue=tissue))
+    raster_factor = max(1, round(proto.analysis.raster_mpp_um / resolution.mpp_um[0]))
+    wa, ha = resolution.dimensions_a
+    raster_shape = (-(-wa // raster_factor), -(-ha // raster_factor))
+    timings["plan_s"] = time.perf_counter() - t0
+    return SlidePlan(
+        slide_path=str(slide_path),
+        mpp_override=mpp_override,
+        protocol=proto,
+        stains=stains,
+        resolution=resolution,
+        grid=grid,
+        tiles=tiles,
+        raster_factor=raster_factor,
+        raster_shape=raster_shape,
+        tissue=tissue,
+        regions=tuple(merged),
+        compartment_masks=comp_masks,
+        compartment_downsample=compartments.downsample if compartments is not None else 1.0,
+        warnings=tuple(warnings),
+        timings_s=timings,
+    )
+
+
+def _user_regions(regions: Any, slide_path: str | os.PathLike[str]) -> list[Region]:
+    if regions is None:
+        return []
+    if isinstance(regions, str | os.PathLike):
+        return list(regions_for_slide(regions, slide_path))
+    return list(regions)
+
+
+def _resolve_stains(
+    proto: Protocol,
+    overview: np.ndarray,
+    tissue_ov: np.ndarray,
+    vendor_background: tuple[int, int, int] | None,
+    warnings: list[str],
+) -> StainMatrix:
+    """The protocol's stains with this slide's background (I0) and, if asked, its own vectors."""
+    reference = proto.stains.matrix
+    if proto.background.mode == "estimate":
+        background = estimate_background(overview, tissue_mask=tissue_ov)
+    else:
+        background = np.asarray(proto.background.rgb, dtype=float)
+    stains = reference.with_background(background)
+    if proto.stains.estimate == "macenko":
+        estimated = estimate_macenko(overview[tissue_ov], background=background, reference=stains)
+        message = check_drift(
+            estimated,
+            stains,
+            tolerance_deg=proto.stains.drift_tolerance_deg,
+            action=proto.stains.drift_action,
+        )
+        if message:
+            warnings.append(message)
+        stains = estimated.with_background(background)
+    return stains
+
+
+def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
+    """Measure one tile: read it with its halo, add its core to the totals and keep the cells it owns.
+
+    Parameters
+    ----------
+    slide : Slide
+        The open slide (workers keep it open across tiles).
+    plan : SlidePlan
+    tile : Tile
+
+    Returns
+    -------
+    TileResult
+    """
+    proto = plan.protocol
+    hx, hy, hw, hh = tile.halo_a
+    cx, cy, cw, ch = tile.core_a
+    rgb = slide.read_analysis_rect(plan.resolution, (hx, hy), (hw, hh))
+    need_cells = "cells" in proto.measure
+    pigment_on = proto.cells.exclude_pigment if need_cells else False
+    sy, sx = slice(cy - hy, cy - hy + ch), slice(cx - hx, cx - hx + cw)
+    if need_cells or pigment_on:
+        conc = deconvolve(rgb, plan.stains)
+        target = conc[..., plan.stains.index(proto.target)]
+    else:
+        conc = None
+        target = concentration(rgb[sy, sx], plan.stains, stain=proto.target)
+        sy = sx = slice(None)
+    pigment = None
+    if pigment_on and conc is not None:
+        pigment = detect_pigment(
+            conc,
+            names=plan.stains.names,
+            counterstain=proto.counterstain,
+            target=proto.target,
+            mpp_um=float(plan.resolution.mpp_um[0]),
+            params=proto.cells,
+        )[sy, sx]
+    window = accumulate_area(
+        target[sy, sx],
+        location_a=(cx, cy),
+        raster_factor=plan.raster_factor,
+        bins_od=proto.thresholds.bins_od,
+        pigment=pigment,
+    )
+    cells = _empty_cells()
+    if need_cells and conc is not None:
+        det = detect_cells(
+            conc,
+            names=plan.stains.names,
+            counterstain=proto.counterstain,
+            target=proto.target,
+            mpp_um=float(plan.resolution.mpp_um[0]),
+            params=proto.cells,
+            positive_od=proto.thresholds.positive_od,
+            bins_od=proto.thresholds.bins_od,
+        )
+        cells = _owned_cells(det.table, tile, plan)
+    return TileResult(tile.index, window, cells)
+
+
+def _empty_cells() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "x_px": pd.Series(dtype="float64"),
+            "y_px": pd.Series(dtype="float64"),
+        }
+    )
+
+
+def _owned_cells(table: Any, tile: Tile, plan: SlidePlan) -> pd.DataFrame:
+    """Cells whose centroid's pixel lies in the tile core, with global level-0 coordinates."""
+    df = pd.DataFrame(table)
+    hx, hy = tile.halo_a[0], tile.halo_a[1]
+    cx, cy, cw, ch = tile.core_a
+    xa = df["x_a"].to_numpy(float) + hx
+    ya = df["y_a"].to_numpy(float) + hy
+    # Pixel i spans [i - 0.5, i + 0.5) in centroid coordinates: the centroid's pixel decides the owner.
+    px, py = np.floor(xa + 0.5), np.floor(ya + 0.5)
+    keep = (px >= cx) & (px < cx + cw) & (py >= cy) & (py < cy + ch)
+    # The tile-local label number means nothing outside the tile.
+    df = df.loc[keep].drop(columns=["x_a", "y_a", "label"], errors="ignore").reset_index(drop=True)
+    ds = plan.resolution.downsample
+    df.insert(0, "y_px", (ya[keep] + 0.5) * ds)
+    df.insert(0, "x_px", (xa[keep] + 0.5) * ds)
+    return df
+
+
+def iter_tiles(plan: SlidePlan, *, tiles: Iterable[Tile] | None = None) -> Iterator[TileResult]:
+    """Yield each tile's result in order, reading the slide in this process (serial engine)."""
+    with open_slide(plan.slide_path, mpp=plan.mpp_override) as slide:
+        for tile in plan.tiles if tiles is None else tiles:
+            yield process_tile(slide, plan, tile)
+
+
+def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
+    """Every reported region as a mask on the totals raster: region ∩ tissue, minus exclusions."""
+    shape = plan.raster_shape
+    ds = plan.raster_downsample
+    tissue = map_mask(plan.tissue.mask, mask_downsample=plan.tissue.downsample, shape=shape, downsample=ds)
+    masks: dict[str, np.ndarray] = {}
+    exclude = np.zeros_like(tissue)
+    for region in plan.regions:
+        if region.source == "auto" and region.name in plan.compartment_masks:
+            m = map_mask(
+                plan.compartment_masks[region.name],
+                mask_downsample=plan.compartment_downsample,
+                shape=shape,
+                downsample=ds,
+            )
+        else:
+            m = rasterize(region.geometry, shape=shape, downsample=ds)
+        if region.name.lower() in EXCLUDE_NAMES:
+            exclude |= m
+        elif region.name == "tissue":
+            tissue &= m  # a user tissue outline restricts the detected tissue
+        else:
+            masks[region.name] = m
+    tissue &= ~exclude
+    out = {"tissue": tissue}
+    for name in plan.protocol.regions.report:
+        if name != "tissue":
+            out[name] = masks.pop(name, np.zeros_like(tissue)) & tissue
+    for name, m in masks.items():  # user regions not in the protocol's list are reported too
+        out[name] = m & tissue
+    return out
+
+
+def _label_cells(cells: pd.DataFrame, masks: dict[str, np.ndarray], raster_ds: float) -> pd.DataFrame:
+    """Add the cell's most specific region name ('outside' when not on tissue)."""
+    cells = cells.copy()
+    tissue = masks["tissue"]
+    h, w = tissue.shape
+    ix = np.clip(np.floor(cells["x_px"].to_numpy(float) / raster_ds).astype(np.int64), 0, w - 1)
+    iy = np.clip(np.floor(cells["y_px"].to_numpy(float) / raster_ds).astype(np.int64), 0, h - 1)
+    label = np.where(tissue[iy, ix], "tissue", "outside").astype(object)
+    order = sorted(masks, key=lambda n: _SPECIFICITY.index(n) if n in _SPECIFICITY else len(_SPECIFICITY))
+    for name in order:
+        if name != "tissue":
+            label = np.where(masks[name][iy, ix], name, label)
+    cells["region"] = label.astype(str)
+    return cells
+
+
+def finalize(plan: SlidePlan, results: Iterable[TileResult], *, started: float | None = None) -> Result:
+    """Fold tile results into totals, label cells, and compute every metric once."""
+    t0 = time.perf_counter()
+    raster = TotalsRaster(plan.raster_shape, plan.raster_factor)
+    cell_parts: list[pd.DataFrame] = []
+    ordered = sorted(results, key=lambda r: (r.index[1], r.index[0]))  # sums in one fixed order
+    for res in ordered:
+        raster.add(res.window)
+        if len(res.cells):
+            cell_parts.append(res.cells)
+    masks = region_masks_on_raster(plan)
+    cells = pd.concat(cell_parts, ignore_index=True) if cell_parts else _empty_cells()
+    if "cells" in plan.protocol.measure:
+        # A fixed order (by position) gives every cell the same id whatever the tiling.
+        cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
+        cells = _label_cells(cells, masks, plan.raster_downsample)
+        mpp_x, mpp_y = plan.resolution.mpp_um
+        ds = plan.resolution.downsample
+        cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
+        cells.insert(3, "x_um", cells["x_px"] * (mpp_x / ds))
+        cells.insert(4, "y_um", cells["y_px"] * (mpp_y / ds))
+    rows = metrics_table(plan, raster, masks, cells)
+    timings = dict(plan.timings_s)
+    timings["finalize_s"] = time.perf_counter() - t0
+    if started is not None:
+        timings["total_s"] = time.perf_counter() - started
+    prov = provenance(plan, timings)
+    return Result(
+        slide=slide_stem(plan.slide_path),
+        path=plan.slide_path,
+        regions=rows,
+        cells=cells,
+        plan=plan,
+        raster=raster,
+        region_masks=masks,
+        provenance=prov,
+    )
+
+
+def metrics_table(
+    plan: SlidePlan, raster: TotalsRaster, masks: dict[str, np.ndarray], cells: pd.DataFrame
+) -> pd.DataFrame:
+    """One row per region: identifiers, then area and cell metrics as the protocol measures."""
+    proto = plan.protocol
+    ids = {
+        "slide": slide_stem(plan.slide_path),
+        "path": str(plan.slide_path),
+        "stain": proto.name,
+        "protocol": f"{proto.name}@{proto.version}",
+        "protocol_sha256": proto.sha256,
+    }
+    return region_rows(
+        raster,
+        masks,
+        cells,
+        ids=ids,
+        measure=tuple(proto.measure),
+        pixel_area_um2=plan.pixel_area_um2,
+        raster_downsample=plan.raster_downsample,
+        h_score=proto.metrics.h_score,
+        positive_pixel_count=proto.metrics.positive_pixel_count,
+    )
+
+
+def region_rows(
+    raster: TotalsRaster,
+    masks: dict[str, np.ndarray],
+    cells: pd.DataFrame,
+    *,
+    ids: dict[str, Any],
+    measure: tuple[str, ...],
+    pixel_area_um2: float,
+    raster_downsample: float,
+    h_score: bool = True,
+    positive_pixel_count: bool = True,
+) -> pd.DataFrame:
+    """The region table from totals, region masks and cells (also used to recompute with corrections)."""
+    rows = []
+    for name, mask in masks.items():
+        am = area_metrics(raster.totals(mask), pixel_area_um2=pixel_area_um2)
+        row: dict[str, Any] = {**ids, "region": name, "region_area_mm2": am["region_area_mm2"]}
+        if "cells" in measure:
+            inside = cells_in_mask(mask, cells, raster_downsample)
+            row.update(cell_metrics(cells.loc[inside], region_area_mm2=am["region_area_mm2"]))
+        if "area" in measure:
+            row.update({k: v for k, v in am.items() if k != "region_area_mm2"})
+            if not positive_pixel_count:
+                for k in [k for k in row if k.startswith("ppc_")]:
+                    del row[k]
+            if not h_score:
+                row.pop("h_score", None)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cells_in_mask(mask: np.ndarray, cells: pd.DataFrame, raster_ds: float) -> np.ndarray:
+    """Which cells have their centroid on a raster mask."""
+    h, w = mask.shape
+    if not len(cells):
+        return np.zeros(0, dtype=bool)
+    ix = np.floor(cells["x_px"].to_numpy(float) / raster_ds).astype(np.int64)
+    iy = np.floor(cells["y_px"].to_numpy(float) / raster_ds).astype(np.int64)
+    ok = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    out = np.zeros(len(cells), dtype=bool)
+    out[ok] = mask[iy[ok], ix[ok]]
+    return out
+
+
+def provenance(plan: SlidePlan, timings: dict[str, float]) -> dict[str, Any]:
+    """What produced a result: software, input, resolution, resolved protocol (with vectors and I0), timings."""
+    path = Path(plan.slide_path)
+    res = plan.resolution
+    return {
+        "cleihc_version": __version__,
+        "slide": {
+            "path": str(path),
+            "size_bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        },
+        "mpp_override": plan.mpp_override,
+        "analysis": {
+            "level": res.level,
+            "factor": res.factor,
+            "mpp_um": list(res.mpp_um),
+            "downsample": res.downsample,
+            "tiles": len(plan.tiles),
+            "tile_size_px": plan.grid.tile_size_px,
+            "halo_px": plan.grid.halo_px,
+            "raster_factor": plan.raster_factor,
+        },
+        "protocol": plan.protocol.resolved(stains=plan.stains).to_dict(),
+        "protocol_sha256": plan.protocol.resolved(stains=plan.stains).sha256,
+        "stains": plan.stains.to_dict(),
+        "tissue": {
+            "area_mm2": plan.tissue.area_mm2,
+            "mpp_um": plan.tissue.mpp_um,
+            "threshold_od": plan.tissue.threshold_od,
+        },
+        "regions": [{"name": r.name, "source": r.source} for r in plan.regions],
+        "warnings": list(plan.warnings),
+        "timings_s": timings,
+    }
+
+
+def quantify(
+    slide_path: str | os.PathLike[str],
+    protocol: Protocol | str,
+    *,
+    regions: str | os.PathLike[str] | Sequence[Region] | None = None,
+    mpp: float | tuple[float, float] | None = None,
+    tile_size: int | None = None,
+    tile_origin_px: tuple[int, int] = (0, 0),
+    progress: Callable[[int, int], None] | None = None,
+    runner: Any = None,
+) -> Result:
+    """Measure one slide with one protocol.
+
+    Parameters
+    ----------
+    slide_path : path
+        Any slide cleihc reads (``cleihc info`` lists what it sees).
+    protocol : Protocol or str
+        A protocol object, a built-in name (``"cd3"``, ``"cxcl10"``, ...) or a TOML file.
+    regions : path or sequence of Region, optional
+        Annotation file or folder; a user region replaces the automatic region of the same name.
+    mpp : float or (float, float), optional
+        Microns per pixel at level 0, if the file lacks it (never guessed).
+    tile_size : int, optional
+        Tile core size in analysis pixels; results do not depend on it.
+    tile_origin_px : (int, int)
+        Shift of the tile grid; results do not depend on it.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each tile.
+    runner : object, optional
+        Where tiles run: a :class:`cleihc.parallel.DaskRunner` (or anything with ``run(plan, progress=)``);
+        default serial, in this process.
+
+    Returns
+    -------
+    Result
+
+    Examples
+    --------
+    >>> from cleihc import quantify  # doctest: +SKIP
+    >>> result = quantify("sample_images/S01_pre_cd3.svs", "cd3")  # doctest: +SKIP
+    >>> result.regions[["region", "positive_cells_per_mm2"]]  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    plan = plan_slide(
+        slide_path, protocol, regions=regions, mpp=mpp, tile_size=tile_size, tile_origin_px=tile_origin_px
+    )
+    t0 = time.perf_counter()
+    if runner is None:
+        results = []
+        for i, res in enumerate(iter_tiles(plan), 1):
+            results.append(res)
+            if progress is not None:
+                progress(i, len(plan.tiles))
+    else:
+        results = runner.run(plan, progress=progress)
+    plan.timings_s["tiles_s"] = time.perf_counter() - t0
+    return finalize(plan, results, started=started)

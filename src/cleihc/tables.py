@@ -1,0 +1,94 @@
+"""Study tables: the long, tidy table that statistics read (pandas, R).
+
+``tidy(dirs)`` melts the ``regions`` tables of one or more results folders (one per stain, typically) into one
+row per slide × region × metric, with the metric's unit in its own column::
+
+    subject, timepoint, group, slide, stain, region, metric, value, unit
+
+Study metadata columns come first when known (from ``--samples`` or ``--name-pattern`` at quantify time).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from cleihc.errors import CleihcError
+from cleihc.outputs import read_slide_records
+
+__all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "tidy"]
+
+#: Columns that identify a row rather than measure something.
+ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected")
+
+_METADATA_ORDER = ("subject", "timepoint", "group")
+
+
+def metric_unit(metric: str) -> str:
+    """The unit of a metric, read from its name (every number carries its unit in its name)."""
+    rules = (
+        ("_per_mm2", "1/mm2"),
+        ("_mm2", "mm2"),
+        ("_um2", "um2"),
+        ("_percent", "%"),
+        ("_od", "OD"),
+        ("h_score", "score 0-300"),
+        ("ppc_positivity", "ratio"),
+    )
+    for suffix, unit in rules:
+        if metric.endswith(suffix):
+            return unit
+    if metric.startswith("ppc_n"):
+        return "pixels"
+    if metric.startswith("cells_") or metric.endswith("_cells"):
+        return "cells"
+    return ""
+
+
+def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
+    """The per-region table of one results folder, rebuilt from its per-slide records."""
+    folder = Path(folder)
+    if not (folder / "slides").is_dir():
+        raise CleihcError(
+            "not a cleihc results folder (no slides/ inside); pass the --out folder of `cleihc quantify`",
+            path=folder,
+        )
+    rows = [row for rec in read_slide_records(folder) for row in rec["rows"]]
+    return pd.DataFrame(rows)
+
+
+def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """One long table for all slides, stains and regions.
+
+    Parameters
+    ----------
+    folders : sequence of path
+        Results folders written by ``cleihc quantify``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns: the study metadata present (subject, timepoint, group, then any others), slide, stain, region,
+        metric, value, unit.
+    """
+    parts = [regions_table(f) for f in folders]
+    wide = (
+        pd.concat([p for p in parts if len(p)], ignore_index=True)
+        if any(len(p) for p in parts)
+        else pd.DataFrame()
+    )
+    if wide.empty:
+        return pd.DataFrame(columns=["slide", "stain", "region", "metric", "value", "unit"])
+    numeric = [c for c in wide.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(wide[c])]
+    meta = [c for c in wide.columns if c not in ID_COLUMNS and c not in numeric]
+    meta = [c for c in _METADATA_ORDER if c in meta] + [c for c in meta if c not in _METADATA_ORDER]
+    ids = [*meta, "slide", "stain", "region"]
+    if "corrected" in wide.columns:
+        ids.append("corrected")
+    long = wide.melt(id_vars=ids, value_vars=numeric, var_name="metric", value_name="value")
+    long = long.dropna(subset=["value"])
+    long["unit"] = long["metric"].map(metric_unit)
+    return long.sort_values([*ids, "metric"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,219 @@
+"""The quantification engine end to end: hand-checkable answers, tile invariance, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from cleihc.errors import MissingMppError, NoTissueError
+from cleihc.outputs import rebuild_tables, write_slide_outputs
+from cleihc.pipeline import quantify, slide_stem
+from cleihc.protocol import load_protocol
+from cleihc.stains import recompose
+from cleihc.synthetic import render_skin, write_svs
+
+MPP = 0.5
+
+
+def _write_tiff(path, rgb, *, mpp_um):
+    """A plain tiled TIFF with resolution tags: the simplest slide a user may hand in."""
+    tifffile.imwrite(
+        path,
+        rgb,
+        tile=(256, 256),
+        photometric="rgb",
+        resolution=(1e4 / mpp_um, 1e4 / mpp_um),
+        resolutionunit="CENTIMETER",
+    )
+
+
+@pytest.fixture(scope="module")
+def block_slide(tmp_path_factory):
+    """Glass with a 1200×800 µm tissue block (light hematoxylin) and a DAB square of known size.
+
+    The block spans level-0 px [160, 2560) × [160, 1760): aligned to the 8 µm tissue grid and the 2 µm raster.
+    Inside it a 400×200 px DAB patch at OD 0.5 (moderate bin: 0.4 ≤ c < 0.6).
+    """
+    proto = load_protocol("cxcl10")
+    stains = proto.stains.matrix
+    h, w = 1920, 2720
+    conc = np.zeros((h, w, 3), np.float32)
+    ci, ti = stains.index(proto.counterstain), stains.index(proto.target)
+    conc[160:1760, 160:2560, ci] = 0.35
+    conc[400:600, 800:1200, ti] = 0.5
+    rgb = recompose(conc, stains.with_background((255, 255, 255)))
+    path = tmp_path_factory.mktemp("block") / "block.tif"
+    _write_tiff(path, rgb, mpp_um=MPP)
+    return path
+
+
+def _tissue_polygon_geojson(path, x0, y0, x1, y1, name="tissue"):
+    feat = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+        "properties": {"classification": {"name": name}},
+    }
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feat]}))
+    return path
+
+
+def test_hand_checkable_area(block_slide, tmp_path):
+    regions = _tissue_polygon_geojson(tmp_path / "r.geojson", 160, 160, 2560, 1760)
+    res = quantify(block_slide, "cxcl10", regions=regions)
+    tissue = res.regions.set_index("region").loc["tissue"]
+    px_mm2 = (MPP * MPP) / 1e6
+    assert tissue["region_area_mm2"] == pytest.approx(2400 * 1600 * px_mm2, rel=1e-12)
+    assert tissue["positive_area_mm2"] == pytest.approx(400 * 200 * px_mm2, rel=1e-12)
+    assert tissue["moderate_area_percent"] == pytest.approx(100 * 400 * 200 / (2400 * 1600), rel=1e-9)
+    assert tissue["weak_area_percent"] == 0 and tissue["strong_area_percent"] == 0
+    assert tissue["positive_mean_od"] == pytest.approx(0.5, abs=0.01)
+    assert tissue["h_score"] == pytest.approx(2 * tissue["positive_area_percent"], rel=1e-9)
+
+
+def test_user_region_and_exclusion(block_slide, tmp_path):
+    feats = [
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[800, 400], [1000, 400], [1000, 600], [800, 600], [800, 400]]],
+            },
+            "properties": {"classification": {"name": "hotspot"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[1000, 400], [1200, 400], [1200, 600], [1000, 600], [1000, 400]]],
+            },
+            "properties": {"classification": {"name": "Exclude"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[160, 160], [2560, 160], [2560, 1760], [160, 1760], [160, 160]]],
+            },
+            "properties": {"classification": {"name": "tissue"}},
+        },
+    ]
+    path = tmp_path / "r.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    res = quantify(block_slide, "cxcl10", regions=path)
+    rows = res.regions.set_index("region")
+    px_mm2 = (MPP * MPP) / 1e6
+    assert rows.loc["hotspot", "region_area_mm2"] == pytest.approx(200 * 200 * px_mm2, rel=1e-12)
+    assert rows.loc["hotspot", "positive_area_percent"] == pytest.approx(100.0)
+    # the excluded half of the patch leaves the tissue and its positive area
+    assert rows.loc["tissue", "region_area_mm2"] == pytest.approx(
+        (2400 * 1600 - 200 * 200) * px_mm2, rel=1e-12
+    )
+    assert rows.loc["tissue", "positive_area_mm2"] == pytest.approx(200 * 200 * px_mm2, rel=1e-12)
+
+
+def test_missing_mpp_is_a_clear_error(tmp_path):
+    rgb = np.full((300, 300, 3), 255, np.uint8)
+    path = tmp_path / "nompp.png"
+    tifffile.imwrite(tmp_path / "x.tif", rgb)
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    with pytest.raises(MissingMppError, match="--mpp"):
+        quantify(path, "cd3")
+
+
+def test_blank_slide_has_no_tissue(tmp_path):
+    path = tmp_path / "blank.tif"
+    _write_tiff(path, np.full((800, 800, 3), 250, np.uint8), mpp_um=MPP)
+    with pytest.raises(NoTissueError):
+        quantify(path, "cd3")
+
+
+@pytest.fixture(scope="module")
+def cd3_slide(tmp_path_factory):
+    syn = render_skin(stain="cd3", width_px=1800, height_px=1300, mpp_um=MPP, seed=7, jpeg_quality=None)
+    path = tmp_path_factory.mktemp("cd3") / "S09_pre_cd3.svs"
+    write_svs(path, syn.rgb, mpp_um=MPP)
+    return path, syn
+
+
+@pytest.fixture(scope="module")
+def cxcl10_slide(tmp_path_factory):
+    syn = render_skin(stain="cxcl10", width_px=1800, height_px=1300, mpp_um=MPP, seed=8, jpeg_quality=None)
+    path = tmp_path_factory.mktemp("cx") / "S09_pre_cxcl10.svs"
+    write_svs(path, syn.rgb, mpp_um=MPP)
+    return path, syn
+
+
+@pytest.mark.parametrize("fixture", ["cd3_slide", "cxcl10_slide"])
+def test_results_do_not_depend_on_tiles(fixture, request):
+    path, _ = request.getfixturevalue(fixture)
+    stain = "cd3" if "cd3" in fixture else "cxcl10"
+    base = quantify(path, stain, tile_size=512)
+    for kwargs in (
+        {"tile_size": 1024},
+        {"tile_size": 2048},
+        {"tile_size": 512, "tile_origin_px": (137, 291)},
+    ):
+        other = quantify(path, stain, **kwargs)
+        a = base.regions.set_index("region")
+        b = other.regions.set_index("region")
+        num = [c for c in a.columns if pd.api.types.is_numeric_dtype(a[c])]
+        count_cols = [c for c in num if c.startswith("cells_")]
+        pd.testing.assert_frame_equal(a[count_cols], b[count_cols], check_exact=True)
+        np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=0, atol=1e-9)
+        if len(base.cells):
+            pd.testing.assert_frame_equal(base.cells, other.cells, check_exact=False, rtol=0, atol=1e-9)
+
+
+def test_outputs_follow_the_contract(cd3_slide, tmp_path):
+    path, _ = cd3_slide
+    res = quantify(path, "cd3")
+    write_slide_outputs(res, tmp_path)
+    table = rebuild_tables(tmp_path)
+    stem = slide_stem(path)
+    for col in (
+        "slide",
+        "path",
+        "stain",
+        "protocol",
+        "protocol_sha256",
+        "region",
+        "region_area_mm2",
+        "cells_total",
+        "cells_positive",
+        "cells_negative",
+        "positive_cells_per_mm2",
+        "positive_percent",
+    ):
+        assert col in table.columns, col
+    assert set(table["slide"]) == {stem}
+    assert "tissue" in set(table["region"])
+    cells = pd.read_parquet(tmp_path / "cells" / f"{stem}.parquet")
+    for col in (
+        "x_px",
+        "y_px",
+        "x_um",
+        "y_um",
+        "region",
+        "positive",
+        "intensity_class",
+        "nucleus_area_um2",
+        "target_od_mean",
+    ):
+        assert col in cells.columns, col
+    assert cells["positive"].dtype == bool
+    assert len(cells) == int(table.set_index("region").loc["tissue", "cells_total"]) + int(
+        (cells["region"] == "outside").sum()
+    ) + int(table.set_index("region").loc["tissue", "pigment_cells"])
+    assert (tmp_path / "qc" / f"{stem}.png").stat().st_size > 1000
+    with tifffile.TiffFile(tmp_path / "masks" / f"{stem}.ome.tif") as tf:
+        assert tf.is_ome and tf.series[0].shape == res.raster.bin_px.shape[1:]
+    assert pd.read_parquet(tmp_path / "regions.parquet").equals(table)
+    rec = json.loads((tmp_path / "slides" / f"{stem}.json").read_text())
+    assert rec["input_sha256"] == res.provenance["slide"]["sha256"]
+    assert rec["provenance"]["stains"]["background_rgb"]
