@@ -810,7 +810,14 @@ def protocol_search_path() -> list[Path]:
     folders = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
     folders.append(Path.cwd() / "protocols")
     folders.append(_builtin_dir())
-    return folders
+    unique: list[Path] = []
+    seen: set[Path] = set()
+    for f in folders:  # the same folder twice (e.g. run from the source tree) is searched once
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique
 
 
 def _builtin_dir() -> Path:
