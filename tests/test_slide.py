@@ -151,7 +151,13 @@ def test_boxes_tiff_levels_and_exact_pixels():
         assert (s.format, s.backend) == ("generic-tiff", "tifffile")
         assert s.level_dimensions == ((300, 250), (150, 125), (75, 62), (37, 31))
         with openslide.OpenSlide(str(path)) as osr:
-            assert s.level_downsamples == pytest.approx(osr.level_downsamples)
+            assert osr.level_downsamples == pytest.approx((1, 2, 4.016129, 8.086312))
+        # the true (integer) scales of the binned levels, not OpenSlide's mean of width and height ratios
+        assert s.level_downsamples == (1.0, 2.0, 4.0, 8.0)
+        # level-0 x = 296 lies in level-2 pixel 74 (296 / 4), not 73 (296 / 4.016)
+        np.testing.assert_array_equal(
+            s.read_region((296, 0), (1, 62), level=2), s.read_level_rect(2, (74, 0), (1, 62))
+        )
         # 72 dpi resolution tags are a software default, not a microscope scale: no MPP
         assert not s.has_mpp and s.mpp_source is None
         with pytest.raises(MissingMppError, match="--mpp"):
@@ -680,3 +686,35 @@ def test_check_brightfield_on_synthetic_fluorescence(tmp_path):
     Image.fromarray(dark).save(path)
     with open_slide(path) as s, pytest.raises(NotBrightfieldError, match="fluorescence"):
         s.check_brightfield()
+
+
+def test_exact_downsamples_rule():
+    from cleihc.slide._common import exact_downsamples
+
+    dims = ((2100, 1100), (525, 275), (131, 68), (1000, 300))
+    means = (1.0, 4.0, (2100 / 131 + 1100 / 68) / 2, (2.1 + 1100 / 300) / 2)
+    assert exact_downsamples(dims, means) == (1.0, 4.0, 16.0, means[3])  # last: not a consistent scale
+    assert exact_downsamples(((101, 99), (51, 50)), (1.0, 1.98)) == (1.0, 2.0)  # ceil on x, floor on y
+
+
+def test_synthetic_module_writers_are_read_exactly(tmp_path):
+    """Files from cleihc._tiffwrite (sample slides): SVS with 4x levels and a thumbnail, OME-TIFF with SubIFDs."""
+    tiffwrite = pytest.importorskip("cleihc._tiffwrite")
+    img = texture(1100, 2100, seed=3)
+    svs = tiffwrite.write_svs(tmp_path / "s.svs", img, mpp_um=0.25, magnification=40)
+    ome = tiffwrite.write_ome_tiff(tmp_path / "s.ome.tif", img, mpp_um=0.25)
+    with open_slide(svs) as a, open_slide(ome) as b:
+        for s in (a, b):
+            assert s.backend == "tifffile"
+            assert s.level_dimensions == ((2100, 1100), (525, 275), (131, 68))
+            assert s.level_downsamples == (1.0, 4.0, 16.0)
+            assert s.mpp == (0.25, 0.25)
+            r = s.analysis_resolution(4.0)
+            assert (r.level, r.factor, r.mpp_um) == (2, 1, (4.0, 4.0))
+        assert (a.format, a.mpp_source, a.objective_power) == ("aperio", "vendor", 40.0)
+        assert (b.format, b.mpp_source) == ("ome-tiff", "ome")
+        assert a._backend._src == [0, 1, 2]
+        for level, (w, h) in enumerate(a.level_dimensions):
+            ours = a.read_level_rect(level, (0, 0), (w, h))
+            np.testing.assert_array_equal(ours, openslide_rgb(svs, (0, 0), level, (w, h)))
+            np.testing.assert_array_equal(ours, b.read_level_rect(level, (0, 0), (w, h)))

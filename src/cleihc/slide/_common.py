@@ -10,7 +10,14 @@ import numpy as np
 
 from cleihc.errors import CorruptSlideError
 
-__all__ = ["Backend", "BackendMeta", "composite_on_white", "mpp_from_unit", "parse_aperio_description"]
+__all__ = [
+    "Backend",
+    "BackendMeta",
+    "composite_on_white",
+    "exact_downsamples",
+    "mpp_from_unit",
+    "parse_aperio_description",
+]
 
 # A resolution coarser than this is not a microscope scale: 72/96/150/300 dpi are screen or scanner defaults
 # written by ordinary image software (72 dpi -> 352.8 µm/px), and using them would silently give absurd areas.
@@ -139,3 +146,20 @@ def downsamples_from_dimensions(dims: tuple[tuple[int, int], ...]) -> tuple[floa
     """OpenSlide's convention: the mean of the x and y ratios to level 0."""
     w0, h0 = dims[0]
     return tuple((w0 / w + h0 / h) / 2.0 for w, h in dims)
+
+
+def exact_downsamples(dims: tuple[tuple[int, int], ...], downsamples: tuple[float, ...]) -> tuple[float, ...]:
+    """Integer downsamples where the level sizes say so, else the given (OpenSlide-convention) values.
+
+    OpenSlide reports the mean of the width and height ratios, e.g. 4.016 for a 300x250 slide's 75x62 level,
+    although the level was made by binning 4 x 4 and dropping the remainder. When both sides of a level are
+    ``floor`` or ``ceil`` of level 0 divided by the nearest integer, that integer is the true scale: it maps level
+    pixels onto level-0 pixels exactly and gives exact areas.
+    """
+    w0, h0 = dims[0]
+    out = []
+    for (w, h), ds in zip(dims, downsamples, strict=True):
+        d = round(ds)
+        fits = d >= 1 and w in (w0 // d, -(-w0 // d)) and h in (h0 // d, -(-h0 // d))
+        out.append(float(d) if fits else float(ds))
+    return tuple(out)

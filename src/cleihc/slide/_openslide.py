@@ -116,11 +116,13 @@ class OpenSlideBackend(Backend):
         self.path = path
         self._osr = open_openslide(path, fmt, dicom=dicom)
         self.meta = openslide_meta(self._osr, fmt)
+        # OpenSlide maps level-0 locations with its own downsamples; the Slide may expose exact integer ones.
+        self._os_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
 
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self.meta.level_downsamples[level]
-        # OpenSlide takes level-0 coordinates; for integer downsamples (all vendor pyramids we know) this maps
-        # back exactly onto level pixel (x, y).
+        ds = self._os_downsamples[level]
+        # OpenSlide takes level-0 coordinates and divides by its downsample; for integer downsamples (all vendor
+        # pyramids we know) this maps back exactly onto level pixel (x, y).
         loc = (round(x * ds), round(y * ds))
         try:
             img = self._osr.read_region(loc, level, (w, h))

@@ -24,7 +24,7 @@ from cleihc.errors import (
     SlidePermissionError,
     UnsupportedFormatError,
 )
-from cleihc.slide._common import Backend
+from cleihc.slide._common import Backend, exact_downsamples
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,9 @@ class Slide:
                 "permission denied; make the file readable (chmod a+r) or run as its owner", path=spath
             ) from exc
         self._meta = self._backend.meta
+        self._meta.level_downsamples = exact_downsamples(
+            self._meta.level_dimensions, self._meta.level_downsamples
+        )
         self._closed = False
 
     # -- pickling (zarr stores and OpenSlide handles do not pickle): reopen by path --------------------------
@@ -292,7 +295,12 @@ class Slide:
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        """Downsample of each level relative to level 0 (OpenSlide's convention)."""
+        """Downsample of each level relative to level 0.
+
+        The exact integer when the level's size is level 0's divided by it (rounded either way), e.g. 4.0 where
+        OpenSlide reports 4.016 for a 75x62 level of a 300x250 slide; otherwise OpenSlide's mean of the width and
+        height ratios.
+        """
         return self._meta.level_downsamples
 
     @property
