@@ -1,0 +1,152 @@
+"""The ``cleihc protocols`` and ``cleihc stains`` commands."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import numpy as np
+import pytest
+
+from cleihc import stains
+from cleihc.cli import main
+from cleihc.protocol import load_protocol
+
+
+def test_protocols_lists_builtins(capsys):
+    assert main(["protocols"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cd3", "cd4", "cd8", "cxcl10", "gag-alcian", "gag-colloidal-iron"):
+        assert f"\n{name} " in "\n" + out
+    assert "search path:" in out
+    assert main(["protocols", "list", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["cd3"]["version"] == "1.0.0" and listed["cd3"]["path"].endswith("cd3.toml")
+
+
+def test_protocols_show_prints_resolved_toml_with_sha(capsys, tmp_path):
+    assert main(["protocols", "show", "cd3"]) == 0
+    out = capsys.readouterr().out
+    proto = load_protocol("cd3")
+    assert proto.sha256 in out
+    data = tomllib.loads(out)
+    assert data["cells"]["compartment"] == "membrane"
+    assert "nucleus_threshold_od" in data["cells"]  # defaults are explicit
+    path = tmp_path / "shown.toml"
+    path.write_text(out, encoding="utf-8")
+    assert load_protocol(path).sha256 == proto.sha256
+    assert main(["protocols", "show", "cd3", "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["sha256"] == proto.sha256 and js["protocol"]["name"] == "cd3"
+
+
+def test_protocols_show_unknown_is_one_line_error(capsys):
+    assert main(["protocols", "show", "cd99"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no protocol named 'cd99'" in err and "cd3" in err
+
+
+def test_stains_presets(capsys):
+    assert main(["stains", "presets"]) == 0
+    out = capsys.readouterr().out
+    assert "colloidal_iron_nfr" in out and "dab [0.2681, 0.5703, 0.7764]" in out
+
+
+TRUTH = stains.StainMatrix(
+    ("hematoxylin", "dab"),
+    # 5-6 degrees away from the hdab preset, as a real scanner might be
+    [[0.60, 0.74, 0.30], [0.33, 0.56, 0.76]],
+)
+GLASS = (241, 238, 246)
+
+
+def synthetic_slide(tmp_path):
+    """A 400x400 px image at 2 µm/px: glass around a tissue square mixing hematoxylin and DAB (known vectors)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    h = w = 400
+    conc = np.zeros((h, w, 3))
+    y, x = np.mgrid[0:h, 0:w]
+    tissue = (np.abs(y - 200) < 140) & (np.abs(x - 200) < 140)
+    left = tissue & (x < 200)
+    right = tissue & (x >= 200)
+    conc[..., 0] = np.where(left, rng.uniform(0.15, 1.0, (h, w)), 0) + np.where(
+        right, rng.uniform(0, 0.05, (h, w)), 0
+    )
+    conc[..., 1] = np.where(right, rng.uniform(0.15, 1.0, (h, w)), 0) + np.where(
+        left, rng.uniform(0, 0.05, (h, w)), 0
+    )
+    rgb = stains.recompose(conc, TRUTH, background=GLASS).astype(float) + rng.normal(0, 1.0, (h, w, 3))
+    path = tmp_path / "slide.png"
+    Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8)).save(path)
+    return path
+
+
+def test_stains_estimate_macenko_and_write(tmp_path, capsys):
+    slide = synthetic_slide(tmp_path)
+    out_path = tmp_path / "cd3-lab.toml"
+    code = main(
+        ["stains", "estimate", str(slide), "--protocol", "cd3", "--mpp", "2.0", "--write", str(out_path)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "method:      macenko" in out
+    assert "I0 = RGB 241.0 238.0 246.0" in out
+    written = load_protocol(out_path)
+    assert written.version == "1.1.0" and written.name == "cd3"
+    assert written.stains.estimate == "fixed" and written.background.rgb == (241.0, 238.0, 246.0)
+    for name in ("hematoxylin", "dab"):
+        assert stains.angle_deg(written.stains.matrix.vector(name), TRUTH.vector(name)) < 2.0
+    # the reference was ~5 degrees away, and the command says so
+    ref = load_protocol("cd3").stains.matrix
+    assert stains.angle_deg(ref.vector("hematoxylin"), TRUTH.vector("hematoxylin")) > 3
+    assert "angle" in out and "ok" in out
+
+
+def test_stains_estimate_from_single_stain_regions(tmp_path, capsys):
+    slide = synthetic_slide(tmp_path)
+    regions = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[80, 80], [180, 80], [180, 320], [80, 320], [80, 80]]],
+                },
+                "properties": {"objectType": "annotation", "classification": {"name": "hematoxylin"}},
+            },
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [[[220, 80], [320, 80], [320, 320], [220, 320], [220, 80]]],
+                },
+                "properties": {"objectType": "annotation", "classification": {"name": "dab"}},
+            },
+        ],
+    }
+    rpath = tmp_path / "rois.geojson"
+    rpath.write_text(json.dumps(regions), encoding="utf-8")
+    from cleihc.cli.stains import estimate_for_slide
+
+    result = estimate_for_slide(slide, protocol="cd3", regions=rpath, mpp=2.0)
+    assert result["method"] == "regions"
+    est = result["stains"]
+    # mean OD of pixels with a 0-5 % admixture of the other stain: within 2 degrees of the truth
+    for name in ("hematoxylin", "dab"):
+        assert stains.angle_deg(est.vector(name), TRUTH.vector(name)) < 2.0
+
+
+def test_stains_estimate_missing_slide_is_one_line_error(tmp_path, capsys):
+    assert main(["stains", "estimate", str(tmp_path / "absent.svs"), "--mpp", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "absent.svs" in err
+
+
+@pytest.mark.parametrize("argv", [["stains"], ["stains", "estimate"]])
+def test_stains_usage_errors(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
