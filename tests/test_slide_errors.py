@@ -207,3 +207,27 @@ def test_renamed_file_is_read_by_content(tmp_path):
     shutil.copy(src, dst)
     with open_slide(dst) as s:
         assert (s.format, s.backend) == ("aperio", "tifffile")
+
+
+def test_no_file_descriptor_leak(tmp_path):
+    """Opening, reading and closing (or dropping) many slides leaves no open descriptors behind."""
+    import gc
+
+    path = tmp_path / "fd.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), photometric="rgb", tile=(32, 32))
+    bad = tmp_path / "u16.tif"
+    tifffile.imwrite(bad, np.zeros((64, 64, 3), np.uint16), photometric="rgb", tile=(32, 32))
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        pytest.skip("needs /proc/self/fd (Linux)")
+    before = len(os.listdir(fd_dir))
+    for i in range(30):
+        s = open_slide(path)
+        s.read_region((0, 0), (64, 64))
+        if i % 2:
+            s.close()
+        del s
+        with pytest.raises(NotBrightfieldError):
+            open_slide(bad)
+    gc.collect()
+    assert len(os.listdir(fd_dir)) <= before + 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -336,6 +337,8 @@ class TiffBackend(Backend):
                 meta.associated.update(self._os.meta.associated)
         self.meta = meta
         self._fd = os.open(path, os.O_RDONLY)  # last: nothing above may leak it
+        # closes the descriptor even when a Slide is dropped without close()
+        self._fd_finalizer = weakref.finalize(self, os.close, self._fd)
 
     # -- metadata without OpenSlide -------------------------------------------------------------------------
     def _file_mpp(self) -> tuple[tuple[float, float] | None, str | None]:
@@ -458,7 +461,7 @@ class TiffBackend(Backend):
         self._chunked.clear()
         self._cache.clear()
         if self._fd >= 0:
-            os.close(self._fd)
+            self._fd_finalizer()
             self._fd = -1
         self._tf.close()
         if self._os is not None:
