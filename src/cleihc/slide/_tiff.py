@@ -1,4 +1,8 @@
-"""tifffile backend: TIFF-family slides read tile by tile through tifffile's zarr store.
+"""tifffile backend: TIFF-family slides read tile by tile with tifffile's decoders.
+
+Interleaved RGB levels are read by `_ChunkedLevel` (positional reads of the tile bytes, tifffile's own decode
+function, a small LRU of decoded tiles): what tifffile's zarr store does per chunk, without zarr's per-call
+overhead. Other layouts (separate colour planes) go through the zarr store (``series.aszarr(level=...)``).
 
 Used for Aperio SVS (JPEG tiles, with their JPEGTables), Hamamatsu NDPI, generic tiled or stripped TIFF,
 OME-TIFF pyramids (reduced levels in SubIFDs) and ImageJ TIFFs. tifffile + imagecodecs decode these to the
@@ -6,7 +10,9 @@ same pixels as OpenSlide (checked in tests/test_slide.py) and faster, so pixels 
 (vendor, MPP, objective, associated images, background) comes from OpenSlide when OpenSlide knows the format.
 
 Formats kept on OpenSlide, and why:
-- Aperio JPEG 2000 (compression 33003/33005): OpenSlide applies the vendor's YCbCr handling; not verified here.
+- Aperio JPEG 2000 (compression 33003 YCbCr / 33005 RGB): OpenSlide converts the codestream as Aperio writes
+  it; tifffile and OpenSlide disagree on a 33003 file written by tifffile (measured), so OpenSlide stays the
+  reference here.
 - Philips, Leica, Ventana, Trestle TIFF: their level layout / tile overlaps are vendor specific.
 - NDPI levels that exist only as OpenSlide's JPEG scale-on-decode levels (e.g. downsample 16, 32, 64 for a
   file with four stored levels) are read through OpenSlide; the stored ones through tifffile.
