@@ -148,7 +148,8 @@ def rebuild_tables(out_dir: str | os.PathLike[str], *, lead_columns: tuple[str, 
     if len(df):
         lead = [c for c in lead_columns if c in df.columns]
         df = df[lead + [c for c in df.columns if c not in lead]]
-        df = df.sort_values(["slide", "region"], kind="stable").reset_index(drop=True)
+        # Slides in name order; regions keep the protocol's order within a slide.
+        df = df.sort_values(["slide"], kind="stable").reset_index(drop=True)
     with atomic_write(out / "regions.csv", mode="w") as f:
         df.to_csv(f, index=False, lineterminator="\n")
     _write_parquet(df, out / "regions.parquet")

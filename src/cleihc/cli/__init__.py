@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits with status 2 on usage errors
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # The console shows `level` and above, whatever other handlers (run.log) ask of the cleihc logger.
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(level)
+    if args.verbose < 2:
+        # Readers log decode problems that cleihc reports itself as one-line errors.
+        for name in ("tifffile", "openslide", "distributed", "numba"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except CleihcError as exc:
