@@ -42,7 +42,9 @@ __all__ = [
     "exclusions_layer",
     "geometries_from_shapes",
     "is_results_folder",
+    "layer_data_px",
     "mask_image",
+    "points_px",
     "positive_layer",
     "preview_layer",
     "result_layers",
@@ -52,6 +54,7 @@ __all__ = [
     "shapes_layer",
     "slide_layer",
     "slide_levels",
+    "to_level0_px",
     "visible_rect_px",
     "world_per_px",
 ]
@@ -548,6 +551,31 @@ def visible_rect_px(
     if x1 <= x0 or y1 <= y0:
         return None
     return x0, y0, x1 - x0, y1 - y0
+
+
+def to_level0_px(
+    coords: np.ndarray, *, scale: Sequence[float], translate: Sequence[float], world_per_px: Sequence[float]
+) -> np.ndarray:
+    """Layer data coordinates ``(..., y, x)`` to level-0 pixels ``(y, x)`` (rotation and shear are not used)."""
+    coords = np.asarray(coords, dtype=np.float64)[..., -2:]
+    scale = np.asarray(scale, dtype=np.float64)[-2:]
+    translate = np.asarray(translate, dtype=np.float64)[-2:]
+    return (coords * scale + translate) / np.asarray(world_per_px, dtype=np.float64)
+
+
+def layer_data_px(layer: Any, *, world_per_px: Sequence[float] | None = None) -> list[np.ndarray]:
+    """A Shapes layer's vertices in level-0 px ``(y, x)``, whatever its scale (default: its cleihc metadata)."""
+    wpp = world_per_px or layer.metadata[META_KEY]["world_per_px"]
+    return [
+        to_level0_px(d, scale=layer.scale, translate=layer.translate, world_per_px=wpp) for d in layer.data
+    ]
+
+
+def points_px(layer: Any, *, world_per_px: Sequence[float] | None = None) -> np.ndarray:
+    """A Points layer's positions in level-0 px ``(y, x)``, shape (N, 2)."""
+    wpp = world_per_px or layer.metadata[META_KEY]["world_per_px"]
+    data = np.asarray(layer.data, dtype=np.float64).reshape(-1, layer.ndim)
+    return to_level0_px(data, scale=layer.scale, translate=layer.translate, world_per_px=wpp).reshape(-1, 2)
 
 
 # -- results --------------------------------------------------------------------------------------------------
