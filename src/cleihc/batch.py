@@ -93,6 +93,7 @@ def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcom
     """
     slides: dict[Path, None] = {}
     failures: list[SlideOutcome] = []
+    empty_patterns: list[str] = []
 
     def fail(path: str, reason: str) -> None:
         failures.append(SlideOutcome(slide_stem(path), str(path), "failed", reason))
@@ -100,10 +101,13 @@ def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcom
     for item in inputs:
         matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
         if not matches:
-            fail(item, "no file matches this pattern")
+            empty_patterns.append(item)
             continue
+        globbed = len(matches) > 1 or matches[0] != item
         for m in matches:
             p = Path(m)
+            if globbed and p.is_file() and (p.name.lower().endswith(_SIDECAR_SUFFIXES) or not is_slide(p)):
+                continue  # a pattern also catches sidecars and notes: pass them over, as in folders
             if p.is_dir():
                 for f in sorted(p.rglob("*")):
                     if (
@@ -122,6 +126,12 @@ def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcom
                     )
             else:
                 fail(m, "no such file or folder")
+    for item in empty_patterns:
+        # One pattern of several finding nothing is normal (e.g. no OME-TIFFs); all finding nothing is an error.
+        if slides:
+            log.warning("no file matches %s", item)
+        else:
+            fail(item, "no file matches this pattern")
     return list(slides), failures
 
 
