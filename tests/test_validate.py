@@ -1,0 +1,406 @@
+"""Validation statistics and `cleihc validate`: known answers on constructed inputs, synthetic truth, BCData."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleihc.errors import CleihcError
+from cleihc.validate import (
+    agreement,
+    bland_altman,
+    detection_scores,
+    icc,
+    lin_ccc,
+    match_points,
+    read_truth,
+    validate,
+    write_validation,
+)
+from conftest import shared_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_identical_values_agree_perfectly():
+    x = np.array([3.0, 10.0, 7.5, 0.0, 42.0])
+    a = agreement(x, x.copy())
+    assert a.bland_altman.bias == 0
+    assert a.bland_altman.sd == 0
+    assert a.concordance.ccc == pytest.approx(1.0)
+    assert a.icc_2_1.value == pytest.approx(1.0)
+    assert a.icc_3_1.value == pytest.approx(1.0)
+
+
+def test_constant_offset_is_the_bias():
+    x = np.array([1.0, 4.0, 9.0, 16.0, 25.0, 36.0])
+    ba = bland_altman(x, x + 2.5)
+    assert ba.bias == pytest.approx(2.5)
+    assert ba.sd == pytest.approx(0.0, abs=1e-12)
+    assert ba.loa_lower == pytest.approx(2.5) and ba.loa_upper == pytest.approx(2.5)
+    # An offset leaves consistency perfect but lowers absolute agreement.
+    table = np.column_stack([x, x + 2.5])
+    assert icc(table, kind="ICC(3,1)").value == pytest.approx(1.0)
+    assert icc(table, kind="ICC(2,1)").value < 1.0
+
+
+def test_bland_altman_hand_computed():
+    ref = np.array([10.0, 20.0, 30.0, 40.0])
+    meas = np.array([12.0, 19.0, 33.0, 40.0])  # differences 2, -1, 3, 0: mean 1, sample sd sqrt(10/3)
+    ba = bland_altman(ref, meas)
+    sd = math.sqrt(10 / 3)
+    assert ba.n == 4
+    assert ba.bias == pytest.approx(1.0)
+    assert ba.sd == pytest.approx(sd)
+    assert ba.loa_lower == pytest.approx(1 - 1.96 * sd)
+    assert ba.loa_upper == pytest.approx(1 + 1.96 * sd)
+    assert ba.bias_ci_lower < 1 < ba.bias_ci_upper
+
+
+def test_icc_hand_computed_tiny_table():
+    # rows (1,1), (2,4), (3,3): grand mean 7/3; MSR = 8/3, MSC = 2/3, MSE = 2/3 (worked by hand)
+    # ICC(3,1) = (MSR - MSE) / (MSR + MSE) = 0.6; ICC(2,1) adds k (MSC - MSE) / n = 0 to the denominator: 0.6.
+    t = np.array([[1.0, 1.0], [2.0, 4.0], [3.0, 3.0]])
+    assert icc(t, kind="ICC(3,1)").value == pytest.approx(0.6)
+    assert icc(t, kind="ICC(2,1)").value == pytest.approx(0.6)
+
+
+def test_icc_shrout_fleiss_table():
+    # Shrout & Fleiss (1979), Table 2: 6 targets, 4 judges; published ICC(2,1) = .29, ICC(3,1) = .71.
+    t = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)
+    i2 = icc(t, kind="ICC(2,1)")
+    i3 = icc(t, kind="ICC(3,1)")
+    assert round(i2.value, 2) == 0.29
+    assert round(i3.value, 2) == 0.71
+    assert i2.ci_lower < i2.value < i2.ci_upper
+    assert i3.ci_lower < i3.value < i3.ci_upper
+    with pytest.raises(CleihcError):
+        icc(t, kind="ICC(1,1)")
+
+
+def test_lin_ccc_hand_computed():
+    x = np.array([1.0, 2.0, 3.0])
+    c = lin_ccc(x, x + 1)  # var 2/3 each, cov 2/3, mean shift 1: 2(2/3) / (4/3 + 1) = 4/7
+    assert c.ccc == pytest.approx(4 / 7)
+    assert c.pearson_r == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    a = rng.normal(50, 10, 40)
+    b = a + rng.normal(0, 3, 40)
+    cc = lin_ccc(a, b)
+    assert cc.ci_lower < cc.ccc < cc.ci_upper < 1
+    assert cc.ccc == pytest.approx(cc.pearson_r * cc.accuracy)
+
+
+def test_nan_pairs_are_dropped():
+    ba = bland_altman([1.0, np.nan, 3.0], [2.0, 5.0, 4.0])
+    assert ba.n == 2 and ba.bias == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- point matching
+def test_match_points_shift_within_and_beyond_radius():
+    rng = np.random.default_rng(0)
+    # grid 20 µm apart so that each point has one candidate
+    t = np.stack(np.meshgrid(np.arange(10) * 20.0, np.arange(8) * 20.0), -1).reshape(-1, 2)
+    near = t + np.array([2.0, 1.5]) + rng.uniform(-0.2, 0.2, t.shape)
+    m = match_points(t, near, radius=4.0)
+    assert m.tp == len(t)
+    np.testing.assert_array_equal(m.truth_index, m.detected_index)
+    far = t + np.array([6.0, 0.0])
+    assert match_points(t, far, radius=4.0).tp == 0
+    pos = np.arange(len(t)) % 3 == 0
+    all_, p, n = detection_scores(t, pos, near, pos, radius_um=4.0)
+    assert all_.f1 == 1.0 and p.f1 == 1.0 and n.f1 == 1.0
+    all_, p, n = detection_scores(t, pos, far, pos, radius_um=4.0)
+    assert all_.f1 == 0.0 and p.tp == 0 and n.fn == int((~pos).sum())
+
+
+def test_match_points_is_optimal_not_greedy():
+    # Greedy nearest-first pairs truth 0 with detection 0 (distance 1) and leaves truth 1 unmatched;
+    # the Hungarian matching finds two pairs (0-1 at 2.5, 1-0 at 2.0).
+    t = np.array([[0.0, 0.0], [3.0, 0.0]])
+    d = np.array([[1.0, 0.0], [-2.5, 0.0]])
+    m = match_points(t, d, radius=3.0)
+    assert m.tp == 2
+    assert sorted(zip(m.truth_index.tolist(), m.detected_index.tolist(), strict=True)) == [(0, 1), (1, 0)]
+    # one-to-one: two detections on one truth point give one match
+    m2 = match_points(np.array([[0.0, 0.0]]), np.array([[0.5, 0.0], [0.0, 0.4]]), radius=1.0)
+    assert m2.tp == 1 and m2.detected_index.tolist() == [1]
+
+
+def test_class_scores_hand_computed():
+    t = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [30.0, 0.0]])
+    tpos = np.array([True, True, False, False])
+    d = np.array([[0.5, 0.0], [10.5, 0.0], [20.5, 0.0], [50.0, 0.0]])
+    dpos = np.array([True, False, False, True])
+    all_, p, n = detection_scores(t, tpos, d, dpos, radius_um=2.0)
+    assert (all_.tp, all_.fp, all_.fn) == (3, 1, 1)
+    assert (p.tp, p.fp, p.fn) == (1, 1, 1)  # truth 1 was detected negative; detection 3 is far
+    assert p.f1 == pytest.approx(0.5)
+    assert (n.tp, n.fp, n.fn) == (1, 1, 1)  # truth 3 missed; detection 1 is negative but truth 1 is positive
+    assert all_.mean_distance_um == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- truth files
+def _results_folder(tmp: Path, slides: dict[str, dict]) -> Path:
+    """A results folder with slide records and cells tables, as `cleihc quantify` writes them."""
+    out = tmp / "results"
+    (out / "slides").mkdir(parents=True)
+    (out / "cells").mkdir()
+    for name, spec in slides.items():
+        rows = [
+            {"slide": name, "stain": "cd3", "protocol": "cd3", "region": r, **vals}
+            for r, vals in spec["rows"].items()
+        ]
+        rec = {
+            "slide": name,
+            "rows": rows,
+            "provenance": {"analysis": {"mpp_um": [0.5, 0.5], "downsample": 2.0}},  # level 0: 0.25 µm/px
+        }
+        (out / "slides" / f"{name}.json").write_text(json.dumps(rec))
+        if "cells" in spec:
+            c = spec["cells"]
+            pd.DataFrame(
+                {
+                    "cell_id": np.arange(len(c)),
+                    "x_px": c[:, 0],
+                    "y_px": c[:, 1],
+                    "x_um": c[:, 0] * 0.25,
+                    "y_um": c[:, 1] * 0.25,
+                    "positive": c[:, 2].astype(bool),
+                }
+            ).to_parquet(out / "cells" / f"{name}.parquet")
+    return out
+
+
+def test_validate_values_csv_and_points_csv(tmp_path):
+    rng = np.random.default_rng(3)
+    pts = {
+        f"s{i}": np.column_stack([rng.uniform(0, 4000, 30), rng.uniform(0, 4000, 30), rng.random(30) < 0.4])
+        for i in range(4)
+    }
+    slides = {
+        name: {
+            "rows": {
+                "epidermis": {"cells_positive": 10.0 + i, "positive_area_percent": 1.0 + i},
+                "dermis": {"cells_positive": 30.0 + 2 * i, "positive_area_percent": 5.0 + i},
+            },
+            "cells": np.column_stack([p[:, :2] + 4.0, p[:, 2]]),  # 4 px = 1 µm from the truth
+        }
+        for i, (name, p) in enumerate(pts.items())
+    }
+    out = _results_folder(tmp_path, slides)
+    ref = pd.DataFrame(
+        [
+            {
+                "slide": s,
+                "region": r,
+                "cells_positive": v["cells_positive"] + 3,
+                "positive_area_percent": v["positive_area_percent"],
+            }
+            for s, spec in slides.items()
+            for r, v in spec["rows"].items()
+        ]
+    )
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    res = validate(out, read_truth(tmp_path / "ref.csv"), radius_um=3.0)
+    a = res.agreement.set_index(["metric", "region"])
+    assert a.loc[("cells_positive", "all"), "bias"] == pytest.approx(-3.0)
+    assert a.loc[("cells_positive", "all"), "n"] == 8
+    assert a.loc[("positive_area_percent", "all"), "bias"] == pytest.approx(0.0)
+    assert a.loc[("positive_area_percent", "all"), "ccc"] == pytest.approx(1.0)
+    assert a.loc[("positive_area_percent", "dermis"), "icc_2_1"] == pytest.approx(1.0)
+    # points CSV in level-0 px with a class column
+    rows = [
+        {"slide": s, "x_px": x, "y_px": y, "class": "positive" if c else "negative"}
+        for s, p in pts.items()
+        for x, y, c in p
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "points.csv", index=False)
+    res = validate(out, read_truth(tmp_path / "points.csv"), radius_um=3.0)
+    d = res.detection.set_index(["slide", "label"])
+    assert d.loc[("ALL", "all"), "f1"] == 1.0
+    assert d.loc[("ALL", "positive"), "f1"] == 1.0
+    assert d.loc[("ALL", "all"), "mean_distance_um"] == pytest.approx(math.sqrt(2))
+    res = validate(out, read_truth(tmp_path / "points.csv"), radius_um=1.0)  # 1.41 µm away: no match
+    assert res.detection.set_index(["slide", "label"]).loc[("ALL", "all"), "tp"] == 0
+    written = write_validation(res, tmp_path / "val")
+    names = {p.name for p in written}
+    assert {"pairs.csv", "agreement.csv", "detection.csv", "detection.png", "detection.svg"} <= names
+    assert "agreement_points_positive.svg" in names
+
+
+def test_read_truth_geojson_and_errors(tmp_path):
+    fc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [10, 20]},
+                "properties": {"classification": {"name": "Positive"}},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]},
+                "properties": {"classification": {"name": "Negative"}},
+            },
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]},
+                "properties": {},
+            },
+        ],
+    }
+    (tmp_path / "slideA.geojson").write_text(json.dumps(fc))
+    t = read_truth(tmp_path / "slideA.geojson")
+    assert t.points["slide"].tolist() == ["slideA"] * 3
+    assert t.points["positive"].tolist() == [True, False, False]
+    assert t.points[["x_px", "y_px"]].to_numpy().tolist() == [[10, 20], [1, 2], [3, 4]]
+    with pytest.raises(CleihcError, match="not found"):
+        read_truth(tmp_path / "nope.csv")
+    (tmp_path / "bad.csv").write_text("slide,x_px,y_px,class\na,1,2,maybe\n")
+    with pytest.raises(CleihcError, match="maybe"):
+        read_truth(tmp_path / "bad.csv")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CleihcError, match="JSON"):
+        read_truth(tmp_path / "bad.json")
+
+
+def test_synthetic_truth_against_itself(tmp_path):
+    """A results folder whose numbers equal the synthetic truth agrees perfectly with it."""
+    from cleihc.synthetic import render_skin
+
+    truths = {}
+    for seed in (1, 2, 3):
+        s = render_skin(
+            stain="cd3", width_px=600, height_px=500, mpp_um=0.5, seed=seed, regions_geojson=False
+        )
+        truths[f"syn{seed}"] = s.truth
+    tdir = tmp_path / "truth"
+    tdir.mkdir()
+    slides = {}
+    for name, tr in truths.items():
+        (tdir / f"{name}.truth.json").write_text(json.dumps(tr))
+        rows = {
+            r: {
+                "region_area_mm2": d["region_area_mm2"],
+                "positive_area_percent": d["positive_area_percent"],
+                "cells_positive": float(d["n_positive_cells"]),
+                "cells_negative": float(d["n_negative_cells"]),
+                "cells_total": float(d["n_positive_cells"] + d["n_negative_cells"]),
+            }
+            for r, d in tr["area_truth"].items()
+        }
+        cells = np.array(
+            [[c["x_px"] * 2, c["y_px"] * 2, c["positive"]] for c in tr["cells"]], float
+        )  # 0.25 µm/px
+        slides[name] = {"rows": rows, "cells": cells}
+    out = _results_folder(tmp_path, slides)
+    res = validate(out, read_truth(tdir), radius_um=2.0)
+    a = res.agreement[res.agreement["region"] == "all"].set_index("metric")
+    for metric in ("region_area_mm2", "cells_positive", "cells_total", "positive_area_percent"):
+        assert a.loc[metric, "bias"] == pytest.approx(0.0, abs=1e-9)
+        assert a.loc[metric, "ccc"] == pytest.approx(1.0)
+    d = res.detection.set_index(["slide", "label"])
+    assert d.loc[("ALL", "all"), "f1"] == 1.0
+    assert d.loc[("ALL", "positive"), "n_truth"] == sum(
+        c["positive"] for t in truths.values() for c in t["cells"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_validate(tmp_path):
+    slides = {f"s{i}": {"rows": {"tissue": {"positive_area_percent": float(i)}}} for i in range(3)}
+    out = _results_folder(tmp_path, slides)
+    pd.DataFrame(
+        {"slide": list(slides), "region": "tissue", "positive_area_percent": [0.5, 1.5, 2.5]}
+    ).to_csv(tmp_path / "ref.csv", index=False)
+    from cleihc.cli import main
+
+    assert (
+        main(["validate", str(out), "--truth", str(tmp_path / "ref.csv"), "--out", str(tmp_path / "v")]) == 0
+    )
+    agree = pd.read_csv(tmp_path / "v" / "agreement.csv")
+    assert agree.loc[0, "bias"] == pytest.approx(-0.5)
+    assert (tmp_path / "v" / "figures" / "agreement_positive_area_percent.png").exists()
+    assert main(["validate", str(out), "--truth", str(tmp_path / "missing.csv")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- real data
+def _bcdata_protocol(tmp_path: Path) -> Path:
+    """A nuclear-DAB cell protocol derived from the built-in cd3 protocol (Ki67 is nuclear)."""
+    from cleihc.protocol import find_protocol
+
+    src = Path(find_protocol("cd3")).read_text(encoding="utf-8")
+    assert 'compartment = "membrane"' in src and 'name = "cd3"' in src
+    src = src.replace('compartment = "membrane"', 'compartment = "nucleus"').replace(
+        'name = "cd3"', 'name = "ki67-nuclear"'
+    )
+    # BCData tiles are all tissue: no glass to estimate the background from, so use the fixed white I0.
+    src = src.replace('mode = "estimate"', 'mode = "fixed"')
+    path = tmp_path / "ki67_nuclear.toml"
+    path.write_text(src, encoding="utf-8")
+    return path
+
+
+def test_bcdata_ki67_points(tmp_path):
+    img_dir = shared_file("bcdata_ki67_sample", "1.images", "test")
+    json_dir = shared_file("bcdata_ki67_sample", "3.data_processed_json")
+    pytest.importorskip("cleihc.protocol", reason="cleihc.protocol not available yet")
+    ids = ["0", "1", "2"]
+    slides_dir = tmp_path / "img"
+    slides_dir.mkdir()
+    rows = []
+    for i in ids:
+        shutil.copy(
+            img_dir / f"{i}.png", slides_dir / f"bc{i}.png"
+        )  # copied to tmp only, never into the repo
+        for p in json.loads((json_dir / f"{i}.json").read_text()):
+            rows.append(
+                {
+                    "slide": f"bc{i}",
+                    "x_px": p["x"],
+                    "y_px": p["y"],
+                    "class": "positive" if p["label_id"] == 1 else "negative",
+                }
+            )
+    pd.DataFrame(rows).to_csv(tmp_path / "points.csv", index=False)
+    protocol = _bcdata_protocol(tmp_path)
+    out = tmp_path / "res"
+    from cleihc.cli import main
+
+    status = main(
+        [
+            "quantify",
+            str(slides_dir),
+            "--protocol",
+            str(protocol),
+            "--mpp",
+            "0.25",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert status == 0, (out / "failures.csv").read_text() if (out / "failures.csv").exists() else status
+    res = validate(out, read_truth(tmp_path / "points.csv"), radius_um=4.0)
+    d = res.detection.set_index(["slide", "label"])
+    assert d.loc[("ALL", "all"), "n_truth"] == len(rows)
+    # Ki67 nuclei found by a CD3-derived nuclear protocol: a floor that still catches broken matching or units
+    # (measured: F1 0.62 over all nuclei at 4 µm on tiles 0-2).
+    assert d.loc[("ALL", "all"), "f1"] > 0.5
+    # Positive detections are counted as the pipeline counts them (pigment-flagged cells are not positive).
+    regions = pd.read_csv(out / "regions.csv")
+    tissue = regions[regions["region"] == "tissue"].set_index("slide")
+    pairs = res.pairs[res.pairs["metric"] == "points_positive"].set_index("slide")
+    for slide in ("bc0", "bc1", "bc2"):
+        assert pairs.loc[slide, "measured"] == tissue.loc[slide, "cells_positive"]
+        assert pairs.loc[slide, "reference"] == sum(
+            r["class"] == "positive" for r in rows if r["slide"] == slide
+        )
