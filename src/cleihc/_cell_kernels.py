@@ -17,6 +17,7 @@ __all__ = [
     "chamfer_distance_kernel",
     "expand_labels_kernel",
     "extreme_filter_kernel",
+    "label_max_kernel",
     "measure_kernel",
 ]
 
@@ -273,3 +274,14 @@ def bbox_size_kernel(labels, n, out):  # pragma: no cover - compiled
         if hi_i[a] >= 0:
             out[a, 0] = hi_i[a] - lo_i[a] + 1
             out[a, 1] = hi_j[a] - lo_j[a] + 1
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def label_max_kernel(labels, image, out):  # pragma: no cover - compiled
+    """``out[k]`` = maximum of ``image`` over label ``k`` (``out`` initialised by the caller, e.g. to -inf)."""
+    h, w = labels.shape
+    for i in range(h):
+        for j in range(w):
+            a = labels[i, j]
+            if a > 0 and image[i, j] > out[a]:
+                out[a] = image[i, j]

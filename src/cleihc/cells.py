@@ -37,6 +37,7 @@ from cleihc._cell_kernels import (
     chamfer_distance_kernel,
     expand_labels_kernel,
     extreme_filter_kernel,
+    label_max_kernel,
     measure_kernel,
 )
 from cleihc.errors import ProtocolError
@@ -78,12 +79,19 @@ class CellParams:
     nucleus_threshold_od: float = 0.1
     # Weight of the target OD added to the counterstain OD to find nuclei: DAB-positive nuclei (Ki67) are pale in
     # hematoxylin, and under a membranous DAB ring (CD3) a lymphocyte nucleus is still found by its hematoxylin.
-    # 0 uses the counterstain only (QuPath's default, right for membranous markers whose DAB ring would otherwise
-    # be taken for nucleus); 1 is QuPath's "optical density sum", right for nuclear markers (Ki67).
+    # 0 uses the counterstain only (QuPath's default; right for cytoplasmic markers such as CXCL10); 1 is QuPath's
+    # "optical density sum", right for nuclear markers (Ki67); a negative weight (about -0.5) suits membranous
+    # markers (CD3/CD4/CD8): the stained membrane between touching lymphocytes then cuts their nuclei apart.
     nucleus_target_weight: float = 0.0
+    # Each thresholded object is trimmed to its pixels at or above this fraction of its own peak detection OD
+    # (0.5 = half maximum, the true edge of a blurred nucleus); 0 keeps the threshold's outline.
+    nucleus_edge_fraction: float = 0.5
     # A pale nucleus fully enclosed by a membranous target ring (smoothed target OD >= this) is a nucleus too:
     # the hole of the ring is added to the nucleus mask. 0 turns it off.
     ring_threshold_od: float = 0.2
+    # Number of thresholds tried, doubling from nucleus_threshold_od: objects too long at one level (packed
+    # epidermal nuclei merged into a network) are looked for again at the next, where they separate.
+    threshold_levels: int = 3
     # Nuclei smaller than this (after splitting) are discarded as debris or noise.
     min_nucleus_area_um2: float = 10.0
     # Nuclei larger than this (after hole filling) are discarded as clumps or stained stroma.
@@ -105,12 +113,12 @@ class CellParams:
     # Detect brown pigment that is not DAB (melanin) and flag the cells whose compartment is mostly pigment.
     exclude_pigment: bool = True
     # A pixel is pigment where its counterstain + target OD reaches this (pigment is dark)...
-    pigment_min_od: float = 0.5
+    pigment_min_od: float = 0.4
     # ... and its |residual OD| is at least this fraction of counterstain + target OD (its hue is neither
     # hematoxylin's nor DAB's, so deconvolution leaves a residual).
-    pigment_residual_ratio: float = 0.08
+    pigment_residual_ratio: float = 0.05
     # A cell is flagged pigment when at least this fraction of its deciding compartment is pigment.
-    pigment_min_fraction: float = 0.5
+    pigment_min_fraction: float = 0.3
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -127,7 +135,13 @@ class CellParams:
         need(0.0 <= self.smoothing_sigma_um <= 10.0, "smoothing_sigma_um", "between 0 and 10 µm")
         need(0.0 <= self.background_radius_um <= 50.0, "background_radius_um", "between 0 (off) and 50 µm")
         need(0.0 < self.nucleus_threshold_od <= 5.0, "nucleus_threshold_od", "in (0, 5] OD")
-        need(0.0 <= self.nucleus_target_weight <= 2.0, "nucleus_target_weight", "between 0 and 2")
+        need(-1.0 <= self.nucleus_target_weight <= 2.0, "nucleus_target_weight", "between -1 and 2")
+        need(
+            isinstance(self.threshold_levels, int) and 1 <= self.threshold_levels <= 6,
+            "threshold_levels",
+            "an integer from 1 to 6",
+        )
+        need(0.0 <= self.nucleus_edge_fraction < 1.0, "nucleus_edge_fraction", "in [0, 1)")
         need(0.0 <= self.ring_threshold_od <= 5.0, "ring_threshold_od", "between 0 (off) and 5 OD")
         need(0.0 < self.min_nucleus_area_um2, "min_nucleus_area_um2", "> 0 µm²")
         need(
@@ -329,25 +343,51 @@ def _check_thresholds(positive_od: float, bins_od: tuple[float, ...]) -> np.ndar
 def _nucleus_mask(
     det: np.ndarray, ring_holes: np.ndarray | None, params: CellParams, mpp_um: float
 ) -> np.ndarray:
-    """Threshold, discard long components, fill holes, keep areas in range: a mask of nucleus clumps."""
-    mask = det >= np.float32(params.nucleus_threshold_od)
-    if ring_holes is not None:
-        mask |= ring_holes
+    """Nucleus clumps: a cascade of thresholds, long objects discarded, edges at half maximum, holes filled.
+
+    Level ``k`` thresholds the detection image at ``nucleus_threshold_od * 2**k``. A component is accepted at the
+    first level where it is at most ``max_nucleus_length_um`` wide and tall and at most ``max_nucleus_area_um2``;
+    a component inside one accepted at a lower level is skipped. Packed nuclei (epidermis) that merge into a long
+    network at the base threshold thus separate at a higher one, and every accepted object is small, so whether it
+    is accepted depends only on pixels near it (a component cut by the array border lies within the length
+    bound of that border, outside the tile's core).
+    """
     eight = np.ones((3, 3), dtype=bool)
-    lab, n = ndimage.label(mask, structure=eight)
-    if n == 0:
-        return mask
     px_area_um2 = mpp_um * mpp_um
     max_len_px = params.max_nucleus_length_um / mpp_um
     max_area_px = params.max_nucleus_area_um2 / px_area_um2
-    area = np.bincount(lab.ravel(), minlength=n + 1)
-    boxes = np.zeros((n + 1, 2), dtype=np.int64)
-    bbox_size_kernel(lab, n, boxes)
-    keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px) & (area <= max_area_px)
-    keep[0] = False
-    # Holes are filled only after long components are gone: a hole then lies inside one small object's box,
-    # so whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
-    mask = _fill_holes(keep[lab])
+    accepted = np.zeros(det.shape, dtype=bool)
+    result = np.zeros(det.shape, dtype=bool)
+    for level in range(params.threshold_levels):
+        mask = det >= np.float32(params.nucleus_threshold_od * 2.0**level)
+        if level == 0 and ring_holes is not None:
+            mask |= ring_holes
+        if level > 0:
+            mask &= ~accepted  # components inside an accepted one vanish whole (thresholds are nested)
+        lab, n = ndimage.label(mask, structure=eight)
+        if n == 0:
+            break
+        area = np.bincount(lab.ravel(), minlength=n + 1)
+        boxes = np.zeros((n + 1, 2), dtype=np.int64)
+        bbox_size_kernel(lab, n, boxes)
+        keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px) & (area <= max_area_px)
+        keep[0] = False
+        if not keep.any():
+            continue
+        region = keep[lab]
+        accepted |= region
+        if params.nucleus_edge_fraction > 0:
+            # Half-maximum edge: a blurred nucleus is wider at the threshold than it is; cutting each object at a
+            # fraction of its own peak puts the edge back where it was (the 50% point of a blurred step) and
+            # keeps the membrane ring out of the nucleus. The peak is the object's own: local, not per tile.
+            peak = np.full(n + 1, -np.inf, dtype=np.float32)
+            label_max_kernel(lab, det, peak)
+            edge = det >= np.float32(params.nucleus_edge_fraction) * peak[lab]
+            region &= edge if ring_holes is None or level > 0 else edge | ring_holes
+        result |= region
+    # Holes are filled only among accepted (small) objects: a hole then lies inside one small object's box, so
+    # whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
+    mask = _fill_holes(result)
     lab, n = ndimage.label(mask, structure=eight)
     area = np.bincount(lab.ravel(), minlength=n + 1)
     keep = (area >= params.min_nucleus_area_um2 / px_area_um2) & (area <= max_area_px)
