@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 from skimage.filters import threshold_otsu
-from skimage.morphology import disk, medial_axis
+from skimage.morphology import disk
 
 from cleihc.errors import RegionsError
 from cleihc.geometry import feature_collection, mask_to_polygons, polygonal, rasterize, to_feature
@@ -588,8 +588,8 @@ class CompartmentParams:
     min_epidermis_um2 : float
         Smallest epidermis piece kept (µm²).
     max_epidermis_thickness_um : float
-        Largest typical (median) thickness of an epidermis piece; thicker dense masses are infiltrates or
-        tumour, not epidermis.
+        Largest typical thickness of an epidermis piece (twice the median distance of its pixels to the air);
+        thicker dense masses are infiltrates or tumour, not epidermis.
     max_surface_gap_um : float
         The epidermis must come within this distance of the tissue surface (room for a stratum corneum).
     max_corneum_um : float
@@ -607,7 +607,9 @@ class CompartmentParams:
     threshold_band_um: float = 200.0  # the automatic threshold looks at tissue this close to the air, µm
     min_contrast: float = 1.7  # epidermis density / median density of the other tissue, at least
     min_epidermis_um2: float = 20000.0  # smallest epidermis piece, µm²
-    max_epidermis_thickness_um: float = 400.0  # largest median thickness of an epidermis piece, µm
+    max_epidermis_thickness_um: float = (
+        400.0  # largest thickness of an epidermis piece (2 x median depth), µm
+    )
     max_surface_gap_um: float = 60.0  # the epidermis lies within this distance of the tissue surface, µm
     max_corneum_um: float = 60.0  # thin tissue above the epidermis counted as stratum corneum, µm
 
@@ -722,7 +724,7 @@ def skin_compartments(
     2. Dense tissue: density above ``threshold_od`` or, by default, Otsu's threshold (Otsu 1979) of the
        densities within ``threshold_band_um`` of the air; then an opening of radius ``opening_um``.
     3. Epidermis: dense pieces of at least ``min_epidermis_um2`` that reach within ``max_surface_gap_um`` of the
-       air, whose median thickness (twice the medial-axis distance) is at most ``max_epidermis_thickness_um``,
+       air, whose thickness (twice the median distance to the air) is at most ``max_epidermis_thickness_um``,
        and that are at least ``min_contrast`` times denser than the rest of the tissue; small holes are filled
        and thin tissue between them and the air (stratum corneum) is added.
     4. Depth below the DEJ: Euclidean distance to the epidermis (µm, ``scipy.ndimage.distance_transform_edt``
@@ -813,13 +815,12 @@ def _find_epidermis(
     keep[0] = False
     if not keep[1:].any():
         return none, "no epidermis found (no dense layer of the minimum size at the tissue surface)"
-    # Median thickness of each candidate piece along its medial axis.
-    cand = keep[labels]
-    skel, dist = medial_axis(cand, return_distance=True)
-    for k in np.flatnonzero(keep):
-        on = skel & (labels == k)
-        thick_um = 2.0 * float(np.median(dist[on])) * mpp_um if on.any() else 0.0
-        if thick_um > p.max_epidermis_thickness_um:
+    # Typical thickness of a piece: twice the median distance of its pixels to the air. A layer of thickness T
+    # along the surface gives ~T; a dense mass reaching deep into the dermis gives its depth.
+    ids = np.flatnonzero(keep)
+    median_to_air = ndi.median(to_air, labels, index=ids)
+    for k, m in zip(ids.tolist(), np.atleast_1d(median_to_air).tolist(), strict=True):
+        if 2.0 * m > p.max_epidermis_thickness_um:
             keep[k] = False
     epi = keep[labels]
     if not epi.any():
