@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 _SIDECAR_SUFFIXES = (".json", ".geojson", ".xml", ".csv", ".md", ".txt", ".toml", ".parquet", ".npz", ".log")
 
 
+#: Extensions of slides and images: such a file that cannot be read is a failure, not something to pass over.
+_SLIDE_SUFFIXES = frozenset(
+    ".svs .tif .tiff .ndpi .vms .vmu .mrxs .scn .bif .svslide .dcm .png .jpg .jpeg .btf .qptiff".split()
+)
+
+
 @dataclass(frozen=True)
 class Event:
     """Something a progress display may show: ``kind`` in slide_start, tile, slide_done."""
@@ -117,6 +123,12 @@ def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcom
                     ):
                         if is_slide(f):
                             slides[f] = None
+                        elif f.suffix.lower() in _SLIDE_SUFFIXES:
+                            # Named like a slide but unreadable: the user expects it measured, so say why not.
+                            fail(
+                                str(f),
+                                "not a slide or image that cleihc reads (check the file; `cleihc info` tells more)",
+                            )
             elif p.is_file():
                 if is_slide(p):
                     slides[p] = None
@@ -267,6 +279,8 @@ def run_batch(
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.rglob(".*.partial"):  # left by a run that was killed mid-write; never a finished output
+        stale.unlink(missing_ok=True)
     emit = on_event or (lambda e: None)
     metadata = metadata or StudyMetadata()
     slides, failures = discover_slides(inputs)

@@ -93,7 +93,7 @@ class DaskRunner(AbstractContextManager):
                 n_workers=n,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # never clash with a dashboard already on 8787
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self._cluster)

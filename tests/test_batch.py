@@ -1,0 +1,266 @@
+"""Study runs: failures isolated, resume after kill -9, Dask (local and remote) equal to serial, tidy tables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cleihc.cli import main
+from cleihc.synthetic import render_skin, write_svs
+from cleihc.tables import metric_unit, tidy
+
+CLEIHC = [sys.executable, "-m", "cleihc.cli"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """Three good CD3 slides, one truncated, one without MPP, one file that is not a slide."""
+    d = tmp_path_factory.mktemp("study")
+    for i, name in enumerate(["S01_pre_cd3", "S01_post_cd3", "S02_pre_cd3"]):
+        syn = render_skin(
+            stain="cd3", width_px=900, height_px=700, mpp_um=0.5, seed=20 + i, jpeg_quality=None
+        )
+        write_svs(d / f"{name}.svs", syn.rgb, mpp_um=0.5)
+    data = (d / "S01_pre_cd3.svs").read_bytes()
+    (d / "S03_pre_cd3.svs").write_bytes(data[: len(data) // 2])
+    Image.fromarray(syn.rgb).save(d / "S04_pre_cd3.png")
+    (d / "notes.svs").write_text("not a slide")
+    return d
+
+
+def _good(study: Path) -> list[str]:
+    return [str(study / f"{n}.svs") for n in ("S01_pre_cd3", "S01_post_cd3", "S02_pre_cd3")]
+
+
+def _table(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "regions.csv")
+
+
+@pytest.fixture(scope="module")
+def serial_run(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial")
+    status = main(["quantify", str(study), "--stain", "cd3", "--out", str(out), "--quiet"])
+    return status, out
+
+
+def test_bad_slides_do_not_stop_the_batch(serial_run):
+    status, out = serial_run
+    assert status == 1
+    table = _table(out)
+    assert sorted(table["slide"].unique()) == ["S01_post_cd3", "S01_pre_cd3", "S02_pre_cd3"]
+    failures = pd.read_csv(out / "failures.csv")
+    reasons = dict(zip(failures["slide"], failures["reason"], strict=True))
+    assert set(reasons) == {"S03_pre_cd3", "S04_pre_cd3", "notes"}
+    assert "truncated" in reasons["S03_pre_cd3"]
+    assert "--mpp" in reasons["S04_pre_cd3"]
+    assert all("\n" not in r for r in reasons.values())
+    run = __import__("json").loads((out / "run.json").read_text())
+    assert {f["slide"] for f in run["failures"]} == set(reasons)
+    assert {i["slide"] for i in run["inputs"]} >= {"S01_pre_cd3", "S01_post_cd3", "S02_pre_cd3"}
+
+
+def test_second_run_skips_and_force_recomputes(study, serial_run, capsys):
+    _, out = serial_run
+    before = _table(out)
+    assert main(["quantify", *_good(study), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(before, _table(out))
+    assert main(["quantify", _good(study)[0], "--stain", "cd3", "--out", str(out), "--quiet", "--force"]) == 0
+    assert "1 done, 0 skipped" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(before, _table(out))
+
+
+def test_kill_9_then_rerun_gives_the_same_tables(study, serial_run, tmp_path):
+    _, ref = serial_run
+    out = tmp_path / "killed"
+    args = [*CLEIHC, "quantify", *_good(study), "--stain", "cd3", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((out / "slides").glob("*.json")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "slides").glob("*.json")))
+    assert done_before < 3, "the run finished before it could be killed"
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert not list(out.rglob("*.partial"))
+    pd.testing.assert_frame_equal(_table(ref).drop(columns="path"), _table(out).drop(columns="path"))
+
+
+def test_two_jobs_equal_serial(study, serial_run, tmp_path):
+    _, ref = serial_run
+    out = tmp_path / "jobs2"
+    assert (
+        main(["quantify", *_good(study), "--stain", "cd3", "--out", str(out), "--jobs", "2", "--quiet"]) == 0
+    )
+    pd.testing.assert_frame_equal(_table(ref), _table(out))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_remote_dask_scheduler_equals_serial(study, serial_run, tmp_path):
+    _, ref = serial_run
+    port = _free_port()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    sched = subprocess.Popen(
+        [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    worker = subprocess.Popen(
+        [
+            str(bindir / "dask"),
+            "worker",
+            f"tcp://127.0.0.1:{port}",
+            "--nworkers",
+            "1",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        out = tmp_path / "remote"
+        status = main(
+            [
+                "quantify",
+                *_good(study),
+                "--stain",
+                "cd3",
+                "--out",
+                str(out),
+                "--quiet",
+                "--scheduler",
+                f"tcp://127.0.0.1:{port}",
+            ]
+        )
+        assert status == 0
+        pd.testing.assert_frame_equal(_table(ref), _table(out))
+    finally:
+        for p in (worker, sched):
+            p.terminate()
+        for p in (worker, sched):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_metadata_and_tidy_table(study, tmp_path):
+    out = tmp_path / "meta"
+    samples = tmp_path / "samples.csv"
+    samples.write_text("slide,subject,timepoint,group\nS01_pre_cd3,S01,pre,A\nS01_post_cd3,S01,post,A\n")
+    good = _good(study)[:2]
+    assert (
+        main(["quantify", *good, "--stain", "cd3", "--out", str(out), "--samples", str(samples), "--quiet"])
+        == 0
+    )
+    table = _table(out)
+    assert list(table.columns[:3]) == ["subject", "timepoint", "group"]
+    study_csv = tmp_path / "study.csv"
+    assert main(["tables", str(out), "--out", str(study_csv)]) == 0
+    long = pd.read_csv(study_csv)
+    assert list(long.columns) == [
+        "subject",
+        "timepoint",
+        "group",
+        "slide",
+        "stain",
+        "region",
+        "metric",
+        "value",
+        "unit",
+    ]
+    # every wide value appears once in the long table, with its unit
+    wide = table.set_index(["slide", "region"])
+    row = long[
+        (long.slide == "S01_pre_cd3") & (long.region == "tissue") & (long.metric == "positive_cells_per_mm2")
+    ]
+    assert len(row) == 1
+    assert row["value"].iloc[0] == pytest.approx(
+        wide.loc[("S01_pre_cd3", "tissue"), "positive_cells_per_mm2"]
+    )
+    assert row["unit"].iloc[0] == "1/mm2"
+    assert set(long["subject"]) == {"S01"} and set(long["timepoint"]) == {"pre", "post"}
+    assert len(long) == len(tidy([out]))
+
+
+def test_name_pattern_metadata(study, tmp_path):
+    out = tmp_path / "pattern"
+    good = _good(study)[2:]
+    args = [
+        "quantify",
+        *good,
+        "--stain",
+        "cd3",
+        "--out",
+        str(out),
+        "--quiet",
+        "--name-pattern",
+        "{subject}_{timepoint}_{marker}",
+    ]
+    assert main(args) == 0
+    table = _table(out)
+    assert (
+        (table["subject"] == "S02").all()
+        and (table["timepoint"] == "pre").all()
+        and (table["marker"] == "cd3").all()
+    )
+
+
+@pytest.mark.parametrize(
+    ("metric", "unit"),
+    [
+        ("region_area_mm2", "mm2"),
+        ("positive_cells_per_mm2", "1/mm2"),
+        ("positive_area_percent", "%"),
+        ("positive_mean_od", "OD"),
+        ("h_score", "score 0-300"),
+        ("cells_total", "cells"),
+    ],
+)
+def test_units_from_names(metric, unit):
+    assert metric_unit(metric) == unit
+
+
+def test_usage_errors_exit_2(study, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["quantify", str(study)])  # no --stain / --protocol
+    assert e.value.code == 2
+    assert main(["quantify", str(study), "--stain", "no-such-stain", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantify", str(study), "--stain", "cd3", "--mpp", "-1"]) == 2
+
+
+def test_partial_files_of_a_killed_run_are_cleaned(study, tmp_path):
+    out = tmp_path / "stale"
+    (out / "cells").mkdir(parents=True)
+    stale = out / "cells" / ".S01_pre_cd3.parquet.abc.partial"
+    stale.write_bytes(b"half")
+    assert main(["quantify", _good(study)[0], "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    assert not stale.exists()
+    assert np.isfinite(_table(out)["region_area_mm2"]).all()
+    shutil.rmtree(out)
