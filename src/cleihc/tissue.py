@@ -156,7 +156,7 @@ def _frozen_bool(mask: Any) -> NDArray[np.bool_]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays inside: compare masks explicitly, not with ==
 class TissueMask:
     """Where the tissue is, on a low-resolution grid aligned to level 0.
 
@@ -363,22 +363,49 @@ def _glass_rgb(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
     """The glass colour of a low-resolution image, or white when it shows no glass."""
     from cleihc.stains import estimate_background
 
-    min_pixels = max(10, rgb.shape[0] * rgb.shape[1] // 1000)
+    # A regular subsample of about a million pixels estimates the glass colour as well as the whole image.
+    step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))
+    sample = rgb[::step, ::step]
+    min_pixels = max(10, sample.shape[0] * sample.shape[1] // 1000)
     return np.asarray(
-        estimate_background(rgb, min_pixels=min_pixels, fallback=(255.0, 255.0, 255.0)), dtype=np.float64
+        estimate_background(sample, min_pixels=min_pixels, fallback=(255.0, 255.0, 255.0)), dtype=np.float64
     )
 
 
-def _hue_deg(n: NDArray[np.float64]) -> NDArray[np.float64]:
-    """HSV hue in degrees of RGB in [0, 1] (0 for greys)."""
-    r, g, b = n[..., 0], n[..., 1], n[..., 2]
-    mx, mn = n.max(-1), n.min(-1)
-    c = mx - mn
-    safe = np.where(c > 0, c, 1.0)
-    hue = np.where(
-        mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    )
-    return np.where(c > 0, hue * 60.0, 0.0)
+@dataclass(frozen=True, eq=False)
+class _Colour:
+    """Per-pixel colour features relative to the glass, as float32 planes."""
+
+    r: NDArray[np.float32]  # transmission I / I0 per channel, in [1/255, 1]
+    g: NDArray[np.float32]
+    b: NDArray[np.float32]
+    od: NDArray[np.float32]  # summed optical density
+    mx: NDArray[np.float32]  # brightest channel's transmission
+    sat: NDArray[np.float32]  # HSV saturation, 1 - min / max
+
+    def hue_deg(self, where: NDArray[np.bool_]) -> NDArray[np.float32]:
+        """HSV hue in degrees of the pixels selected by `where`, as a flat array (0 for greys)."""
+        r, g, b, mx = self.r[where], self.g[where], self.b[where], self.mx[where]
+        c = mx * self.sat[where]  # max - min
+        safe = np.where(c > 0, c, np.float32(1.0))
+        hue = np.where(
+            mx == r, ((g - b) / safe) % 6.0, np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+        )
+        return np.where(c > 0, hue * np.float32(60.0), np.float32(0.0)).astype(np.float32)
+
+
+def _colour(image: NDArray[np.uint8], bg: NDArray[np.float64]) -> _Colour:
+    """Transmission, optical density and saturation through 256-entry tables per channel (fast, exact)."""
+    levels = np.arange(256, dtype=np.float64)
+    # Clipped so that pixels brighter than glass are glass and black has a finite OD.
+    n_lut = np.clip(levels[None, :] / bg[:, None], 1.0 / 255.0, 1.0)
+    od_lut = (-np.log10(n_lut)).astype(np.float32)
+    n_lut = n_lut.astype(np.float32)
+    r, g, b = (n_lut[c][image[..., c]] for c in range(3))
+    od = od_lut[0][image[..., 0]] + od_lut[1][image[..., 1]] + od_lut[2][image[..., 2]]
+    mx = np.maximum(np.maximum(r, g), b)
+    mn = np.minimum(np.minimum(r, g), b)
+    return _Colour(r=r, g=g, b=b, od=od, mx=mx, sat=np.float32(1.0) - mn / mx)
 
 
 def detect_tissue(
@@ -435,12 +462,8 @@ def detect_tissue(
     bg = _glass_rgb(image) if background_rgb is None else np.asarray(background_rgb, dtype=np.float64)
     if bg.shape != (3,) or not np.all((bg > 0) & (bg <= 255)):
         raise ValueError(f"background_rgb must be three values in (0, 255], got {background_rgb!r}")
-    # Relative transmission, clipped so that pixels brighter than glass are glass and 0 has a finite OD.
-    n = np.clip(image.astype(np.float64) / bg, 1.0 / 255.0, 1.0)
-    od_rgb = -np.log10(n)
-    od = od_rgb.sum(-1)
-    mx = n.max(-1)
-    sat = 1.0 - n.min(-1) / mx
+    col = _colour(image, bg)
+    od, sat = col.od, col.sat
 
     radius = round(p.smooth_um / mpp_um)
     if radius > 0:
@@ -450,7 +473,7 @@ def detect_tissue(
     else:
         od_s, sat_s = od, sat
 
-    artefact = _artefacts(n, od, sat, mpp_um=mpp_um, params=p)
+    artefact = _artefacts(col, mpp_um=mpp_um, params=p)
 
     valid = ~artefact
     if p.method == "fixed":
@@ -495,32 +518,28 @@ def _auto_threshold(values: NDArray[np.float64], p: TissueParams) -> float:
     hi = max(float(np.percentile(values, 99.5)), 2 * p.max_threshold_od)
     v = np.minimum(values, hi)
     t = threshold_otsu(v, nbins=256) if p.method == "otsu" else threshold_triangle(v, nbins=256)
-    return float(np.clip(t, p.min_threshold_od, p.max_threshold_od))
+    return min(max(float(t), p.min_threshold_od), p.max_threshold_od)
 
 
-def _artefacts(
-    n: NDArray[np.float64],
-    od: NDArray[np.float64],
-    sat: NDArray[np.float64],
-    *,
-    mpp_um: float,
-    params: TissueParams,
-) -> NDArray[np.bool_]:
+def _artefacts(col: _Colour, *, mpp_um: float, params: TissueParams) -> NDArray[np.bool_]:
     """Pixels of pen ink and of near-black border regions, widened by the margin."""
     p = params
+    od, sat = col.od, col.sat
     out = np.zeros(od.shape, dtype=bool)
     if not (p.reject_pen or p.reject_black):
         return out
     min_px = max(1, _area_px(p.min_artefact_um2, mpp_um))
-    black = n.max(-1) < p.black_max_intensity
+    black = col.mx < p.black_max_intensity
     black_border = _touching_border(black) if p.reject_black else np.zeros_like(black)
     if p.reject_black:
         out |= _remove_small(black_border, min_px)
     if p.reject_pen:
-        hue = _hue_deg(n)
-        green = (hue >= _GREEN_INK_HUE_DEG[0]) & (hue < _GREEN_INK_HUE_DEG[1]) & (od >= p.min_threshold_od)
-        blue = (hue >= _BLUE_INK_HUE_DEG[0]) & (hue < _BLUE_INK_HUE_DEG[1]) & (od >= p.pen_min_od)
-        ink = (green | blue) & (sat >= p.pen_min_saturation)
+        candidate = (sat >= p.pen_min_saturation) & (od >= p.min_threshold_od)  # hue only where it matters
+        hue, od_c = col.hue_deg(candidate), od[candidate]
+        green = (hue >= _GREEN_INK_HUE_DEG[0]) & (hue < _GREEN_INK_HUE_DEG[1])
+        blue = (hue >= _BLUE_INK_HUE_DEG[0]) & (hue < _BLUE_INK_HUE_DEG[1]) & (od_c >= p.pen_min_od)
+        ink = np.zeros(od.shape, dtype=bool)
+        ink[candidate] = green | blue
         ink |= black & ~black_border
         out |= _remove_small(ink, min_px)
     radius = round(p.artefact_margin_um / mpp_um)
