@@ -236,3 +236,13 @@ def test_synthetic_dermis_without_epidermis_is_recognised(rendered, stain):
 
 def test_compartments_type_is_exported():
     assert Compartments.__dataclass_params__.frozen  # type: ignore[attr-defined]
+
+
+def test_air_margin_does_not_change_the_result():
+    od, tissue, _ = _dotted_block(seed=2)
+    c = skin_compartments(od, tissue, mpp_um=MPP, downsample=8.0)
+    pad = ((37, 11), (5, 60))
+    big = skin_compartments(np.pad(od, pad), np.pad(tissue, pad), mpp_um=MPP, downsample=8.0)
+    for name in COMPARTMENT_NAMES:
+        np.testing.assert_array_equal(big.masks[name][37:-11, 5:-60], c.masks[name])
+        assert big.masks[name].sum() == c.masks[name].sum()

@@ -732,40 +732,47 @@ def skin_compartments(
        of dermis pixels whose centre lies a to b µm from the junction.
     """
     p = params if params is not None else CompartmentParams()
-    od = np.asarray(counterstain_od, dtype=np.float64)
+    od_in = np.asarray(counterstain_od)
     tissue = np.asarray(tissue_mask).astype(bool)
-    if od.ndim != 2 or tissue.shape != od.shape:
+    if od_in.ndim != 2 or tissue.shape != od_in.shape:
         raise ValueError(
-            f"counterstain_od {od.shape} and tissue_mask {tissue.shape} must be the same 2-D shape"
+            f"counterstain_od {od_in.shape} and tissue_mask {tissue.shape} must be the same 2-D shape"
         )
     if not mpp_um > 0 or not downsample > 0:
         raise ValueError("mpp_um and downsample must be > 0")
     warnings: list[str] = []
-    epidermis = np.zeros_like(tissue)
+    masks = {name: np.zeros_like(tissue) for name in COMPARTMENT_NAMES}
+    depth = np.full(tissue.shape, np.nan, dtype=np.float32)
     if not p.enabled:
         warnings.append("automatic compartments are disabled in the protocol")
     elif tissue.sum() < 4:
         warnings.append("no tissue: no compartments")
     else:
-        epidermis, why = _find_epidermis(
-            np.nan_to_num(od, nan=0.0, posinf=0.0, neginf=0.0), tissue, mpp_um, p
+        # Work on the tissue's bounding box (+2 px of air): outside the tissue every term is zero, so the result
+        # is identical and a slide-sized map costs only its tissue.
+        rows, cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
+        win = (
+            slice(max(rows[0] - 2, 0), rows[-1] + 3),
+            slice(max(cols[0] - 2, 0), cols[-1] + 3),
         )
+        t = tissue[win]
+        od = np.nan_to_num(od_in[win].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        epi, why = _find_epidermis(od, t, mpp_um, p)
         if why:
             warnings.append(why)
-    dermis = tissue & ~epidermis
-    masks = {"epidermis": epidermis, "dermis": dermis}
-    depth = np.full(tissue.shape, np.nan, dtype=np.float32)
-    if epidermis.any():
-        d = ndi.distance_transform_edt(~epidermis, sampling=mpp_um) - 0.5 * mpp_um
-        depth[dermis] = d[dermis]
-        masks["papillary_dermis"] = dermis & (d < p.papillary_um)
-        masks["superficial_dermis"] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
-        masks["deep_dermis"] = dermis & (d >= p.superficial_um)
-    else:
-        if p.enabled and tissue.any():
+        masks["epidermis"][win] = epi
+        dermis = t & ~epi
+        masks["dermis"][win] = dermis
+        if epi.any():
+            d = ndi.distance_transform_edt(~epi, sampling=mpp_um) - 0.5 * mpp_um
+            depth[win][dermis] = d[dermis]
+            masks["papillary_dermis"][win] = dermis & (d < p.papillary_um)
+            masks["superficial_dermis"][win] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
+            masks["deep_dermis"][win] = dermis & (d >= p.superficial_um)
+        else:
             warnings.append("depth bands undefined without an epidermis")
-        for name in ("papillary_dermis", "superficial_dermis", "deep_dermis"):
-            masks[name] = np.zeros_like(tissue)
+    if not p.enabled or tissue.sum() < 4:
+        masks["dermis"] = tissue.copy()
     for w in warnings:
         log.warning("skin compartments: %s", w)
     return Compartments(
@@ -784,9 +791,9 @@ def _find_epidermis(
     """The epidermis mask, or an empty mask and the reason none was found."""
     none = np.zeros_like(tissue)
     sigma_px = p.nuclear_sigma_um / mpp_um
-    t = tissue.astype(np.float64)
+    t = tissue.astype(np.float32)
     weight = ndi.gaussian_filter(t, sigma_px, mode="constant")
-    density = ndi.gaussian_filter(od * t, sigma_px, mode="constant") / np.maximum(weight, 1e-6)
+    density = ndi.gaussian_filter(od * t, sigma_px, mode="constant") / np.maximum(weight, np.float32(1e-6))
     # Distance of tissue pixels to the air (outside the tissue), µm.
     to_air = ndi.distance_transform_edt(np.pad(tissue, 1), sampling=mpp_um)[1:-1, 1:-1]
     if p.threshold_od > 0:
