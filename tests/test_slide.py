@@ -718,3 +718,20 @@ def test_synthetic_module_writers_are_read_exactly(tmp_path):
             ours = a.read_level_rect(level, (0, 0), (w, h))
             np.testing.assert_array_equal(ours, openslide_rgb(svs, (0, 0), level, (w, h)))
             np.testing.assert_array_equal(ours, b.read_level_rect(level, (0, 0), (w, h)))
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".png", ".planar.tif"])
+def test_reads_return_fresh_writeable_arrays(tmp_path, suffix):
+    img = texture(64, 64, seed=14)
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".png":
+        Image.fromarray(img).save(path)
+    elif suffix == ".tif":
+        tifffile.imwrite(path, img, photometric="rgb", tile=(32, 32))
+    else:
+        tifffile.imwrite(path, np.moveaxis(img, -1, 0), photometric="rgb", planarconfig="separate")
+    with open_slide(path) as s:
+        for out in (s.read_region((0, 0), (64, 64)), s.read_region((10, 10), (64, 64))):
+            assert out.flags.writeable and out.flags.c_contiguous and out.dtype == np.uint8
+            out[:] = 0
+        np.testing.assert_array_equal(s.read_region((0, 0), (64, 64)), img)

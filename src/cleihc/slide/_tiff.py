@@ -447,7 +447,7 @@ class TiffBackend(Backend):
             if self._layout == "interleaved":
                 data = np.asarray(arr[y : y + h, x : x + w, :])
             else:
-                data = np.moveaxis(np.asarray(arr[:, y : y + h, x : x + w]), 0, -1)
+                data = np.ascontiguousarray(np.moveaxis(np.asarray(arr[:, y : y + h, x : x + w]), 0, -1))
         except Exception as exc:  # imagecodecs/zlib/tifffile decode errors of many types
             raise corrupt(self.path, exc) from exc
         return composite_on_white(data)
