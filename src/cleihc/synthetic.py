@@ -26,6 +26,7 @@ samples the scene at its centre ``(c + 0.5, r + 0.5)``; cell positions and regio
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -169,7 +170,7 @@ class SkinParams:
     """
 
     activity: float = 1.0
-    threshold_od: float = 0.15
+    threshold_od: float = 0.2
     min_positive_od: float = 0.35
     max_positive_od: float = 0.75
     background_target_od: float = 0.03
@@ -190,7 +191,7 @@ class SkinParams:
     fibroblasts_per_mm2: float = 450.0
     vessels_per_mm2: float = 30.0
     positive_fraction: float | None = None
-    cxcl10_cover: float = 0.22
+    cxcl10_cover: float = 0.15
     mucin_cover: float = 0.2
     melanin: float = 0.0
     blur_sigma_px: float = 0.7
@@ -320,6 +321,18 @@ def _fbm_2d(
         amp *= 0.5
     total *= np.float32(1.0 / norm)
     return total
+
+
+@functools.cache
+def _fbm_reference(octaves: int) -> np.ndarray:
+    """Sorted sample of the fBm distribution (stationary, so one fixed sample serves every seed and place)."""
+    xs = np.arange(1024, dtype=np.float64)
+    return np.sort(_fbm_2d(12345, 99, xs, xs, 16.0, 16.0, octaves).ravel())
+
+
+def _fbm_quantile(q: float, octaves: int) -> float:
+    ref = _fbm_reference(octaves)
+    return float(ref[min(len(ref) - 1, max(0, round(q * (len(ref) - 1))))])
 
 
 def _fbm_1d(seed: int, stream: int, t: np.ndarray, scale: float, octaves: int = 3) -> np.ndarray:
@@ -849,12 +862,13 @@ class _Scene:
         if pat == "diffuse":
             # CXCL10-like: cytoplasmic/extracellular patches, favoured around vessels, in the superficial dermis and
             # in the epidermis.
-            g = _fbm_2d(s, 40, xu, yu, 70.0, 50.0, 3)
+            g = _fbm_2d(s, 40, xu, yu, 45.0, 35.0, 3)
             bias = np.where(
                 epi & ~sc, 0.12, np.where(derm, 0.18 * np.exp(-np.maximum(depth, 0) / 180.0), -1.0)
             )
             bias = bias + self._vessel_proximity(vess, xs_px, ys_px, 30.0) * 0.3
-            cut = 0.5 + 0.35 * (1.0 - min(act, 1.5) * p.cxcl10_cover / 0.22 * 0.5)
+            # cut at the noise's quantile for the wanted cover, raised by the mean bias so the cover stays near it
+            cut = _fbm_quantile(1.0 - float(np.clip(act * p.cxcl10_cover, 1e-3, 0.9)), 3) + 0.12
             patch = tissue & ~sc & (g + bias > cut)
             grain = _fbm_2d(s, 41, xu, yu, 3.0, 3.0, 2)
             val = p.min_positive_od + (p.max_positive_od - p.min_positive_od) * (
@@ -864,10 +878,11 @@ class _Scene:
         elif pat == "mucin":
             # Interstitial mucin: between collagen bundles (low collagen), in patches of the reticular dermis.
             g = _fbm_2d(s, 50, xu, yu, 90.0, 60.0, 3)
-            cut = 0.5 + 0.3 * (1.0 - min(act, 1.5) * p.mucin_cover / 0.2 * 0.5)
-            deeper = np.clip((depth - 40.0) / 120.0, 0.0, 1.0)
+            # patches cover about 2.5x the wanted area; within them only the wisps between bundles stain
+            cut = _fbm_quantile(1.0 - float(np.clip(2.5 * act * p.mucin_cover, 1e-3, 0.95)), 3)
+            sparse_top = np.clip((depth - 20.0) / 60.0, 0.0, 1.0)  # little mucin right under the DEJ
             wisps = _fbm_2d(s, 51, xu, yu, 25.0, 5.0, 2)
-            deposit = derm & (g * (0.7 + 0.3 * deeper) > cut - 0.25) & (collagen < 0.45) & (wisps > 0.42)
+            deposit = derm & (g + 0.08 * (1.0 - sparse_top) > cut) & (collagen < 0.45) & (wisps > 0.42)
             val = p.min_positive_od + (p.max_positive_od - p.min_positive_od) * _fbm_2d(
                 s, 52, xu, yu, 8.0, 3.0, 2
             )
@@ -890,8 +905,7 @@ class _Scene:
             sub = counter[cy0:cy1, cx0:cx1]
             sub[wall] = 0.24
             sub[lumen] = 0.015
-            if pat == "mucin":
-                target[cy0:cy1, cx0:cx1][lumen] = 0.0
+            target[cy0:cy1, cx0:cx1][lumen] = 0.0
 
         # Cells.
         pigment = np.zeros((h, w), np.float32)
@@ -1051,35 +1065,29 @@ def _region_masks(scene: _Scene, tissue: np.ndarray, epi: np.ndarray) -> dict[st
     }
 
 
-def _mask_to_geometry(mask: np.ndarray) -> dict[str, Any] | None:
-    """GeoJSON geometry (level-0 px, pixel (r, c) covers [c, c+1) x [r, r+1)) of a boolean mask's outline."""
-    import shapely
-    from shapely.geometry import Polygon, mapping
-    from skimage.measure import find_contours
+def _region_feature(name: str, mask: np.ndarray) -> dict[str, Any] | None:
+    """QuPath-style GeoJSON annotation of a mask's exact pixel-edge outline (level-0 px), or None when empty."""
+    from shapely.geometry import mapping
+
+    from cleihc.geometry import mask_to_polygons, to_feature
 
     if not mask.any():
         return None
-    padded = np.pad(mask, 1).astype(np.float32)
-    geom = None
-    polys = []
-    for c in find_contours(padded, 0.5):
-        if len(c) < 4:
-            continue
-        # (row, col) of padded index space -> (x, y) with pixel centres at +0.5
-        poly = Polygon(np.column_stack([c[:, 1] - 0.5, c[:, 0] - 0.5]))
-        poly = shapely.make_valid(poly)
-        if not poly.is_empty and poly.area > 0:
-            polys.append(poly)
-    # Even-odd nesting (outer rings, holes, islands in holes) is the symmetric difference of all rings.
-    polys.sort(key=lambda q: -q.area)
-    for poly in polys:
-        geom = poly if geom is None else shapely.symmetric_difference(geom, poly)
-    if geom is None or geom.is_empty:
-        return None
-    geom = shapely.make_valid(geom)
-    if geom.geom_type == "GeometryCollection":
-        geom = shapely.union_all([g for g in geom.geoms if g.geom_type in ("Polygon", "MultiPolygon")])
-    return mapping(geom)
+    geom = mask_to_polygons(mask)
+    feature = to_feature(geom, name=name, classification=name)
+    # integer pixel-edge vertices: store them as ints (compact, exact)
+    feature["geometry"] = _int_coords(mapping(geom))
+    return feature
+
+
+def _int_coords(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _int_coords(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        if len(obj) == 2 and all(isinstance(v, float) for v in obj):
+            return [int(v) if float(v).is_integer() else v for v in obj]
+        return [_int_coords(v) for v in obj]
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
@@ -1175,6 +1183,27 @@ def render_skin(
     )
 
 
+def _cell_mean_target(cells: _Cells, target: np.ndarray, mpp: float, ring_um: float) -> np.ndarray:
+    """Mean rendered target OD over each cell: its nucleus expanded by `ring_um` (pixel centres inside)."""
+    h, w = target.shape
+    out = np.zeros(len(cells))
+    for i in range(len(cells)):
+        cx, cy = cells.x[i], cells.y[i]
+        a, b = cells.a_um[i] + ring_um, cells.b_um[i] + ring_um
+        reach = (a + 1.0) / mpp
+        c0, c1 = max(0, int(cx - reach)), min(w, int(cx + reach) + 2)
+        r0, r1 = max(0, int(cy - reach)), min(h, int(cy + reach) + 2)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        dx = (np.arange(c0, c1) + 0.5 - cx)[None, :] * mpp
+        dy = (np.arange(r0, r1) + 0.5 - cy)[:, None] * mpp
+        ct, st = math.cos(cells.theta[i]), math.sin(cells.theta[i])
+        inside = ((dx * ct + dy * st) / a) ** 2 + ((-dx * st + dy * ct) / b) ** 2 <= 1.0
+        if inside.any():
+            out[i] = float(target[r0:r1, c0:c1][inside].mean())
+    return out
+
+
 def _truth(
     scene: _Scene,
     tissue: np.ndarray,
@@ -1198,13 +1227,21 @@ def _truth(
     for name in _LEAF_REGIONS:
         leaf[regions[name][r, c]] = name
     order = np.lexsort((cells.x, cells.y))
+    mean_od = _cell_mean_target(cells, target, mpp, p.ring_um)
+    if scene.setup.pattern == "membrane":
+        positive = cells.positive
+    elif scene.setup.pattern == "diffuse":
+        positive = mean_od >= p.threshold_od  # a cell in a CXCL10 patch is read as positive
+    else:
+        positive = np.zeros(len(cells), bool)
     cell_list = [
         {
-            "x_px": round(float(cells.x[i]), 3),
-            "y_px": round(float(cells.y[i]), 3),
+            "x_px": round(float(cells.x[i]), 2),
+            "y_px": round(float(cells.y[i]), 2),
             "class": _CLASSES[int(cells.cls[i])],
-            "positive": bool(cells.positive[i]) and scene.setup.pattern == "membrane",
+            "positive": bool(positive[i]),
             "region": str(leaf[i]),
+            "target_mean_od": round(float(mean_od[i]), 3),
         }
         for i in order
     ]
@@ -1244,21 +1281,9 @@ def _truth(
     features = []
     if with_polygons:
         for name in _REGION_ORDER:
-            geom = _mask_to_geometry(all_masks[name])
-            if geom is None:
-                continue
-            features.append(
-                {
-                    "type": "Feature",
-                    "id": name,
-                    "geometry": geom,
-                    "properties": {
-                        "objectType": "annotation",
-                        "name": name,
-                        "classification": {"name": name, "color": _REGION_COLORS[name]},
-                    },
-                }
-            )
+            feature = _region_feature(name, all_masks[name])
+            if feature is not None:
+                features.append(feature)
     below = float(target[~positive_px].max()) if (~positive_px).any() else 0.0
     above = float(target[positive_px].min()) if positive_px.any() else None
     truth = {
@@ -1295,6 +1320,11 @@ def _truth(
         },
         "positive_area_definition": "fraction of region pixels whose rendered target concentration (OD units, before blur, noise and JPEG) >= threshold_od",
         "cell_marker": scene.setup.pattern == "membrane",
+        "cell_positive_definition": {
+            "membrane": "lymphocytes drawn positive carry a DAB ring (membrane/cytoplasm) of ring_um around the nucleus",
+            "diffuse": "target_mean_od (mean rendered target OD over the nucleus expanded by ring_um) >= threshold_od",
+            "mucin": "no cell marker: every cell is negative",
+        }[scene.setup.pattern],
         "cells": [],
         "regions": {"type": "FeatureCollection", "features": []},
         "area_truth": area_truth,
@@ -1476,8 +1506,8 @@ def sample_specs() -> list[SampleSpec]:
 def make_sample_set(
     out_dir: str | os.PathLike[str],
     *,
-    width_px: int = 2000,
-    height_px: int = 1400,
+    width_px: int = 1400,
+    height_px: int = 1700,
     mpp_um: float = 0.5,
     jpeg_quality: int = 90,
     specs: list[SampleSpec] | None = None,
@@ -1489,7 +1519,7 @@ def make_sample_set(
     out_dir : path
         Folder (created if needed).
     width_px, height_px, mpp_um : int, int, float
-        Size and resolution of every slide (default 1.0 x 0.7 mm at 0.5 µm/px: a small punch biopsy section).
+        Size and resolution of every slide (default 0.7 x 0.85 mm at 0.5 µm/px: a small punch biopsy section, epidermis to deep dermis).
     jpeg_quality : int
         JPEG quality of the slide tiles.
     specs : list of SampleSpec, optional
