@@ -15,7 +15,7 @@ from cleihc import __version__
 from cleihc.errors import CleihcError
 
 # Subcommand modules, in the order `cleihc --help` lists them.
-COMMANDS = ("info", "quantify", "tables", "validate", "protocols", "stains")
+COMMANDS = ("info", "quantify", "tables", "report", "validate", "protocols", "stains")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
