@@ -354,3 +354,27 @@ def test_region_geometry_rasterises_like_pixel_mask():
     m = rasterize(r.geometry, shape=(65, 50), downsample=2.0)
     assert m.sum() == 5600 // 4
     assert np.array_equal(m, rasterize(r.geometry, shape=(130, 100))[::2, ::2])
+
+
+HALO = """<Annotations>
+  <Annotation LineColor="65280" Name="Layer 1" Visible="True">
+    <Regions>
+      <Region Type="Polygon" HasEndcaps="0" NegativeROA="0">
+        <Vertices><V X="10" Y="20"/><V X="110" Y="20"/><V X="110" Y="80"/><V X="10" Y="80"/></Vertices>
+      </Region>
+      <Region Type="Rectangle" HasEndcaps="0" NegativeROA="1">
+        <Vertices><V X="40" Y="40"/><V X="60" Y="60"/></Vertices>
+      </Region>
+      <Region Type="Ellipse" NegativeROA="0"><Vertices><V X="200" Y="0"/><V X="220" Y="20"/></Vertices></Region>
+      <Region Type="Pin" NegativeROA="0"><Vertices><V X="5" Y="5"/></Vertices></Region>
+    </Regions>
+  </Annotation>
+</Annotations>
+"""
+
+
+def test_halo_xml_shares_the_imagescope_reader(tmp_path):
+    (r,) = read_regions(_write(tmp_path, "halo.xml", HALO))
+    assert r.name == "Layer 1"
+    assert r.geometry.area == pytest.approx(5600.0 + math.pi * 100, rel=1e-3)
+    assert rasterize(r.geometry, shape=(130, 100)).sum() == 5600

@@ -254,11 +254,28 @@ def _rectangle(xs: Sequence[float], ys: Sequence[float], what: str) -> Polygon:
     raise _Bad(f"{what} is a rectangle without two opposite corners")
 
 
+# ImageScope numeric region types, and HALO's names for the same shapes (HALO shares the <Annotations> layout).
+_REGION_TYPES = {
+    "0": "0",
+    "1": "1",
+    "2": "2",
+    "3": "3",
+    "4": "4",
+    "5": "5",
+    "polygon": "0",
+    "rectangle": "1",
+    "ellipse": "2",
+    "ruler": "4",
+    "pin": "5",
+}
+
+
 def _read_imagescope(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Polygon]]], list[str]]:
-    """Aperio ImageScope: Annotation > Regions > Region(Type, NegativeROA) > Vertices > Vertex(X, Y).
+    """Aperio ImageScope (and Indica HALO): Annotation > Regions > Region(Type, NegativeROA) > Vertices > Vertex.
 
     Region types: 0 free-hand/polygon, 1 rectangle (its corner vertices), 2 ellipse (inscribed in the bounding
-    box of its vertices), 3 arrow and 4 ruler (lines, skipped), 5 point (skipped). NegativeROA="1" regions are
+    box of its vertices), 3 arrow and 4 ruler (lines, skipped), 5 point (skipped); HALO names them Polygon,
+    Rectangle, Ellipse, Ruler and Pin and writes vertices as ``<V X=".." Y=".."/>``. NegativeROA="1" regions are
     subtracted from their annotation.
     """
     shapes: list[tuple[str, list[Polygon], list[Polygon]]] = []
@@ -283,8 +300,13 @@ def _read_imagescope(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Pol
         for regions in _children(ann, "Regions"):
             for reg in _children(regions, "Region"):
                 what = f"annotation {ann_id!r} region {reg.get('Id', '?')!r}"
-                kind = (reg.get("Type") or "0").strip()
-                verts = [v for vs in _children(reg, "Vertices") for v in _children(vs, "Vertex")]
+                kind = _REGION_TYPES.get(
+                    (reg.get("Type") or "0").strip().lower(), (reg.get("Type") or "").strip()
+                )
+                # ImageScope writes <Vertex>, HALO writes <V>.
+                verts = [
+                    v for vs in _children(reg, "Vertices") for v in vs if _local(v.tag) in ("Vertex", "V")
+                ]
                 xs = [_number(v.get("X"), f"{what} vertex X") for v in verts]
                 ys = [_number(v.get("Y"), f"{what} vertex Y") for v in verts]
                 if kind == "0":
@@ -299,7 +321,7 @@ def _read_imagescope(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Pol
                     skipped.append(f"{what} (type {kind}: arrow, ruler or point)")
                     continue
                 else:
-                    raise _Bad(f"{what} has unknown Type={kind!r} (expected 0 to 5)")
+                    raise _Bad(f"{what} has unknown Type={kind!r} (expected 0 to 5 or a HALO shape name)")
                 negative_roa = (reg.get("NegativeROA") or "0").strip()
                 if negative_roa not in ("0", "1"):
                     raise _Bad(f"{what} has NegativeROA={negative_roa!r} (expected 0 or 1)")
