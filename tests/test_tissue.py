@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from cleihc.tiling import TileGrid
-from cleihc.tissue import TissueMask, TissueParams, detect_tissue, tissue_mask_for_slide
+from cleihc.tissue import TissueMask, TissueParams, _glass_rgb, detect_tissue, tissue_mask_for_slide
 from conftest import shared_file
 
 GLASS = (242.0, 240.0, 244.0)
@@ -199,6 +199,24 @@ def test_bad_input_rejected():
         detect_tissue(np.zeros((10, 10, 3), np.uint8), mpp_um=8.0, background_rgb=(0, 10, 10))
 
 
+def test_scanner_fill_is_not_glass():
+    # Unscanned areas filled with pure white beside glass that is darker: the glass colour must come from the
+    # glass, or all of the glass would read as faint tissue.
+    h, w = 160, 220
+    glass = (226.0, 229.0, 236.0)
+    rng = np.random.default_rng(0)
+    img = np.clip(np.rint(np.asarray(glass) + rng.normal(0, 2, (h, w, 3))), 0, 255).astype(np.uint8)
+    img[:, 150:] = 255  # the scanner's fill colour
+    tissue = ellipse(h, w, 80, 70, 50, 50)
+    img = paint(img, tissue, (205, 140, 185))
+    bg = _glass_rgb(img, fill_rgb=(255, 255, 255))
+    np.testing.assert_allclose(bg, glass, atol=2)
+    tm = detect_tissue(img, mpp_um=8.0, background_rgb=bg)
+    assert iou(tm.mask, tissue) > 0.95
+    naive = detect_tissue(img, mpp_um=8.0, background_rgb=(255, 255, 255))
+    assert naive.mask[:, :150][~tissue[:, :150]].mean() > 0.5  # what the fix prevents
+
+
 # -- the mask's geometry and its mapping to analysis pixels -------------------------------------------------
 
 
@@ -326,7 +344,6 @@ def test_cmu_through_slide_reader(shared_data):
         direct = detect_tissue(
             slide.read_analysis_rect(res, (0, 0), res.dimensions_a),
             mpp_um=tm.mpp_um,
-            background_rgb=slide.background_rgb,
         )
         np.testing.assert_array_equal(tm.mask, direct.mask)
         assert 0.3 < tm.tissue_fraction < 0.55

@@ -359,17 +359,24 @@ def _disk(radius_px: int) -> NDArray[np.bool_]:
     return (r[:, None] ** 2 + r[None, :] ** 2) <= radius_px * radius_px
 
 
-def _glass_rgb(rgb: NDArray[np.uint8]) -> NDArray[np.float64]:
-    """The glass colour of a low-resolution image, or white when it shows no glass."""
+def _glass_rgb(rgb: NDArray[np.uint8], *, fill_rgb: Sequence[int] | None = None) -> NDArray[np.float64]:
+    """The glass colour of a low-resolution image, or white when it shows no glass.
+
+    Pixels exactly equal to `fill_rgb` (the colour a scanner writes where it did not scan) are not glass.
+    """
     from cleihc.stains import estimate_background
 
     # A regular subsample of about a million pixels estimates the glass colour as well as the whole image.
     step = max(1, int(math.sqrt(rgb.shape[0] * rgb.shape[1] / 1e6)))
     sample = rgb[::step, ::step]
+    exclude = None
+    if fill_rgb is not None:
+        exclude = np.all(sample == np.asarray(fill_rgb, dtype=np.uint8), axis=-1)
     min_pixels = max(10, sample.shape[0] * sample.shape[1] // 1000)
-    return np.asarray(
-        estimate_background(sample, min_pixels=min_pixels, fallback=(255.0, 255.0, 255.0)), dtype=np.float64
+    bg = estimate_background(
+        sample, tissue_mask=exclude, min_pixels=min_pixels, fallback=(255.0, 255.0, 255.0)
     )
+    return np.asarray(bg, dtype=np.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -557,7 +564,8 @@ def tissue_mask_for_slide(
 
     The slide is read with ``Slide.analysis_resolution(params.mpp_um)`` (a pyramid level and an integer
     binning factor), in bands so that a single-level slide is never loaded whole; the mask's downsample and
-    µm/px are the exact values of that read.
+    µm/px are the exact values of that read. The glass colour is estimated from the image (pixels of exactly
+    ``Slide.background_rgb``, the scanner's fill for unscanned areas, are left out of that estimate).
 
     Parameters
     ----------
@@ -573,12 +581,11 @@ def tissue_mask_for_slide(
     """
     res = slide.analysis_resolution(params.mpp_um)
     rgb = _read_whole(slide, res)
+    # The slide's recorded background colour is what the scanner writes where it did not scan, not the glass:
+    # the glass colour is estimated from the image, leaving out pixels of exactly that fill colour.
+    bg = _glass_rgb(rgb, fill_rgb=slide.background_rgb)
     return detect_tissue(
-        rgb,
-        mpp_um=_mean_mpp(res),
-        params=params,
-        background_rgb=slide.background_rgb,
-        downsample=res.downsample,
+        rgb, mpp_um=_mean_mpp(res), params=params, background_rgb=bg, downsample=res.downsample
     )
 
 
