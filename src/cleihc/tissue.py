@@ -428,14 +428,15 @@ def detect_tissue(
     Parameters
     ----------
     rgb : ndarray, shape (H, W, 3), uint8
-        The slide read at about ``params.mpp_um`` (a thumbnail). Not modified.
+        The slide read at about ``params.mpp_um`` (a thumbnail). Not modified. A fourth (alpha) channel is
+        ignored.
     mpp_um : float
         µm per pixel of `rgb`; converts the µm and µm² parameters to pixels.
     params : TissueParams
         Detection parameters.
     background_rgb : three floats, optional
-        The glass colour (e.g. ``Slide.background_rgb``); estimated from the image's bright grey pixels when
-        not given (white if it shows no glass).
+        The glass colour I0. Estimated from the image's bright grey pixels when not given (white if it shows no
+        glass). Not ``Slide.background_rgb``, which is the scanner's fill for unscanned areas.
     downsample : float
         Level-0 pixels per pixel of `rgb`, recorded in the result so that it maps onto the slide.
 
@@ -448,7 +449,9 @@ def detect_tissue(
     -----
     Optical density per channel is ``-log10(I / I0)`` with I0 the glass colour, summed over R, G, B (QuPath's
     "OD sum"). The automatic threshold is Otsu's [1]_ or the triangle method [2]_ over the non-artefact pixels,
-    clamped to ``[min_threshold_od, max_threshold_od]``.
+    clamped to ``[min_threshold_od, max_threshold_od]``. On real slides the clamp often decides: with much glass
+    and a clear gap, Otsu's maximum is a plateau whose first point sits just above the glass noise (raised to
+    the floor); with little glass, Otsu splits the tissue itself (lowered to the ceiling).
 
     References
     ----------
