@@ -12,6 +12,7 @@ from cleihc.regions import (
     COMPARTMENT_NAMES,
     CompartmentParams,
     Compartments,
+    compartments_from_epidermis,
     skin_compartments,
 )
 
@@ -246,3 +247,20 @@ def test_air_margin_does_not_change_the_result():
     for name in COMPARTMENT_NAMES:
         np.testing.assert_array_equal(big.masks[name][37:-11, 5:-60], c.masks[name])
         assert big.masks[name].sum() == c.masks[name].sum()
+
+
+def test_compartments_from_a_user_epidermis():
+    _, tissue, epi = _dotted_block()
+    user_epi = epi.copy()
+    user_epi[60:70, :] |= tissue[60:70, :]  # the user drew the junction 20 µm lower
+    c = compartments_from_epidermis(user_epi, tissue, mpp_um=MPP, downsample=8.0)
+    assert c.warnings == ()
+    np.testing.assert_array_equal(c.masks["epidermis"], user_epi & tissue)
+    np.testing.assert_array_equal(c.masks["dermis"], tissue & ~user_epi)
+    width = 280
+    assert c.masks["papillary_dermis"].sum() == 75 * width  # rows 70..144 exactly
+    assert c.masks["papillary_dermis"][70:145, 10:290].all()
+    assert c.masks["superficial_dermis"].sum() == 175 * width
+    assert c.masks["deep_dermis"].sum() == (380 - 320) * width
+    none = compartments_from_epidermis(np.zeros_like(tissue), tissue, mpp_um=MPP, downsample=8.0)
+    assert not none.masks["epidermis"].any() and any("does not overlap" in w for w in none.warnings)

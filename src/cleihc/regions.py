@@ -44,6 +44,7 @@ __all__ = [
     "CompartmentParams",
     "Compartments",
     "Region",
+    "compartments_from_epidermis",
     "merge_regions",
     "rasterize",
     "read_regions",
@@ -763,38 +764,102 @@ def skin_compartments(
     if not mpp_um > 0 or not downsample > 0:
         raise ValueError("mpp_um and downsample must be > 0")
     warnings: list[str] = []
-    masks = {name: np.zeros_like(tissue) for name in COMPARTMENT_NAMES}
-    depth = np.full(tissue.shape, np.nan, dtype=np.float32)
+    epidermis = np.zeros_like(tissue)
+    win = _tissue_window(tissue)
     if not p.enabled:
         warnings.append("automatic compartments are disabled in the protocol")
-    elif tissue.sum() < 4:
+    elif win is None:
         warnings.append("no tissue: no compartments")
     else:
-        # Work on the tissue's bounding box (+2 px of air): outside the tissue every term is zero, so the result
-        # is identical and a slide-sized map costs only its tissue.
-        rows, cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
-        win = (
-            slice(max(rows[0] - 2, 0), rows[-1] + 3),
-            slice(max(cols[0] - 2, 0), cols[-1] + 3),
-        )
-        t = tissue[win]
         od = np.nan_to_num(od_in[win].astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        epi, why = _find_epidermis(od, t, mpp_um, p)
+        epi, why = _find_epidermis(od, tissue[win], mpp_um, p)
         if why:
             warnings.append(why)
-        masks["epidermis"][win] = epi
-        dermis = t & ~epi
-        masks["dermis"][win] = dermis
-        if epi.any():
-            d = ndi.distance_transform_edt(~epi, sampling=mpp_um) - 0.5 * mpp_um
-            depth[win][dermis] = d[dermis]
-            masks["papillary_dermis"][win] = dermis & (d < p.papillary_um)
-            masks["superficial_dermis"][win] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
-            masks["deep_dermis"][win] = dermis & (d >= p.superficial_um)
-        else:
-            warnings.append("depth bands undefined without an epidermis")
-    if not p.enabled or tissue.sum() < 4:
-        masks["dermis"] = tissue.copy()
+        epidermis[win] = epi
+    return _compartments(epidermis, tissue, mpp_um, downsample, origin_px, p, warnings, with_bands=p.enabled)
+
+
+def compartments_from_epidermis(
+    epidermis_mask: np.ndarray,
+    tissue_mask: np.ndarray,
+    *,
+    mpp_um: float,
+    downsample: float,
+    origin_px: tuple[float, float] = (0.0, 0.0),
+    params: CompartmentParams | None = None,
+) -> Compartments:
+    """Dermis and depth bands below a given epidermis (e.g. one a user drew, rasterised at the working resolution).
+
+    Use it when a ``--regions`` file replaces the automatic ``epidermis``, so that the dermis and the depth bands
+    are measured from the user's junction rather than the automatic one.
+
+    Parameters
+    ----------
+    epidermis_mask, tissue_mask : (H, W) bool ndarray
+        The epidermis (clipped to the tissue) and the tissue, at the working resolution.
+    mpp_um, downsample, origin_px, params
+        As for :func:`skin_compartments` (only ``papillary_um`` and ``superficial_um`` of `params` are used).
+
+    Returns
+    -------
+    Compartments
+        Depth bands as in :func:`skin_compartments`; a warning when the epidermis does not overlap the tissue.
+    """
+    p = params if params is not None else CompartmentParams()
+    epi = np.asarray(epidermis_mask).astype(bool)
+    tissue = np.asarray(tissue_mask).astype(bool)
+    if epi.ndim != 2 or epi.shape != tissue.shape:
+        raise ValueError(
+            f"epidermis_mask {epi.shape} and tissue_mask {tissue.shape} must be the same 2-D shape"
+        )
+    if not mpp_um > 0 or not downsample > 0:
+        raise ValueError("mpp_um and downsample must be > 0")
+    epi = epi & tissue
+    warnings = [] if epi.any() else ["the given epidermis does not overlap the tissue"]
+    return _compartments(epi, tissue, mpp_um, downsample, origin_px, p, warnings, with_bands=True)
+
+
+def _tissue_window(tissue: np.ndarray) -> tuple[slice, slice] | None:
+    """The tissue's bounding box plus 2 px of air, or None without tissue.
+
+    Outside the tissue every term of the computation is zero, so working on this window gives the identical
+    result while a slide-sized map costs only its tissue.
+    """
+    if tissue.sum() < 4:
+        return None
+    rows, cols = np.flatnonzero(tissue.any(axis=1)), np.flatnonzero(tissue.any(axis=0))
+    return (
+        slice(max(rows[0] - 2, 0), rows[-1] + 3),
+        slice(max(cols[0] - 2, 0), cols[-1] + 3),
+    )
+
+
+def _compartments(
+    epidermis: np.ndarray,
+    tissue: np.ndarray,
+    mpp_um: float,
+    downsample: float,
+    origin_px: tuple[float, float],
+    p: CompartmentParams,
+    warnings: list[str],
+    *,
+    with_bands: bool,
+) -> Compartments:
+    """Dermis and depth bands (Euclidean distance below the junction) from an epidermis mask."""
+    masks = {name: np.zeros_like(tissue) for name in COMPARTMENT_NAMES}
+    masks["epidermis"] = epidermis
+    masks["dermis"] = tissue & ~epidermis
+    depth = np.full(tissue.shape, np.nan, dtype=np.float32)
+    win = _tissue_window(tissue)
+    if epidermis.any() and win is not None:
+        epi, dermis = epidermis[win], masks["dermis"][win]
+        d = ndi.distance_transform_edt(~epi, sampling=mpp_um) - 0.5 * mpp_um
+        depth[win][dermis] = d[dermis]
+        masks["papillary_dermis"][win] = dermis & (d < p.papillary_um)
+        masks["superficial_dermis"][win] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
+        masks["deep_dermis"][win] = dermis & (d >= p.superficial_um)
+    elif with_bands and win is not None:
+        warnings.append("depth bands undefined without an epidermis")
     for w in warnings:
         log.warning("skin compartments: %s", w)
     return Compartments(
