@@ -378,3 +378,10 @@ def test_halo_xml_shares_the_imagescope_reader(tmp_path):
     assert r.name == "Layer 1"
     assert r.geometry.area == pytest.approx(5600.0 + math.pi * 100, rel=1e-3)
     assert rasterize(r.geometry, shape=(130, 100)).sum() == 5600
+
+
+def test_qupath_derived_class_names(tmp_path):
+    feat = _feature({"type": "Polygon", "coordinates": [RECT]})
+    feat["properties"]["classification"] = {"names": ["Tumor", "Positive"], "color": [1, 2, 3]}
+    (r,) = read_regions(_write(tmp_path, "derived.geojson", [feat]))
+    assert r.name == "Tumor: Positive"

@@ -186,6 +186,11 @@ def _feature_name(props: Any) -> str:
         cls = props.get("classification")
         if isinstance(cls, dict) and isinstance(cls.get("name"), str) and cls["name"].strip():
             return cls["name"].strip()
+        if isinstance(cls, dict) and isinstance(cls.get("names"), list):
+            # QuPath 0.5 derived classes: {"names": ["Tumor", "Positive"]}, shown as "Tumor: Positive".
+            parts = [n.strip() for n in cls["names"] if isinstance(n, str) and n.strip()]
+            if parts:
+                return ": ".join(parts)
         if isinstance(cls, str) and cls.strip():
             return cls.strip()
         name = props.get("name")
