@@ -279,7 +279,7 @@ def synthetic_two_stain(
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8), tissue
 
 
-@pytest.mark.parametrize("preset_name", ["hdab", "alcian_nfr", "he"])
+@pytest.mark.parametrize("preset_name", ["hdab", "alcian_nfr", "he", "colloidal_iron_nfr"])
 def test_macenko_recovers_known_vectors(preset_name):
     truth = stains.preset(preset_name)
     rgb, tissue = synthetic_two_stain(truth)
