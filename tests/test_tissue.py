@@ -211,7 +211,8 @@ def test_scanner_fill_is_not_glass():
     img = paint(img, tissue, (205, 140, 185))
     bg = _glass_rgb(img, fill_rgb=(255, 255, 255))
     np.testing.assert_allclose(bg, glass, atol=2)
-    tm = detect_tissue(img, mpp_um=8.0, background_rgb=bg)
+    tm = detect_tissue(img, mpp_um=8.0, fill_rgb=(255, 255, 255))
+    np.testing.assert_array_equal(tm.background_rgb, bg)
     assert iou(tm.mask, tissue) > 0.95
     naive = detect_tissue(img, mpp_um=8.0, background_rgb=(255, 255, 255))
     assert naive.mask[:, :150][~tissue[:, :150]].mean() > 0.5  # what the fix prevents

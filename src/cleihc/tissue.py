@@ -421,6 +421,7 @@ def detect_tissue(
     mpp_um: float,
     params: TissueParams = TissueParams(),
     background_rgb: Sequence[float] | None = None,
+    fill_rgb: Sequence[int] | None = None,
     downsample: float = 1.0,
 ) -> TissueMask:
     """Find tissue on a low-resolution RGB image of a brightfield slide.
@@ -436,7 +437,11 @@ def detect_tissue(
         Detection parameters.
     background_rgb : three floats, optional
         The glass colour I0. Estimated from the image's bright grey pixels when not given (white if it shows no
-        glass). Not ``Slide.background_rgb``, which is the scanner's fill for unscanned areas.
+        glass). Not ``Slide.background_rgb``, which is the scanner's fill for unscanned areas: pass that as
+        `fill_rgb`.
+    fill_rgb : three ints, optional
+        The colour a scanner writes where it did not scan (``Slide.background_rgb``); pixels of exactly this
+        colour are left out of the glass estimate. Ignored when `background_rgb` is given.
     downsample : float
         Level-0 pixels per pixel of `rgb`, recorded in the result so that it maps onto the slide.
 
@@ -469,7 +474,10 @@ def detect_tissue(
         raise ValueError(f"mpp_um must be a positive number, got {mpp_um}")
     p = params
 
-    bg = _glass_rgb(image) if background_rgb is None else np.asarray(background_rgb, dtype=np.float64)
+    if background_rgb is None:
+        bg = _glass_rgb(image, fill_rgb=fill_rgb)
+    else:
+        bg = np.asarray(background_rgb, dtype=np.float64)
     if bg.shape != (3,) or not np.all((bg > 0) & (bg <= 255)):
         raise ValueError(f"background_rgb must be three values in (0, 255], got {background_rgb!r}")
     col = _colour(image, bg)
