@@ -334,9 +334,10 @@ def rasterize(
     col = np.where(ox + (col + 0.5) * ds < xc, col + 1, col)
     col = np.where(ox + (col - 0.5) * ds >= xc, col - 1, col)
     col = np.clip(col, 0, width).astype(np.int64)  # crossings right of the window toggle nothing inside it
-    toggles = np.bincount(row * (width + 1) + col, minlength=height * (width + 1))
-    parity = np.cumsum(toggles.reshape(height, width + 1)[:, :width], axis=1) & 1
-    out[:] = parity.astype(bool)
+    # Toggle parity at each crossing, then a running XOR along the rows: one byte per pixel, no counts.
+    toggles = np.zeros((height, width + 1), dtype=np.uint8)
+    np.bitwise_xor.at(toggles, (row, col), np.uint8(1))
+    out[:] = np.bitwise_xor.accumulate(toggles[:, :width], axis=1).view(bool)
     return out
 
 
