@@ -103,6 +103,11 @@ def test_background_validation_and_dict_round_trip():
         StainMatrix.from_dict({"names": ["a"]})
     with pytest.raises(ValueError):
         m.od_vectors[0, 0] = 1.0  # read-only
+    import pickle
+
+    again = pickle.loads(pickle.dumps(m))
+    assert again == m and np.array_equal(again.conc_from_od, m.conc_from_od)
+    assert not again.od_vectors.flags.writeable
 
 
 # ---------------------------------------------------------------------------------------------- deconvolve

@@ -244,6 +244,11 @@ class StainMatrix:
     def __hash__(self) -> int:
         return hash((self.names, self.od_vectors.tobytes(), self.background_rgb))
 
+    def __reduce__(self):
+        # Rebuild through the constructor so an unpickled matrix (e.g. in a Dask worker) is validated and its
+        # arrays are read-only again; unit rows are kept bit for bit.
+        return (StainMatrix, (self.names, self.od_vectors, self.background_rgb))
+
     @property
     def od_from_conc(self) -> np.ndarray:
         """The forward matrix (the OD vectors as rows): ``od = conc @ od_from_conc``."""
