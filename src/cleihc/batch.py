@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from cleihc import __version__
+from cleihc.corrections import apply_saved_corrections, corrections_path
 from cleihc.errors import CleihcError, SlideNotFoundError
 from cleihc.io import atomic_write, sha256_file
 from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
@@ -310,12 +311,18 @@ def run_batch(
                 {"slide": stem, "path": str(path), "size_bytes": path.stat().st_size, "sha256": digest}
             )
             rec = existing.get(stem)
+            corr = corrections_path(out, stem)
+            corr_sha = sha256_file(corr) if corr.exists() else None
             if (
                 not force
                 and rec is not None
                 and _is_current(rec, input_sha256=digest, protocol_sha256=protocol.sha256)
             ):
-                summary.outcomes.append(SlideOutcome(stem, str(path), "skipped", "results are current"))
+                reason = "results are current"
+                if rec.get("corrections_sha256") != corr_sha:  # corrections changed: recompute, no re-run
+                    apply_saved_corrections(out, stem)
+                    reason = "results are current; corrections re-applied"
+                summary.outcomes.append(SlideOutcome(stem, str(path), "skipped", reason))
                 emit(Event("slide_done", stem, status="skipped"))
                 continue
 
@@ -336,6 +343,8 @@ def run_batch(
                 for k, v in reversed(list(meta.items())):
                     result.regions.insert(0, k, v)
             write_slide_outputs(result, out, extra={"metadata": meta})
+            if corr_sha is not None:  # later runs honour a reviewer's saved corrections
+                apply_saved_corrections(out, stem)
             seconds = time.perf_counter() - t0
             summary.outcomes.append(SlideOutcome(stem, str(path), "done", seconds=seconds))
             emit(Event("slide_done", stem, status="done", message=f"{seconds:.1f} s"))

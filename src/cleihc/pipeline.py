@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from cleihc import __version__
 from cleihc.cells import CellParams, detect_cells, detect_pigment, required_halo_um
@@ -97,6 +99,7 @@ class SlidePlan:
     compartment_downsample: float
     warnings: tuple[str, ...]
     timings_s: dict[str, float]
+    roi: Any = None
 
     @property
     def raster_downsample(self) -> float:
@@ -166,6 +169,7 @@ def plan_slide(
     mpp: float | tuple[float, float] | None = None,
     tile_size: int | None = None,
     tile_origin_px: tuple[int, int] = (0, 0),
+    roi: Any = None,
 ) -> SlidePlan:
     """Prepare one slide: tissue, background, stains, compartments, regions, resolution and tiles.
 
@@ -183,6 +187,8 @@ def plan_slide(
         Tile core size in analysis pixels (default: the protocol's).
     tile_origin_px : (int, int)
         Shift of the tile grid in analysis pixels (results do not depend on it; tests use it).
+    roi : shapely geometry, optional
+        Measure only inside this area (level-0 px): a drawn region or the visible field.
 
     Returns
     -------
@@ -203,6 +209,12 @@ def plan_slide(
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
         tissue = tissue_mask_for_slide(slide, params=proto.tissue)
+        if roi is not None:
+            h_t, w_t = tissue.mask.shape
+            inside = rasterize(roi, shape=(w_t, h_t), downsample=tissue.downsample)
+            # Keep tissue cells the ROI touches at all; the raster masks clip to the ROI exactly.
+            inside |= ndimage.binary_dilation(inside)
+            tissue = dataclasses.replace(tissue, mask=tissue.mask & inside)
         if not tissue.mask.any():
             raise NoTissueError(
                 "no tissue found; check the slide is a brightfield section, or lower the protocol's "
@@ -272,6 +284,7 @@ def plan_slide(
         compartment_downsample=compartments.downsample if compartments is not None else 1.0,
         warnings=tuple(warnings),
         timings_s=timings,
+        roi=roi,
     )
 
 
@@ -411,6 +424,8 @@ def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
     shape = plan.raster_shape
     ds = plan.raster_downsample
     tissue = map_mask(plan.tissue.mask, mask_downsample=plan.tissue.downsample, shape=shape, downsample=ds)
+    if plan.roi is not None:
+        tissue &= rasterize(plan.roi, shape=shape, downsample=ds)
     masks: dict[str, np.ndarray] = {}
     exclude = np.zeros_like(tissue)
     for region in plan.regions:
@@ -506,7 +521,7 @@ def metrics_table(
         "protocol": f"{proto.name}@{proto.version}",
         "protocol_sha256": proto.sha256,
     }
-    return region_rows(
+    rows = region_rows(
         raster,
         masks,
         cells,
@@ -517,6 +532,8 @@ def metrics_table(
         h_score=proto.metrics.h_score,
         positive_pixel_count=proto.metrics.positive_pixel_count,
     )
+    rows["corrected"] = False  # set by cleihc.corrections when a reviewer's corrections apply
+    return rows
 
 
 def region_rows(
@@ -609,6 +626,7 @@ def quantify(
     tile_origin_px: tuple[int, int] = (0, 0),
     progress: Callable[[int, int], None] | None = None,
     runner: Any = None,
+    roi: Any = None,
 ) -> Result:
     """Measure one slide with one protocol.
 
@@ -631,6 +649,8 @@ def quantify(
     runner : object, optional
         Where tiles run: a :class:`cleihc.parallel.DaskRunner` (or anything with ``run(plan, progress=)``);
         default serial, in this process.
+    roi : shapely geometry, optional
+        Measure only inside this area (level-0 px), e.g. a drawn region or the visible field.
 
     Returns
     -------
@@ -644,7 +664,13 @@ def quantify(
     """
     started = time.perf_counter()
     plan = plan_slide(
-        slide_path, protocol, regions=regions, mpp=mpp, tile_size=tile_size, tile_origin_px=tile_origin_px
+        slide_path,
+        protocol,
+        regions=regions,
+        mpp=mpp,
+        tile_size=tile_size,
+        tile_origin_px=tile_origin_px,
+        roi=roi,
     )
     t0 = time.perf_counter()
     if runner is None:

@@ -1,0 +1,170 @@
+"""Corrections: exact metric changes, save/reload, history, and later runs honouring them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from shapely.geometry import box
+
+from cleihc.cli import main
+from cleihc.corrections import (
+    CellEdit,
+    Corrections,
+    SlideResults,
+    apply_saved_corrections,
+    corrections_path,
+    read_corrections,
+    review_status,
+    set_review_status,
+    write_corrections,
+)
+from cleihc.errors import RegionsError
+from cleihc.outputs import rebuild_tables, write_slide_outputs
+from cleihc.pipeline import quantify
+from cleihc.synthetic import render_skin, write_svs
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corr")
+    syn = render_skin(stain="cxcl10", width_px=1000, height_px=800, mpp_um=MPP, seed=3, jpeg_quality=None)
+    slide = d / "S05_pre_cxcl10.svs"
+    write_svs(slide, syn.rgb, mpp_um=MPP)
+    out = d / "out"
+    res = quantify(slide, "cxcl10")
+    write_slide_outputs(res, out)
+    rebuild_tables(out)
+    return slide, out, res
+
+
+def _rows(df):
+    return df.set_index("region")
+
+
+def test_no_corrections_reproduces_the_automatic_rows(results):
+    _, out, res = results
+    rows, cells = SlideResults.load(out, "S05_pre_cxcl10").recompute(Corrections())
+    auto = _rows(res.regions)
+    num = [c for c in auto.columns if pd.api.types.is_numeric_dtype(auto[c]) and c != "corrected"]
+    np.testing.assert_allclose(
+        _rows(rows)[num].to_numpy(float), auto[num].to_numpy(float), rtol=0, atol=1e-12
+    )
+    assert not rows["corrected"].any()
+    assert len(cells) == len(res.cells)
+
+
+def test_deleting_a_positive_cell_lowers_its_region_by_one(results):
+    _, out, res = results
+    sr = SlideResults.load(out, "S05_pre_cxcl10")
+    cell = res.cells[(res.cells["positive"]) & (res.cells["region"] != "outside")].iloc[0]
+    rows, cells = sr.recompute(Corrections(cell_edits=(CellEdit("delete", cell.x_px, cell.y_px),)))
+    before, after = _rows(res.regions), _rows(rows)
+    for region in (cell.region, "tissue"):
+        assert after.loc[region, "cells_positive"] == before.loc[region, "cells_positive"] - 1
+        assert after.loc[region, "cells_total"] == before.loc[region, "cells_total"] - 1
+        assert bool(after.loc[region, "corrected"])
+    assert len(cells) == len(res.cells) - 1
+
+
+def test_adding_and_reclassifying_cells(results):
+    _, out, res = results
+    sr = SlideResults.load(out, "S05_pre_cxcl10")
+    neg = res.cells[
+        (~res.cells["positive"]) & (res.cells["region"] != "outside") & ~res.cells["pigment"]
+    ].iloc[0]
+    edits = (
+        CellEdit("reclassify", neg.x_px + 1.0, neg.y_px, positive=True, intensity_class=2),
+        CellEdit("add", neg.x_px + 40.0, neg.y_px + 40.0, positive=True, intensity_class=3),
+    )
+    rows, _ = sr.recompute(Corrections(cell_edits=edits))
+    before, after = _rows(res.regions), _rows(rows)
+    assert after.loc["tissue", "cells_positive"] == before.loc["tissue", "cells_positive"] + 2
+    assert after.loc["tissue", "cells_total"] == before.loc["tissue", "cells_total"] + 1
+    assert after.loc["tissue", "cells_3plus"] == before.loc["tissue", "cells_3plus"] + 1
+
+
+def test_excluding_a_rectangle_removes_exactly_its_area(results):
+    _, out, res = results
+    sr = SlideResults.load(out, "S05_pre_cxcl10")
+    tissue = sr.masks["tissue"]
+    ds = sr.raster_downsample
+    # a rectangle of whole raster cells that lies entirely on tissue
+    ys, xs = np.nonzero(tissue)
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    while not tissue[cy - 5 : cy + 5, cx - 5 : cx + 5].all():
+        cx += 7
+    rect = box((cx - 5) * ds, (cy - 5) * ds, (cx + 5) * ds, (cy + 5) * ds)
+    rows, cells = sr.recompute(Corrections(exclusions=(rect,)))
+    cell_mm2 = sr.pixel_area_um2 * (ds / res.plan.resolution.downsample) ** 2 / 1e6
+    before, after = _rows(res.regions), _rows(rows)
+    assert after.loc["tissue", "region_area_mm2"] == pytest.approx(
+        before.loc["tissue", "region_area_mm2"] - 100 * cell_mm2, rel=1e-12
+    )
+    inside = (
+        (res.cells.x_px >= rect.bounds[0])
+        & (res.cells.x_px < rect.bounds[2])
+        & (res.cells.y_px >= rect.bounds[1])
+        & (res.cells.y_px < rect.bounds[3])
+    )
+    counted_inside = int((inside & ~res.cells["pigment"] & (res.cells["region"] != "outside")).sum())
+    assert after.loc["tissue", "cells_total"] == before.loc["tissue", "cells_total"] - counted_inside
+    assert bool(after.loc["tissue", "corrected"])
+
+
+def test_save_reload_history_and_cli_honours_corrections(results, tmp_path, capsys):
+    slide, out, res = results
+    cell = res.cells[res.cells["positive"] & (res.cells["region"] != "outside")].iloc[0]
+    corr = Corrections(
+        regions={"hotspot": box(100, 100, 300, 260)},
+        exclusions=(box(0, 0, 50, 50),),
+        cell_edits=(CellEdit("delete", cell.x_px, cell.y_px),),
+    )
+    path = write_corrections(out, "S05_pre_cxcl10", corr, author="tester")
+    back = read_corrections(path)
+    assert back.author == "tester" and back.saved_at
+    assert back.regions["hotspot"].equals(corr.regions["hotspot"])
+    assert back.cell_edits == corr.cell_edits and len(back.exclusions) == 1
+    write_corrections(out, "S05_pre_cxcl10", back, author="tester2")
+    assert len(list((out / "corrections" / "history").glob("*.geojson"))) == 1
+    automatic_cells = pd.read_parquet(out / "cells" / "S05_pre_cxcl10.parquet")
+    rows = apply_saved_corrections(out, "S05_pre_cxcl10")
+    assert "hotspot" in set(rows["region"]) and rows["corrected"].any()
+    # automatic results untouched
+    pd.testing.assert_frame_equal(automatic_cells, pd.read_parquet(out / "cells" / "S05_pre_cxcl10.parquet"))
+    table = pd.read_csv(out / "regions.csv")
+    assert (
+        table.set_index("region").loc["tissue", "cells_positive"]
+        == _rows(res.regions).loc["tissue", "cells_positive"] - 1
+    )
+    # a later CLI run (results current) keeps the corrected rows; a changed corrections file is re-applied
+    assert main(["quantify", str(slide), "--stain", "cxcl10", "--out", str(out), "--quiet"]) == 0
+    pd.testing.assert_frame_equal(table, pd.read_csv(out / "regions.csv"))
+    write_corrections(out, "S05_pre_cxcl10", Corrections(), author="tester3")
+    assert main(["quantify", str(slide), "--stain", "cxcl10", "--out", str(out), "--quiet"]) == 0
+    assert not pd.read_csv(out / "regions.csv")["corrected"].any()
+
+
+def test_review_status(results):
+    _, out, _ = results
+    assert review_status(out)["S05_pre_cxcl10"]["status"] == "unreviewed"
+    set_review_status(out, "S05_pre_cxcl10", "flagged", note="fold", author="a")
+    st = review_status(out)["S05_pre_cxcl10"]
+    assert st["status"] == "flagged" and st["note"] == "fold" and st["author"] == "a"
+    with pytest.raises(ValueError):
+        set_review_status(out, "S05_pre_cxcl10", "done")
+
+
+def test_malformed_corrections_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.geojson"
+    path.write_text(
+        json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": None}]})
+    )
+    with pytest.raises(RegionsError) as e:
+        read_corrections(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert corrections_path(tmp_path, "x").name == "x.geojson"
