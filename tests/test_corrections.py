@@ -99,7 +99,7 @@ def test_excluding_a_rectangle_removes_exactly_its_area(results):
     while not tissue[cy - 5 : cy + 5, cx - 5 : cx + 5].all():
         cx += 7
     rect = box((cx - 5) * ds, (cy - 5) * ds, (cx + 5) * ds, (cy + 5) * ds)
-    rows, cells = sr.recompute(Corrections(exclusions=(rect,)))
+    rows, _ = sr.recompute(Corrections(exclusions=(rect,)))
     cell_mm2 = sr.pixel_area_um2 * (ds / res.plan.resolution.downsample) ** 2 / 1e6
     before, after = _rows(res.regions), _rows(rows)
     assert after.loc["tissue", "region_area_mm2"] == pytest.approx(
