@@ -385,3 +385,9 @@ def test_qupath_derived_class_names(tmp_path):
     feat["properties"]["classification"] = {"names": ["Tumor", "Positive"], "color": [1, 2, 3]}
     (r,) = read_regions(_write(tmp_path, "derived.geojson", [feat]))
     assert r.name == "Tumor: Positive"
+
+
+def test_utf16_imagescope_xml(tmp_path):
+    text = IMAGESCOPE.replace('encoding="utf-8"', 'encoding="utf-16"')
+    regions = read_regions(_write(tmp_path, "u16.xml", text.encode("utf-16")))
+    assert regions[0].name == "Tumor" and regions[0].geometry.area == 5600.0

@@ -444,7 +444,7 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
                 raise _Bad("GeoJSON is not UTF-8 text") from None
             shapes, skipped = _read_geojson(text)
             fmt = "geojson"
-        elif head == b"<":
+        elif head == b"<" or data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 XML starts with a BOM
             shapes, skipped = _read_xml(data)
             fmt = "xml"
         else:
