@@ -137,6 +137,18 @@ def test_stains_estimate_from_single_stain_regions(tmp_path, capsys):
     # mean OD of pixels with a 0-5 % admixture of the other stain: within 2 degrees of the truth
     for name in ("hematoxylin", "dab"):
         assert stains.angle_deg(est.vector(name), TRUTH.vector(name)) < 2.0
+    # regions with other names: Macenko inside them (here: the whole tissue square, as one region)
+    regions["features"] = regions["features"][:1]
+    regions["features"][0]["geometry"]["coordinates"] = [
+        [[70, 70], [330, 70], [330, 330], [70, 330], [70, 70]]
+    ]
+    regions["features"][0]["properties"]["classification"]["name"] = "my roi"
+    rpath.write_text(json.dumps(regions), encoding="utf-8")
+    result = estimate_for_slide(slide, protocol="cd3", regions=rpath, mpp=2.0)
+    assert result["method"] == "macenko"
+    assert result["pixels"] == 260 * 260
+    for name in ("hematoxylin", "dab"):
+        assert stains.angle_deg(result["stains"].vector(name), TRUTH.vector(name)) < 2.0
 
 
 def test_stains_estimate_missing_slide_is_one_line_error(tmp_path, capsys):
