@@ -144,6 +144,9 @@ class SkinParams:
         Mean lymphocyte nucleus diameter.
     ring_um : float
         Thickness of the DAB membrane/cytoplasm ring of positive lymphocytes.
+    ring_min_od, ring_max_od : float
+        Range of a positive lymphocyte's ring OD. Dark enough that the mean over a cell expanded 3 µm beyond its
+        nucleus (QuPath-style, ring diluted by unstained pixels) is still clearly above the threshold.
     lymphocytes_papillary_per_mm2, lymphocytes_deep_per_mm2, lymphocytes_interface_per_mm2 : float
         Lymphocyte density just below the DEJ, deep in the dermis and in the basal epidermis, at activity 1.
     perivascular_per_mm2 : float
@@ -182,7 +185,9 @@ class SkinParams:
     stratum_corneum_um: float = 10.0
     keratinocyte_spacing_um: float = 10.0
     lymphocyte_diameter_um: float = 6.5
-    ring_um: float = 1.5
+    ring_um: float = 2.0
+    ring_min_od: float = 0.55
+    ring_max_od: float = 0.95
     lymphocytes_papillary_per_mm2: float = 1500.0
     lymphocytes_deep_per_mm2: float = 120.0
     lymphocytes_interface_per_mm2: float = 600.0
@@ -203,6 +208,7 @@ class SkinParams:
             "activity": 0.0 <= self.activity <= 1.5,
             "threshold_od": self.background_target_od < self.threshold_od < self.min_positive_od,
             "max_positive_od": self.min_positive_od <= self.max_positive_od,
+            "ring_min_od": self.threshold_od < self.ring_min_od <= self.ring_max_od,
             "superficial_um": 0.0 < self.papillary_um < self.superficial_um,
             "epidermis_max_um": 0.0 < self.epidermis_min_um <= self.epidermis_max_um,
             "melanin": 0.0 <= self.melanin <= 1.0,
@@ -594,7 +600,7 @@ class _Scene:
         th = rng.uniform(0, np.pi, n)
         pos = rng.random(n) < self.positive_fraction
         nuc = rng.uniform(0.75, 1.0, n)
-        ring = rng.uniform(p.min_positive_od + 0.05, p.max_positive_od, n)
+        ring = rng.uniform(p.ring_min_od, p.ring_max_od, n)
         prio = 3.0 + rng.random(n)
         doublet = rng.random(n) < p.doublet_fraction
         pair = np.where(doublet, bid * 4096 + np.arange(n), -1)
@@ -631,7 +637,7 @@ class _Scene:
                 rng.uniform(0, np.pi, len(d)),
                 pos2,
                 rng.uniform(0.75, 1.0, len(d)),
-                rng.uniform(p.min_positive_od + 0.05, p.max_positive_od, len(d)),
+                rng.uniform(p.ring_min_od, p.ring_max_od, len(d)),
                 np.zeros(len(d), bool),
                 d.prio,
                 d.pair,
