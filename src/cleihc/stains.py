@@ -35,6 +35,7 @@ from cleihc.errors import CleihcError, StainDriftError
 
 __all__ = [
     "PRESETS",
+    "RESIDUAL",
     "STAIN_VECTORS",
     "AreaCounts",
     "StainMatrix",
