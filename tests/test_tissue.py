@@ -10,7 +10,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from cleihc.tiling import TileGrid
-from cleihc.tissue import TissueMask, TissueParams, _glass_rgb, detect_tissue, tissue_mask_for_slide
+from cleihc.tissue import (
+    TissueMask,
+    TissueParams,
+    _glass_rgb,
+    _otsu_mid,
+    detect_tissue,
+    tissue_mask_for_slide,
+)
 from conftest import shared_file
 
 GLASS = (242.0, 240.0, 244.0)
@@ -66,6 +73,17 @@ def test_params_defaults_and_validation():
     ):
         with pytest.raises(ValueError, match="tissue\\."):
             TissueParams(**bad)
+
+
+def test_otsu_takes_the_middle_of_a_gap():
+    from skimage.filters import threshold_otsu
+
+    rng = np.random.default_rng(0)
+    bimodal = np.concatenate([rng.normal(0.2, 0.05, 5000), rng.normal(0.7, 0.1, 3000)])
+    width = np.ptp(bimodal) / 256
+    assert abs(_otsu_mid(bimodal, nbins=256) - threshold_otsu(bimodal, nbins=256)) <= 2 * width
+    gapped = np.concatenate([rng.uniform(0.0, 0.04, 5000), rng.uniform(0.3, 0.4, 3000)])
+    assert _otsu_mid(gapped, nbins=256) == pytest.approx(0.17, abs=0.01)  # skimage: 0.04, the gap's first bin
 
 
 # -- synthetic images with known answers ---------------------------------------------------------------------

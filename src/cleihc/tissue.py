@@ -454,9 +454,9 @@ def detect_tissue(
     -----
     Optical density per channel is ``-log10(I / I0)`` with I0 the glass colour, summed over R, G, B (QuPath's
     "OD sum"). The automatic threshold is Otsu's [1]_ or the triangle method [2]_ over the non-artefact pixels,
-    clamped to ``[min_threshold_od, max_threshold_od]``. On real slides the clamp often decides: with much glass
-    and a clear gap, Otsu's maximum is a plateau whose first point sits just above the glass noise (raised to
-    the floor); with little glass, Otsu splits the tissue itself (lowered to the ceiling).
+    clamped to ``[min_threshold_od, max_threshold_od]``. Where glass and tissue are separated by empty
+    histogram bins, Otsu's criterion is flat across the gap and its middle is taken. With little glass, Otsu
+    splits the tissue itself and the ceiling decides; on most real slides the clamp is active.
 
     References
     ----------
@@ -528,15 +528,35 @@ def detect_tissue(
 
 def _auto_threshold(values: NDArray[np.float64], p: TissueParams) -> float:
     """Otsu or triangle threshold on OD values, clamped to the configured range."""
-    from skimage.filters import threshold_otsu, threshold_triangle
+    from skimage.filters import threshold_triangle
 
     if values.size == 0 or float(values.max()) - float(values.min()) < 1e-6:
         return p.max_threshold_od
     # Clip the dense tail so that a few very dark pixels do not stretch the histogram.
     hi = max(float(np.percentile(values, 99.5)), 2 * p.max_threshold_od)
     v = np.minimum(values, hi)
-    t = threshold_otsu(v, nbins=256) if p.method == "otsu" else threshold_triangle(v, nbins=256)
-    return min(max(float(t), p.min_threshold_od), p.max_threshold_od)
+    t = _otsu_mid(v, nbins=256) if p.method == "otsu" else float(threshold_triangle(v, nbins=256))
+    return min(max(t, p.min_threshold_od), p.max_threshold_od)
+
+
+def _otsu_mid(values: NDArray[Any], *, nbins: int) -> float:
+    """Otsu's threshold, taking the middle of the plateau of maximal between-class variance.
+
+    With glass and tissue separated by empty bins every cut in the gap is equally good; the common first-maximum
+    rule puts the threshold just above the glass noise, the middle of the gap is the robust choice.
+    """
+    counts, edges = np.histogram(values, bins=nbins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(counts)[:-1].astype(np.float64)
+    w1 = float(counts.sum()) - w0
+    s0 = np.cumsum(counts * centres)[:-1]
+    total = float((counts * centres).sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (s0 / w0 - (total - s0) / w1) ** 2
+    between = np.nan_to_num(between, nan=-1.0)
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    # Cut k splits bins [0..k] from [k+1..]: its threshold is the upper edge of bin k.
+    return float(0.5 * (edges[best[0] + 1] + edges[best[-1] + 1]))
 
 
 def _artefacts(col: _Colour, *, mpp_um: float, params: TissueParams) -> NDArray[np.bool_]:
