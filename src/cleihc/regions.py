@@ -758,6 +758,11 @@ def skin_compartments(
     4. Depth below the DEJ: Euclidean distance to the epidermis (µm, ``scipy.ndimage.distance_transform_edt``
        with ``sampling=mpp_um``) measured to the junction, i.e. minus half a pixel, so a band [a, b) is the set
        of dermis pixels whose centre lies a to b µm from the junction.
+
+    The method relies on the counterstain: where the target stain is strong in the whole epidermis (a keratin
+    marker, heavy keratinocyte CXCL10) the counterstain there is masked and the epidermis may be missed or the
+    dermis taken for it; check ``warnings`` and the QC image, and draw the epidermis in a ``--regions`` file
+    (then :func:`compartments_from_epidermis` gives the bands below it).
     """
     p = params if params is not None else CompartmentParams()
     od_in = np.asarray(counterstain_od)
