@@ -306,7 +306,8 @@ def _resolve_stains(
     """The protocol's stains with this slide's background (I0) and, if asked, its own vectors."""
     reference = proto.stains.matrix
     if proto.background.mode == "estimate":
-        background = estimate_background(overview, tissue_mask=tissue_ov)
+        # Fallback I0 for a slide whose overview shows no glass (a crop filled with tissue).
+        background = estimate_background(overview, tissue_mask=tissue_ov, fallback=proto.background.rgb)
     else:
         background = np.asarray(proto.background.rgb, dtype=float)
     stains = reference.with_background(background)
