@@ -357,3 +357,13 @@ def test_sample_set_is_reproducible_from_its_seed(tmp_path):
     )
     assert fresh.truth["cells"] == stored["cells"]
     assert fresh.truth["area_truth"] == stored["area_truth"]
+
+
+def test_streaming_writer_single_level_slide(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    path = write_large_synthetic_svs(tmp_path / "s.svs", width_px=300, height_px=200, stain="cd4", seed=2)
+    expected = render_skin(stain="cd4", width_px=300, height_px=200, seed=2, jpeg_quality=90).rgb
+    with openslide.OpenSlide(path) as osr:
+        assert osr.level_dimensions == ((300, 200),)
+        assert osr.associated_images["thumbnail"].size == (300, 200)
+        assert np.array_equal(np.asarray(osr.read_region((0, 0), 0, (300, 200)))[..., :3], expected)

@@ -197,11 +197,15 @@ def write_svs_tiles(
     if len(shapes) > 1:
         w1, h1 = shapes[1]
         levels[1] = np.zeros((h1, w1, 3), np.uint8)
+    else:
+        # a one-level slide is small (<= min_level_px): keep it for the thumbnail
+        levels[0] = np.zeros((int(height_px), int(width_px), 3), np.uint8)
 
     def sink(strip: np.ndarray, row0: int) -> None:
         if row0 % 4:
             raise ValueError("strips must start at a multiple of 4 rows")
         if 1 not in levels:
+            levels[0][row0 : row0 + strip.shape[0]] = strip
             return
         b = bin4(strip)
         r = row0 // 4
