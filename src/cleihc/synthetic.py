@@ -27,6 +27,7 @@ samples the scene at its centre ``(c + 0.5, r + 0.5)``; cell positions and regio
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -204,6 +205,12 @@ class SkinParams:
     background_rgb: tuple[float, float, float] = (242.0, 240.0, 244.0)
 
     def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "background_rgb", tuple(float(v) for v in self.background_rgb))
+        except (TypeError, ValueError):
+            raise CleihcError(
+                f"SkinParams.background_rgb must be three numbers, got {self.background_rgb!r}"
+            ) from None
         checks = {
             "activity": 0.0 <= self.activity <= 1.5,
             "threshold_od": self.background_target_od < self.threshold_od < self.min_positive_od,
@@ -1390,6 +1397,7 @@ def write_large_synthetic_svs(
     jpeg_quality: int = 90,
     params: SkinParams | None = None,
     chunk_px: int = 2048,
+    workers: int = 1,
 ) -> Path:
     """Render a synthetic slide tile by tile straight into an Aperio-style SVS (for big benchmark slides).
 
@@ -1415,6 +1423,8 @@ def write_large_synthetic_svs(
         JPEG quality of the tiles.
     chunk_px : int
         Columns rendered at once (rounded down to a multiple of `tile_px`).
+    workers : int
+        Processes rendering strips ahead of the writer (the output does not depend on it).
 
     Returns
     -------
@@ -1423,35 +1433,75 @@ def write_large_synthetic_svs(
     """
     _check_args(stain, width_px, height_px, mpp_um, jpeg_quality)
     params = params or SkinParams()
-    scene = _Scene(
-        stain=stain, width_px=int(width_px), height_px=int(height_px), mpp_um=mpp_um, seed=seed, params=params
-    )
     w, h = int(width_px), int(height_px)
     tile = int(tile_px)
     chunk = max(tile, int(chunk_px) // tile * tile)
+    key = (stain, w, h, float(mpp_um), int(seed), params, chunk)
+    rows = [(ty, min(tile, h - ty)) for ty in range(0, h, tile)]
+
+    def strips() -> Iterator[tuple[int, np.ndarray]]:
+        if workers <= 1:
+            for ty, th in rows:
+                yield ty, _render_strip(key, ty, th)
+            return
+        import concurrent.futures
+        import multiprocessing
+
+        # Strips are rendered ahead by worker processes (each keeps its own scene and caches) and written in
+        # order; at most 2 x workers strips wait in memory.
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            it = iter(rows)
+            pending = [
+                (ty, pool.submit(_render_strip, key, ty, th)) for ty, th in itertools.islice(it, 2 * workers)
+            ]
+            while pending:
+                ty, fut = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(_render_strip, key, *nxt)))
+                yield ty, fut.result()
 
     def tiles(sink: Any) -> Iterator[np.ndarray]:
-        for ty in range(0, h, tile):
-            th = min(tile, h - ty)
-            strip = np.empty((th, w, 3), np.uint8)
-            for cx in range(0, w, chunk):
-                cw = min(chunk, w - cx)
-                strip[:, cx : cx + cw], _ = scene.render_rect(cx, ty, cw, th)
+        for ty, strip in strips():
             sink(strip, ty)
             for tx in range(0, w, tile):
                 yield strip[:, tx : tx + tile]
-            scene.evict_blocks_above(math.floor((ty - 64.0 / scene.mpp) / _BLOCK_PX) - 1)
-            logger.debug("rendered rows %d..%d of %d", ty, ty + th, h)
+            logger.debug("rendered rows %d..%d of %d", ty, ty + strip.shape[0], h)
 
-    return write_svs_tiles(
-        path,
-        width_px=w,
-        height_px=h,
-        level0_tiles=tiles,
-        mpp_um=mpp_um,
-        tile_px=tile,
-        jpeg_quality=jpeg_quality,
-    )
+    try:
+        return write_svs_tiles(
+            path,
+            width_px=w,
+            height_px=h,
+            level0_tiles=tiles,
+            mpp_um=mpp_um,
+            tile_px=tile,
+            jpeg_quality=jpeg_quality,
+        )
+    finally:
+        _STRIP_SCENES.clear()
+
+
+_STRIP_SCENES: dict[tuple, _Scene] = {}
+
+
+def _render_strip(key: tuple, ty: int, th: int) -> np.ndarray:
+    """Level-0 rows [ty, ty + th) of the slide `key`, rendered in column chunks (also run in worker processes)."""
+    stain, w, h, mpp_um, seed, params, chunk = key
+    scene = _STRIP_SCENES.get(key)
+    if scene is None:
+        _STRIP_SCENES.clear()  # one slide at a time per process
+        scene = _STRIP_SCENES[key] = _Scene(
+            stain=stain, width_px=w, height_px=h, mpp_um=mpp_um, seed=seed, params=params
+        )
+    strip = np.empty((th, w, 3), np.uint8)
+    for cx in range(0, w, chunk):
+        cw = min(chunk, w - cx)
+        strip[:, cx : cx + cw], _ = scene.render_rect(cx, ty, cw, th)
+    # strips come in increasing order: objects of block rows well above are not needed again
+    scene.evict_blocks_above(math.floor((ty - 160.0 / scene.mpp) / _BLOCK_PX) - 1)
+    return strip
 
 
 @dataclass(frozen=True)
