@@ -170,14 +170,10 @@ def test_stain_drift_angles_and_background(tmp_path):
 def test_helpers():
     assert order_timepoints(["post", "w12", "pre", "w2", None]) == ["pre", "w2", "w12", "post"]
     assert order_timepoints(["baseline", "Week 4", "week 10"]) == ["baseline", "Week 4", "week 10"]
-    assert (
-        key_metric(pd.DataFrame({"positive_cells_per_mm2": [1.0], "positive_area_percent": [2.0]}))
-        == "positive_cells_per_mm2"
-    )
-    assert (
-        key_metric(pd.DataFrame({"positive_cells_per_mm2": [np.nan], "positive_area_percent": [2.0]}))
-        == "positive_area_percent"
-    )
+    both = pd.DataFrame({"positive_cells_per_mm2": [1.0], "positive_area_percent": [2.0]})
+    assert key_metric(both) == "positive_area_percent"
+    cells_only = pd.DataFrame({"positive_cells_per_mm2": [1.0], "positive_area_percent": [np.nan]})
+    assert key_metric(cells_only) == "positive_cells_per_mm2"
     assert key_metric(pd.DataFrame({"x": [1]})) is None
 
 

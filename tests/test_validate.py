@@ -330,6 +330,11 @@ def test_cli_validate(tmp_path):
     assert agree.loc[0, "bias"] == pytest.approx(-0.5)
     assert (tmp_path / "v" / "figures" / "agreement_positive_area_percent.png").exists()
     assert main(["validate", str(out), "--truth", str(tmp_path / "missing.csv")]) == 1
+    pd.DataFrame({"slide": ["other"], "region": "tissue", "positive_area_percent": [1.0]}).to_csv(
+        tmp_path / "other.csv", index=False
+    )
+    with pytest.raises(CleihcError, match="no truth slide is in these results"):
+        validate(out, read_truth(tmp_path / "other.csv"))
 
 
 # ---------------------------------------------------------------------------------------------- real data

@@ -111,8 +111,8 @@ def order_timepoints(values: Sequence[Any]) -> list[str]:
 
 
 def key_metric(rows: pd.DataFrame) -> str | None:
-    """The headline metric of a protocol's rows: positive cells per mm² for cell protocols, else percent area."""
-    for m in ("positive_cells_per_mm2", "positive_area_percent"):
+    """The headline metric of a protocol's rows: percent positive area when measured, else positive cells per mm²."""
+    for m in ("positive_area_percent", "positive_cells_per_mm2"):
         if m in rows.columns and rows[m].notna().any():
             return m
     return None
@@ -369,6 +369,8 @@ def plot_drift(drift: pd.DataFrame) -> Any | None:
         g = drift[drift["stain_name"] == name].drop_duplicates("slide").set_index("slide")
         vals = [g["drift_deg"].get(s, np.nan) for s in slides]
         ax1.bar(x - 0.4 + w * (k + 0.5), vals, width=w, label=name, color=f"C{k}")
+    top = float(np.nanmax(drift["drift_deg"].to_numpy(float))) if drift["drift_deg"].notna().any() else 0.0
+    ax1.set_ylim(0, max(1.0, 1.15 * top))  # a fixed-vector protocol has zero drift: keep a readable axis
     ax1.set_ylabel("drift (degrees)")
     ax1.set_title("stain-vector angle to the protocol's reference", fontsize=10)
     ax1.legend(fontsize=7)
@@ -639,7 +641,7 @@ def build_report(
         meta_txt = ", ".join(f"{k} {v}" for k, v in meta.items())
         tissue = next((r for r in rows if r.get("region") == "tissue"), rows[0] if rows else {})
         metric = next(
-            (m for m in ("positive_cells_per_mm2", "positive_area_percent") if tissue.get(m) is not None),
+            (m for m in ("positive_area_percent", "positive_cells_per_mm2") if tissue.get(m) is not None),
             None,
         )
         value = f"{metric} {_fmt(tissue.get(metric))} ({tissue.get('region')})" if metric else ""

@@ -852,12 +852,23 @@ def validate(
     records = {r["slide"]: r for r in read_slide_records(folder)}
     warnings: list[str] = []
     pair_parts = []
+    known = set(records)
+    truth_slides = set(truth.values["slide"]) | set(truth.points["slide"])
+    missing = sorted(truth_slides - known)
+    if missing:  # common when one truth folder serves several stains' results: compare what is here
+        warnings.append(
+            f"{len(missing)} truth slide(s) have no results in {folder} and are ignored: "
+            + ", ".join(missing[:5])
+            + (", ..." if len(missing) > 5 else "")
+        )
+    if not truth_slides & known:
+        raise CleihcError(
+            "no truth slide is in these results; truth files must be named after the slides (<slide>.truth.json, "
+            "<slide>.geojson) or carry a 'slide' column",
+            path=folder,
+        )
     if len(truth.values):
-        tv = truth.values
-        known = set(measured["slide"]) if len(measured) else set()
-        missing = sorted(set(tv["slide"]) - known)
-        if missing:
-            warnings.append(f"{len(missing)} truth slide(s) not in the results: {', '.join(missing[:5])}")
+        tv = truth.values[truth.values["slide"].isin(known)]
         long = (
             measured.melt(
                 id_vars=["slide", "region"],
@@ -874,15 +885,18 @@ def validate(
         pair_parts.append(tv.merge(long, on=["slide", "region", "metric"], how="inner"))
     det_rows = []
     if len(truth.points):
-        for slide, pts in truth.points.groupby("slide", sort=True):
-            rec = records.get(slide)
+        for slide, pts in truth.points[truth.points["slide"].isin(known)].groupby("slide", sort=True):
+            rec = records[slide]
             cells_path = folder / "cells" / f"{slide}.parquet"
-            if rec is None or not cells_path.exists():
+            if not cells_path.exists():
                 warnings.append(
-                    f"{slide}: no detected cells in the results (not measured, or not a cell protocol)"
+                    f"{slide}: no cells table in the results (an area protocol?); points not compared"
                 )
                 continue
             cells = pd.read_parquet(cells_path)
+            # Cells outside the tissue are in no reported number, so they are not detections either.
+            if "region" in cells:
+                cells = cells[cells["region"].astype(str) != "outside"]
             mpp = _level0_mpp(rec)
             if mpp is None and len(cells) and cells["x_px"].abs().max() > 0:
                 mpp = float(

@@ -1,0 +1,253 @@
+"""The statistics scripts in examples/: known answers on constructed study tables, and a run end to end on a
+tidy table made by `cleihc.tables.tidy` from constructed results folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+pytest.importorskip("statsmodels", reason="the example scripts use statsmodels (pip install cleihc[stats])")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+paired = _load("paired_pre_post")
+responders = _load("responders")
+correlate = _load("correlate_stains")
+
+
+def _study(values: dict[tuple[str, str, str, str], float], metric_of: dict[str, str]) -> pd.DataFrame:
+    """A tidy table from {(subject, timepoint, stain, region): value}."""
+    rows = [
+        {
+            "subject": s,
+            "timepoint": t,
+            "slide": f"{s}_{t}_{st}",
+            "stain": st,
+            "region": r,
+            "metric": metric_of[st],
+            "value": v,
+            "unit": "",
+        }
+        for (s, t, st, r), v in values.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_paired_constant_decrease_known_answer():
+    pre = [100.0, 120, 90, 150, 80, 110, 130, 95]
+    vals = {}
+    for i, v in enumerate(pre):
+        vals[(f"S{i}", "pre", "cd8", "dermis")] = v
+        vals[(f"S{i}", "post", "cd8", "dermis")] = v - 10
+    res = paired.compare_pre_post(_study(vals, {"cd8": "positive_cells_per_mm2"}))
+    row = res.iloc[0]
+    assert row["n_pairs"] == 8
+    assert row["median_change"] == -10
+    assert row["rank_biserial_r"] == -1.0  # every subject decreased
+    assert row["p_value"] == pytest.approx(
+        2 / 2**8
+    )  # only all-negative and all-positive signs are as extreme
+    assert row["statistic_w"] == 0
+
+
+def test_signed_rank_exact_p_hand_computed():
+    # changes 1, 2, 3, -4: R+ = 6, R- = 4, r = 0.2; of the 16 sign patterns only the two with R+ = 5 are less
+    # extreme than |R+ - 5| = 1, so p = 14/16.
+    out = paired.wilcoxon_paired(np.zeros(4), np.array([1.0, 2, 3, -4]))
+    assert out["rank_biserial_r"] == pytest.approx(0.2)
+    assert out["p_value"] == pytest.approx(14 / 16)
+    assert out["p_value"] == pytest.approx(stats.wilcoxon([1.0, 2, 3, -4], method="exact").pvalue)
+    # ties and zeros: changes 0, 5, 5, -5 -> zero dropped, midranks 2, 2, 2; R+ = 4, R- = 2, r = 1/3
+    out = paired.wilcoxon_paired(np.zeros(4), np.array([0.0, 5, 5, -5]))
+    assert out["n_nonzero"] == 3
+    assert out["rank_biserial_r"] == pytest.approx(1 / 3)
+    assert (
+        out["p_value"] == 1.0
+    )  # R+ can only be 0, 2, 4 or 6: every sign pattern is at least 1 from the mean 3
+    # no change at all
+    assert paired.wilcoxon_paired(np.ones(3), np.ones(3))["p_value"] == 1.0
+
+
+def test_paired_headline_metric_and_fdr():
+    vals = {}
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        for region in ("epidermis", "dermis"):
+            base = 50 + 10 * i
+            vals[(f"S{i}", "pre", "cxcl10", region)] = base
+            vals[(f"S{i}", "post", "cxcl10", region)] = base + rng.normal(0, 5)
+    study = _study(vals, {"cxcl10": "positive_area_percent"})
+    extra = study.assign(
+        metric="positive_cells_per_mm2", value=1.0
+    )  # CXCL10 measures both: area is the headline
+    res = paired.compare_pre_post(pd.concat([study, extra], ignore_index=True))
+    assert set(res["metric"]) == {"positive_area_percent"}
+    assert len(res) == 2
+    assert (res["q_value"] >= res["p_value"] - 1e-12).all()
+    p_sorted = np.sort(res["p_value"].to_numpy())
+    assert res["q_value"].max() == pytest.approx(p_sorted[-1])  # BH: the largest p-value is its own q-value
+
+
+def test_responders_known_answer(tmp_path):
+    vals = {}
+    for i, ch in enumerate([-10.0, -20, -30]):  # responders: CXCL10 falls
+        vals[(f"R{i}", "pre", "cxcl10", "dermis")] = 50
+        vals[(f"R{i}", "post", "cxcl10", "dermis")] = 50 + ch
+    for i, ch in enumerate([5.0, 10, 15]):
+        vals[(f"N{i}", "pre", "cxcl10", "dermis")] = 50
+        vals[(f"N{i}", "post", "cxcl10", "dermis")] = 50 + ch
+    study = _study(vals, {"cxcl10": "positive_area_percent"})
+    status = pd.Series(
+        [s.startswith("R") for s in ["R0", "R1", "R2", "N0", "N1", "N2"]],
+        index=["R0", "R1", "R2", "N0", "N1", "N2"],
+    )
+    res = responders.compare_responders(study, status)
+    row = res.iloc[0]
+    assert row["u_responders"] == 0
+    assert row["rank_biserial_r"] == -1.0  # every responder's change is below every non-responder's
+    assert row["p_value"] == pytest.approx(2 / math.comb(6, 3))  # exact: 2 of the 20 splits are this extreme
+    assert row["median_change_responders"] == -20 and row["median_change_non_responders"] == 10
+    # the same status from a CSV, and through main()
+    pd.DataFrame({"subject": status.index, "responder": np.where(status, "yes", "no")}).to_csv(
+        tmp_path / "r.csv", index=False
+    )
+    study.to_csv(tmp_path / "study.csv", index=False)
+    assert (
+        responders.main(
+            [
+                str(tmp_path / "study.csv"),
+                "--responders",
+                str(tmp_path / "r.csv"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
+    out = pd.read_csv(tmp_path / "o" / "responders.csv")
+    assert out.loc[0, "rank_biserial_r"] == -1.0
+
+
+def test_responder_rule():
+    vals = {}
+    # CD8 dermis: S0 falls 60 %, S1 falls 50 % (responder: <= -50), S2 falls 20 %, S3 rises
+    for s, (pre, post) in {"S0": (100, 40), "S1": (100, 50), "S2": (100, 80), "S3": (100, 130)}.items():
+        vals[(s, "pre", "cd8", "dermis")] = pre
+        vals[(s, "post", "cd8", "dermis")] = post
+        vals[(s, "pre", "cxcl10", "dermis")] = 10
+        vals[(s, "post", "cxcl10", "dermis")] = 10 + (post - pre) / 10
+    study = _study(vals, {"cd8": "positive_cells_per_mm2", "cxcl10": "positive_area_percent"})
+    status = responders.responders_from_rule(study, "cd8:dermis:positive_cells_per_mm2:-50")
+    assert status.to_dict() == {"S0": True, "S1": True, "S2": False, "S3": False}
+    res = responders.compare_responders(study, status, exclude=("cd8", "dermis"))
+    assert res["stain"].tolist() == ["cxcl10"]
+
+
+def test_spearman_known_answers():
+    vals = {}
+    cd8 = [10.0, 20, 35, 50, 80, 120]
+    for i, v in enumerate(cd8):
+        for tp in ("pre", "post"):
+            vals[(f"S{i}", tp, "cd8", "dermis")] = v
+            vals[(f"S{i}", tp, "cxcl10", "dermis")] = (
+                math.exp(v / 20) if tp == "pre" else -v
+            )  # monotone up / down
+    study = _study(vals, {"cd8": "positive_cells_per_mm2", "cxcl10": "positive_area_percent"})
+    res = correlate.correlate(study).set_index("timepoint")
+    assert res.loc["pre", "spearman_rho"] == pytest.approx(1.0)
+    assert res.loc["post", "spearman_rho"] == pytest.approx(-1.0)
+    assert res.loc["pre", "n"] == 6
+    assert res.loc["pre", "stain_x"] == "cd8" and res.loc["pre", "metric_y"] == "positive_area_percent"
+    pooled = correlate.correlate(study, x="cd8", y="cxcl10", pool=True)
+    assert len(pooled) == 1 and pooled.loc[0, "n"] == 6  # one subject-timepoint key per subject when pooled
+
+
+def _results_folder(root: Path, stain: str, values: dict[tuple[str, str], float], metric: str) -> Path:
+    out = root / stain
+    (out / "slides").mkdir(parents=True)
+    for (subj, tp), v in values.items():
+        slide = f"{subj}_{tp}_{stain}"
+        rows = [
+            {
+                "subject": subj,
+                "timepoint": tp,
+                "slide": slide,
+                "path": f"{slide}.svs",
+                "stain": stain,
+                "protocol": f"{stain}@1.0.0",
+                "protocol_sha256": "0" * 64,
+                "region": region,
+                "region_area_mm2": 1.0,
+                metric: v * (k + 1),
+            }
+            for k, region in enumerate(("tissue", "dermis"))
+        ]
+        (out / "slides" / f"{slide}.json").write_text(json.dumps({"slide": slide, "rows": rows}))
+    return out
+
+
+def test_scripts_end_to_end_on_tidy_table(tmp_path, capsys):
+    from cleihc.tables import tidy
+
+    subjects = [f"P{i:02d}" for i in range(7)]
+    cd8 = {
+        (s, tp): 100.0 + 20 * i - (30 if tp == "post" else 0)
+        for i, s in enumerate(subjects)
+        for tp in ("pre", "post")
+    }
+    cx = {
+        (s, tp): 2.0 + i - (1 if tp == "post" else 0)
+        for i, s in enumerate(subjects)
+        for tp in ("pre", "post")
+    }
+    folders = [
+        _results_folder(tmp_path, "cd8", cd8, "positive_cells_per_mm2"),
+        _results_folder(tmp_path, "cxcl10", cx, "positive_area_percent"),
+    ]
+    tidy(folders).to_csv(tmp_path / "study.csv", index=False)
+    out = tmp_path / "stats"
+    assert paired.main([str(tmp_path / "study.csv"), "--out", str(out)]) == 0
+    res = pd.read_csv(out / "paired_pre_post.csv")
+    assert len(res) == 4  # 2 stains x 2 regions
+    assert (res["rank_biserial_r"] == -1).all()
+    assert res["p_value"].to_numpy() == pytest.approx(np.full(4, 2 / 2**7))
+    assert (
+        correlate.main([str(tmp_path / "study.csv"), "--out", str(out), "--x", "cd8", "--y", "cxcl10"]) == 0
+    )
+    cor = pd.read_csv(out / "stain_correlations.csv")
+    assert cor["spearman_rho"].to_numpy() == pytest.approx(np.ones(4))
+    assert (
+        responders.main(
+            [
+                str(tmp_path / "study.csv"),
+                "--out",
+                str(out),
+                "--rule",
+                "cd8:tissue:positive_cells_per_mm2:-25",
+            ]
+        )
+        == 0
+    )
+    status = pd.read_csv(out / "responder_status.csv")
+    # a 30-point fall is -30 % for P00 (100 -> 70) and less for the others (120 -> 90 is -25 %: a responder)
+    assert status.set_index("subject")["responder"].to_dict() == {
+        "P00": True,
+        "P01": True,
+        **{s: False for s in subjects[2:]},
+    }
+    assert "rank_biserial_r" in capsys.readouterr().out
