@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import shapely.geometry
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cleihc.errors import CleihcError
 from cleihc.stains import deconvolve, preset
@@ -367,3 +369,41 @@ def test_streaming_writer_single_level_slide(tmp_path):
         assert osr.level_dimensions == ((300, 200),)
         assert osr.associated_images["thumbnail"].size == (300, 200)
         assert np.array_equal(np.asarray(osr.read_region((0, 0), 0, (300, 200)))[..., :3], expected)
+
+
+_FULL_CACHE: dict = {}
+
+
+def _full_gag():
+    if not _FULL_CACHE:
+        params = SkinParams(noise_sigma=2.0)
+        _FULL_CACHE["slide"] = render_skin(
+            stain="gag-colloidal-iron",
+            width_px=640,
+            height_px=520,
+            seed=13,
+            jpeg_quality=None,
+            params=params,
+            regions_geojson=False,
+        )
+        _FULL_CACHE["params"] = params
+    return _FULL_CACHE["slide"], _FULL_CACHE["params"]
+
+
+@settings(max_examples=6, deadline=None)
+@given(x0=st.integers(-40, 600), y0=st.integers(-40, 480), w=st.integers(1, 300), h=st.integers(1, 300))
+def test_any_rectangle_renders_like_the_full_image(x0, y0, w, h):
+    full, params = _full_gag()
+    scene = _Scene(
+        stain="gag-colloidal-iron", width_px=640, height_px=520, mpp_um=0.5, seed=13, params=params
+    )
+    rgb, fields = scene.render_rect(x0, y0, w, h)
+    assert rgb.shape == (h, w, 3)
+    # compare where the rectangle overlaps the image
+    cx0, cy0, cx1, cy1 = max(x0, 0), max(y0, 0), min(x0 + w, 640), min(y0 + h, 520)
+    if cx0 < cx1 and cy0 < cy1:
+        sub = rgb[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        assert np.array_equal(sub, full.rgb[cy0:cy1, cx0:cx1])
+        assert np.array_equal(
+            fields["target"][cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0], full.target_conc[cy0:cy1, cx0:cx1]
+        )
