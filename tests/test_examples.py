@@ -251,3 +251,28 @@ def test_scripts_end_to_end_on_tidy_table(tmp_path, capsys):
         **{s: False for s in subjects[2:]},
     }
     assert "rank_biserial_r" in capsys.readouterr().out
+
+
+def test_mixed_model_balanced_change_equals_mean_difference():
+    mixed = _load("mixed_model")
+    rng = np.random.default_rng(4)
+    vals = {}
+    level = rng.normal(100, 30, 10)
+    for i in range(10):
+        vals[(f"S{i}", "pre", "cd8", "dermis")] = level[i] + rng.normal(0, 5)
+        vals[(f"S{i}", "w12", "cd8", "dermis")] = level[i] - 20 + rng.normal(0, 5)
+        vals[(f"S{i}", "w24", "cd8", "dermis")] = level[i] - 35 + rng.normal(0, 5)
+    study = _study(vals, {"cd8": "positive_cells_per_mm2"})
+    res = mixed.change_over_time(study, baseline="pre").set_index("timepoint")
+    for tp in ("w12", "w24"):
+        diffs = [
+            vals[(f"S{i}", tp, "cd8", "dermis")] - vals[(f"S{i}", "pre", "cd8", "dermis")] for i in range(10)
+        ]
+        # balanced, complete design: the mixed-model change from baseline is the mean paired difference
+        assert res.loc[tp, "change"] == pytest.approx(np.mean(diffs), rel=1e-6)
+        assert res.loc[tp, "ci_lower"] < res.loc[tp, "change"] < res.loc[tp, "ci_upper"]
+    assert res.loc["w24", "p_value"] < 1e-6
+    # a subject missing a biopsy is kept, not dropped
+    partial = study[~((study["subject"] == "S0") & (study["timepoint"] == "w24"))]
+    res2 = mixed.change_over_time(partial, baseline="pre")
+    assert set(res2["n_subjects"]) == {10} and set(res2["n_biopsies"]) == {29}
