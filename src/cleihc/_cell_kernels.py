@@ -24,7 +24,7 @@ __all__ = [
 
 @njit(cache=True, nogil=True, fastmath=False)
 def measure_kernel(
-    nuc, cell, target, counter, residual, pig_min_od, pig_ratio, ints, sums, maxs
+    nuc, cell, target, counter, residual, pig_min_od, pig_max_od, pig_ratio, ints, sums, maxs
 ):  # pragma: no cover
     """Accumulate per-label statistics of nuclei (``nuc``) and of rings (``cell`` pixels outside any nucleus).
 
@@ -32,8 +32,8 @@ def measure_kernel(
     4 ring area, 5 ring pigment pixels. ``sums`` (float64, shape (3, n + 1)): 0 target in nucleus,
     1 counterstain in nucleus, 2 target in ring. ``maxs`` (float64, shape (2, n + 1)): 0 target max in nucleus,
     1 target max in ring (initialised by the caller to -inf). A pixel is pigment when ``pig_min_od > 0`` and, in
-    float32, ``counter + target >= pig_min_od`` and ``|residual| >= pig_ratio * (counter + target)`` (the formula
-    of :func:`cleihc.cells.detect_pigment`).
+    float32, ``pig_min_od <= counter + target <= pig_max_od`` and ``|residual| >= pig_ratio * (counter + target)``
+    (the formula of :func:`cleihc.cells.detect_pigment`).
     """
     h, w = nuc.shape
     use_pig = pig_min_od > 0
@@ -48,7 +48,7 @@ def measure_kernel(
             pig = False
             if use_pig:
                 tot = counter[i, j] + tf
-                pig = tot >= pig_min_od and abs(residual[i, j]) >= pig_ratio * tot
+                pig = tot >= pig_min_od and tot <= pig_max_od and abs(residual[i, j]) >= pig_ratio * tot
             if a > 0:
                 ints[0, a] += 1
                 ints[1, a] += j

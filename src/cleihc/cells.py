@@ -89,9 +89,11 @@ class CellParams:
     # A pale nucleus fully enclosed by a membranous target ring (smoothed target OD >= this) is a nucleus too:
     # the hole of the ring is added to the nucleus mask. 0 turns it off.
     ring_threshold_od: float = 0.2
-    # Number of thresholds tried, doubling from nucleus_threshold_od: objects too long at one level (packed
-    # epidermal nuclei merged into a network) are looked for again at the next, where they separate.
-    threshold_levels: int = 3
+    # Number of thresholds tried, rising from nucleus_threshold_od by threshold_step: objects too long at one level
+    # (packed epidermal nuclei, lymphocyte clusters merged into a network) are looked for again at the next.
+    threshold_levels: int = 6
+    # Ratio between successive thresholds of the cascade.
+    threshold_step: float = 1.5
     # Nuclei smaller than this (after splitting) are discarded as debris or noise.
     min_nucleus_area_um2: float = 10.0
     # Nuclei larger than this (after hole filling) are discarded as clumps or stained stroma.
@@ -111,9 +113,12 @@ class CellParams:
     # Statistic of the target OD in the compartment: "mean" (QuPath's default) or "max".
     measure: Measure = "mean"
     # Detect brown pigment that is not DAB (melanin) and flag the cells whose compartment is mostly pigment.
-    exclude_pigment: bool = True
+    exclude_pigment: bool = False
     # A pixel is pigment where its counterstain + target OD reaches this (pigment is dark)...
     pigment_min_od: float = 0.4
+    # ... and at most this: darker pixels are near-black, where the camera clips and any stain (DAB too) turns
+    # neutral, so their hue says nothing about pigment.
+    pigment_max_od: float = 2.0
     # ... and its |residual OD| is at least this fraction of counterstain + target OD (its hue is neither
     # hematoxylin's nor DAB's, so deconvolution leaves a residual).
     pigment_residual_ratio: float = 0.05
@@ -137,10 +142,11 @@ class CellParams:
         need(0.0 < self.nucleus_threshold_od <= 5.0, "nucleus_threshold_od", "in (0, 5] OD")
         need(-1.0 <= self.nucleus_target_weight <= 2.0, "nucleus_target_weight", "between -1 and 2")
         need(
-            isinstance(self.threshold_levels, int) and 1 <= self.threshold_levels <= 6,
+            isinstance(self.threshold_levels, int) and 1 <= self.threshold_levels <= 10,
             "threshold_levels",
-            "an integer from 1 to 6",
+            "an integer from 1 to 10",
         )
+        need(1.0 < self.threshold_step <= 4.0, "threshold_step", "in (1, 4]")
         need(0.0 <= self.nucleus_edge_fraction < 1.0, "nucleus_edge_fraction", "in [0, 1)")
         need(0.0 <= self.ring_threshold_od <= 5.0, "ring_threshold_od", "between 0 (off) and 5 OD")
         need(0.0 < self.min_nucleus_area_um2, "min_nucleus_area_um2", "> 0 µm²")
@@ -155,6 +161,11 @@ class CellParams:
         need(self.compartment in get_args(Compartment), "compartment", f"one of {get_args(Compartment)}")
         need(self.measure in get_args(Measure), "measure", f"one of {get_args(Measure)}")
         need(0.0 < self.pigment_min_od <= 5.0, "pigment_min_od", "in (0, 5] OD")
+        need(
+            self.pigment_min_od < self.pigment_max_od <= 10.0,
+            "pigment_max_od",
+            "greater than pigment_min_od and at most 10 OD",
+        )
         need(0.0 < self.pigment_residual_ratio <= 1.0, "pigment_residual_ratio", "in (0, 1]")
         need(0.0 < self.pigment_min_fraction <= 1.0, "pigment_min_fraction", "in (0, 1]")
         for name in ("split", "exclude_pigment"):
@@ -279,13 +290,14 @@ def detect_pigment(
 
     Melanin absorbs broadly, more in blue than in red, so its OD vector is darker and more neutral than DAB's and
     is not a mixture of hematoxylin and DAB: deconvolution with an H-DAB matrix gives it hematoxylin, DAB *and* a
-    residual. A pixel is pigment where its counterstain + target OD is at least ``pigment_min_od`` and its
-    absolute residual is at least ``pigment_residual_ratio`` times that sum (a hematoxylin/DAB mixture has a
+    residual. A pixel is pigment where its counterstain + target OD is between ``pigment_min_od`` and
+    ``pigment_max_od`` (beyond it the camera clips and every stain turns neutral grey) and its absolute residual is at least ``pigment_residual_ratio`` times that sum (a hematoxylin/DAB mixture has a
     residual near 0 whatever its darkness). The test is per pixel; :func:`detect_cells` averages it over a cell's
     compartment (``pigment_fraction``), which is what smooths out noise.
 
     Limits: light, sparse melanin (residual below the noise of JPEG-compressed slides) is missed; very dark DAB
-    deposits that saturate the camera become neutral-grey and can be flagged; the residual's scale depends on the
+    deposits that saturate the camera become neutral grey (excluded above ``pigment_max_od``, so pigment that dark
+    is missed too); the residual's scale depends on the
     stain matrix, so ``pigment_residual_ratio`` is a per-protocol setting. With no residual channel (two stains
     only) nothing is flagged.
 
@@ -314,8 +326,10 @@ def detect_pigment(
         return np.zeros(conc.shape[:2], dtype=bool)
     total = conc[..., ci].astype(np.float32) + conc[..., ti].astype(np.float32)
     residual = np.abs(conc[..., ri].astype(np.float32))
-    return (total >= np.float32(params.pigment_min_od)) & (
-        residual >= np.float32(params.pigment_residual_ratio) * total
+    return (
+        (total >= np.float32(params.pigment_min_od))
+        & (total <= np.float32(params.pigment_max_od))
+        & (residual >= np.float32(params.pigment_residual_ratio) * total)
     )
 
 
@@ -345,7 +359,7 @@ def _nucleus_mask(
 ) -> np.ndarray:
     """Nucleus clumps: a cascade of thresholds, long objects discarded, edges at half maximum, holes filled.
 
-    Level ``k`` thresholds the detection image at ``nucleus_threshold_od * 2**k``. A component is accepted at the
+    Level ``k`` thresholds the detection image at ``nucleus_threshold_od * threshold_step**k``. A component is accepted at the
     first level where it is at most ``max_nucleus_length_um`` wide and tall and at most ``max_nucleus_area_um2``;
     a component inside one accepted at a lower level is skipped. Packed nuclei (epidermis) that merge into a long
     network at the base threshold thus separate at a higher one, and every accepted object is small, so whether it
@@ -359,7 +373,7 @@ def _nucleus_mask(
     accepted = np.zeros(det.shape, dtype=bool)
     result = np.zeros(det.shape, dtype=bool)
     for level in range(params.threshold_levels):
-        mask = det >= np.float32(params.nucleus_threshold_od * 2.0**level)
+        mask = det >= np.float32(params.nucleus_threshold_od * params.threshold_step**level)
         if level == 0 and ring_holes is not None:
             mask |= ring_holes
         if level > 0:
@@ -537,9 +551,13 @@ def detect_cells(
     ri = _residual_index(names, ci, ti)
     if params.exclude_pigment and ri is not None:
         residual_od = np.ascontiguousarray(conc[..., ri], dtype=np.float32)
-        pigment_od = (np.float32(params.pigment_min_od), np.float32(params.pigment_residual_ratio))
+        pigment_od = (
+            np.float32(params.pigment_min_od),
+            np.float32(params.pigment_max_od),
+            np.float32(params.pigment_residual_ratio),
+        )
     else:  # a threshold of 0 switches the pigment test off in the kernel
-        residual_od, pigment_od = target_od, (np.float32(0.0), np.float32(0.0))
+        residual_od, pigment_od = target_od, (np.float32(0.0), np.float32(0.0), np.float32(0.0))
     table = _measure(
         nuclei, cells, target_od, counter_od, residual_od, pigment_od, params, mpp_um, positive_od, bins
     )
@@ -552,7 +570,7 @@ def _measure(
     target_od: np.ndarray,
     counter_od: np.ndarray,
     residual_od: np.ndarray,
-    pigment_od: tuple[np.float32, np.float32],
+    pigment_od: tuple[np.float32, np.float32, np.float32],
     params: CellParams,
     mpp_um: float,
     positive_od: float,
