@@ -217,3 +217,30 @@ def test_outputs_follow_the_contract(cd3_slide, tmp_path):
     rec = json.loads((tmp_path / "slides" / f"{stem}.json").read_text())
     assert rec["input_sha256"] == res.provenance["slide"]["sha256"]
     assert rec["provenance"]["stains"]["background_rgb"]
+
+
+def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):
+    """Regression (regions helper's request): a drawn epidermis replaces the automatic one and the dermis follows."""
+    feats = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[160, 160], [2560, 160], [2560, 360], [160, 360], [160, 160]]]},
+            "properties": {"classification": {"name": name}},
+        }
+        for name in ("epidermis",)
+    ]
+    feats.append(
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[160, 160], [2560, 160], [2560, 1760], [160, 1760], [160, 160]]]},
+            "properties": {"classification": {"name": "tissue"}},
+        }
+    )
+    path = tmp_path / "epi.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    rows = quantify(block_slide, "cxcl10", regions=path).regions.set_index("region")
+    px_mm2 = (MPP * MPP) / 1e6
+    assert rows.loc["epidermis", "region_area_mm2"] == pytest.approx(2400 * 200 * px_mm2, rel=1e-12)
+    assert rows.loc["dermis", "region_area_mm2"] == pytest.approx(2400 * 1400 * px_mm2, rel=1e-12)
+    # papillary band: 0-150 µm = 300 px below the drawn junction at y = 360
+    assert rows.loc["papillary_dermis", "region_area_mm2"] == pytest.approx(2400 * 300 * px_mm2, rel=0.02)

@@ -36,7 +36,13 @@ from cleihc.geometry import rasterize
 from cleihc.io import sha256_file
 from cleihc.measure import TotalsRaster, accumulate_area, area_metrics, cell_metrics, map_mask
 from cleihc.protocol import Protocol, load_protocol
-from cleihc.regions import Region, merge_regions, regions_for_slide, skin_compartments
+from cleihc.regions import (
+    Region,
+    compartments_from_epidermis,
+    merge_regions,
+    regions_for_slide,
+    skin_compartments,
+)
 from cleihc.slide import AnalysisResolution, Slide, open_slide
 from cleihc.stains import (
     StainMatrix,
@@ -231,10 +237,26 @@ def plan_slide(
             shape=(overview.shape[1], overview.shape[0]),
             downsample=overview_ds,
         )
-        stains = _resolve_stains(proto, overview, tissue_ov, slide.background_rgb, warnings)
-        conc_ov = deconvolve(overview, stains)
+        stains = _resolve_stains(proto, overview, tissue_ov, warnings)
+        user_regions = _user_regions(regions, slide_path)
+        user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         compartments = None
-        if proto.compartments.enabled:
+        if proto.compartments.enabled and user_epidermis:
+            # The user's epidermis moves the junction, so the dermis and depth bands follow it.
+            epi = rasterize(
+                user_epidermis[0].geometry,
+                shape=(overview.shape[1], overview.shape[0]),
+                downsample=overview_ds,
+            )
+            compartments = compartments_from_epidermis(
+                epi & tissue_ov,
+                tissue_ov,
+                mpp_um=overview_mpp,
+                downsample=overview_ds,
+                params=proto.compartments,
+            )
+        elif proto.compartments.enabled:
+            conc_ov = deconvolve(overview, stains)
             compartments = skin_compartments(
                 conc_ov[..., stains.index(proto.counterstain)],
                 tissue_ov,
@@ -242,10 +264,10 @@ def plan_slide(
                 downsample=overview_ds,
                 params=proto.compartments,
             )
+        if compartments is not None:
             warnings.extend(compartments.warnings)
         timings["overview_s"] = time.perf_counter() - t1
 
-    user_regions = _user_regions(regions, slide_path)
     auto = compartments.to_regions() if compartments is not None else []
     merged = merge_regions(auto, user_regions)
     comp_masks = dict(compartments.masks) if compartments is not None else {}
@@ -300,7 +322,6 @@ def _resolve_stains(
     proto: Protocol,
     overview: np.ndarray,
     tissue_ov: np.ndarray,
-    vendor_background: tuple[int, int, int] | None,
     warnings: list[str],
 ) -> StainMatrix:
     """The protocol's stains with this slide's background (I0) and, if asked, its own vectors."""

@@ -118,7 +118,7 @@ def estimate_for_slide(
         vendor_bg = slide.background_rgb
     tissue = None
     if mpp_um is not None:
-        tm = detect_tissue(image, mpp_um=mpp_um, params=proto.tissue, background_rgb=vendor_bg, downsample=ds)
+        tm = detect_tissue(image, mpp_um=mpp_um, params=proto.tissue, fill_rgb=vendor_bg, downsample=ds)
         if tm.mask.shape == image.shape[:2] and tm.mask.any():
             tissue = np.asarray(tm.mask)
     else:
