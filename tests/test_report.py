@@ -185,10 +185,22 @@ def test_report_errors_and_cli(tmp_path):
     from cleihc.cli import main
 
     cd8 = make_folder(tmp_path, "cd8", subjects=("A",))
+    (cd8 / "validation").mkdir()
+    pd.DataFrame(
+        {
+            "metric": ["cells_positive"],
+            "region": ["all"],
+            "n": [4],
+            "bias": [-2.5],
+            "icc_2_1": [0.93],
+            "ccc": [0.9],
+        }
+    ).to_csv(cd8 / "validation" / "agreement.csv", index=False)
     assert (
         main(["report", str(cd8), "--out", str(tmp_path / "r.html"), "--figures", str(tmp_path / "figs")])
         == 0
     )
-    assert (tmp_path / "r.html").stat().st_size > 1000
+    html_text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="validation"' in html_text and "-2.5" in html_text
     assert (tmp_path / "figs" / "cd8_regions.svg").exists()
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r2.html")]) == 1

@@ -409,3 +409,20 @@ def test_bcdata_ki67_points(tmp_path):
         assert pairs.loc[slide, "reference"] == sum(
             r["class"] == "positive" for r in rows if r["slide"] == slide
         )
+
+
+def test_synthetic_truth_without_cell_marker(tmp_path):
+    """CXCL10 truth: area and nucleus counts are references; the generator's cells carry no marker."""
+    from cleihc.synthetic import render_skin
+
+    s = render_skin(stain="cxcl10", width_px=300, height_px=300, mpp_um=0.5, seed=5, regions_geojson=False)
+    (tmp_path / "x.truth.json").write_text(json.dumps(s.truth))
+    t = read_truth(tmp_path / "x.truth.json")
+    assert t.points.empty
+    metrics = set(t.values["metric"])
+    assert {"positive_area_percent", "region_area_mm2", "cells_total"} <= metrics
+    assert not metrics & {"cells_positive", "cells_negative", "positive_cells_per_mm2"}
+    tissue = t.values[(t.values["region"] == "tissue") & (t.values["metric"] == "positive_area_percent")]
+    assert tissue["reference"].item() == pytest.approx(
+        s.truth["area_truth"]["tissue"]["positive_area_percent"]
+    )

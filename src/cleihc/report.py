@@ -690,6 +690,32 @@ def build_report(
         metrics_html = "<p>No measured rows.</p>"
     sections.append(("metrics", "All metrics", metrics_html))
 
+    # ---- validation, when `cleihc validate` wrote its tables into a results folder
+    val_html = []
+    for folder in data.folders:
+        agree_csv, det_csv = folder / "validation" / "agreement.csv", folder / "validation" / "detection.csv"
+        parts = []
+        try:
+            if agree_csv.is_file():
+                a = pd.read_csv(agree_csv)
+                cols = ["metric", "region", "n", "bias", "loa_lower", "loa_upper", "icc_2_1", "ccc"]
+                parts.append(_table(a.loc[a["region"] == "all", [c for c in cols if c in a.columns]]))
+            if det_csv.is_file():
+                d = pd.read_csv(det_csv)
+                cols = ["label", "n_truth", "n_detected", "precision", "recall", "f1", "mean_distance_um"]
+                parts.append(_table(d.loc[d["slide"] == "ALL", [c for c in cols if c in d.columns]]))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, UnicodeDecodeError) as exc:
+            log.warning("%s: validation tables unreadable (%s)", folder, exc)
+            continue
+        if parts:
+            val_html.append(f"<h3><code>{_e(folder)}</code></h3>" + "".join(parts))
+    if val_html:
+        intro = (
+            "<p>From <code>cleihc validate</code> (validation/ in the results folder): Bland–Altman bias and 95 % "
+            "limits of agreement, ICC(2,1) (absolute agreement), Lin's CCC, and detection of truth points.</p>"
+        )
+        sections.append(("validation", "Validation", intro + "".join(val_html)))
+
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     nav = "".join(f'<a href="#{sid}">{_e(h)}</a>' for sid, h, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{_e(h)}</h2>{content}</section>' for sid, h, content in sections)

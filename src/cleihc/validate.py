@@ -581,10 +581,14 @@ def _parse_class(values: pd.Series, path: Path) -> np.ndarray:
 def _read_synthetic(path: Path, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
     slide = _slide_of_file(path)
     rows = []
+    # Without a cell marker (CXCL10, mucin) the generator's cells are all "negative": only the nucleus count is a
+    # truth about cells, and the positive/negative split is left out.
+    marker = bool(data.get("cell_marker", True))
+    class_metrics = {"n_positive_cells", "n_negative_cells", "positive_cells_per_mm2"}
     for region, d in (data.get("area_truth") or {}).items():
         for key, metric in SYNTHETIC_METRICS.items():
             v = d.get(key)
-            if v is not None:
+            if v is not None and (marker or key not in class_metrics):
                 rows.append((slide, region, metric, float(v)))
         if d.get("n_positive_cells") is not None and d.get("n_negative_cells") is not None:
             rows.append((slide, region, "cells_total", float(d["n_positive_cells"] + d["n_negative_cells"])))
