@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cleihc_testdata import SAMPLE_IMAGES, SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-SAMPLE_IMAGES = REPO / "sample_images"
+__all__ = ["SAMPLE_IMAGES", "SHARED_DATA"]
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` next to the repo; tests that need it skip with a clear reason where it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (see docs: ../shared/data next to the repo)")
+        pytest.skip(f"real test data not found at {SHARED_DATA} (../shared/data next to the repo holds it)")
     return SHARED_DATA
-
-
-def shared_file(*parts: str) -> Path:
-    """A file under ../shared/data, or a skip naming what is missing."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real test file absent: {path}")
-    return path

@@ -18,7 +18,7 @@ from skimage.segmentation import expand_labels
 
 from cleihc import stains
 from cleihc.cells import CellParams, detect_cells
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 HDAB = stains.preset("hdab")
 

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 
 from cleihc.cli import main
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 
 @pytest.fixture

@@ -282,7 +282,7 @@ def test_mixed_model_balanced_change_equals_mean_difference():
 def test_on_sample_results(tmp_path):
     """The whole study path on real outputs: quantify sample slides, tables, every script, report, validate."""
     from cleihc.cli import main
-    from conftest import SAMPLE_IMAGES
+    from cleihc_testdata import SAMPLE_IMAGES
 
     slides = {s: [SAMPLE_IMAGES / f"S01_{t}_{s}.svs" for t in ("pre", "post")] for s in ("cd3", "cxcl10")}
     if not all(p.exists() for ps in slides.values() for p in ps):

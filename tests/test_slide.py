@@ -12,7 +12,7 @@ from PIL import Image
 
 from cleihc.errors import MissingMppError, NotBrightfieldError
 from cleihc.slide import AnalysisResolution, Slide, is_slide, open_slide
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 pytestmark = []
 

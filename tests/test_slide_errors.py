@@ -18,7 +18,7 @@ from cleihc.errors import (
     UnsupportedFormatError,
 )
 from cleihc.slide import is_slide, open_slide
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 
 def one_line_naming(err: pytest.ExceptionInfo, path) -> str:

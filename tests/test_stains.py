@@ -10,7 +10,7 @@ import pytest
 from cleihc import stains
 from cleihc.errors import CleihcError, StainDriftError
 from cleihc.stains import StainMatrix
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 
 def reference_conc(rgb: np.ndarray, m: StainMatrix, background=None) -> np.ndarray:

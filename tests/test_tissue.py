@@ -18,7 +18,7 @@ from cleihc.tissue import (
     detect_tissue,
     tissue_mask_for_slide,
 )
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 GLASS = (242.0, 240.0, 244.0)
 
