@@ -36,9 +36,11 @@ from cleihc.corrections import (
     write_corrections,
 )
 from cleihc.errors import CleihcError
+from cleihc.geometry import region_color
 from napari_cleihc._edits import AutomaticResults, build_corrections, painted_exclusions
 from napari_cleihc._layers import (
     CLASS_NAMES,
+    EXCLUSION_COLOR,
     META_KEY,
     ResultsSlide,
     exclusions_layer,
@@ -195,6 +197,7 @@ class CorrectWidget(QWidget):
         if layer is None:
             return
         layer.feature_defaults = {"region": name, "part": -1}
+        layer.current_edge_color = _hex(region_color(name))
         self.viewer.layers.selection.active = layer
         layer.mode = "add_polygon"
 
@@ -223,6 +226,8 @@ class CorrectWidget(QWidget):
         layer = self._exclusions()
         if layer is not None:
             self.viewer.layers.selection.active = layer
+            layer.feature_defaults = {"region": "exclude", "part": -1}
+            layer.current_edge_color = EXCLUSION_COLOR
             layer.mode = "add_polygon"
 
     def paint_layer(self, *, create: bool = True) -> Any:
@@ -383,6 +388,10 @@ def _col(layer: Any, name: str, default: Any = "") -> list[Any]:
     if name in feats:
         return feats[name].tolist()
     return [default] * len(layer.data)
+
+
+def _hex(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def _user() -> str:

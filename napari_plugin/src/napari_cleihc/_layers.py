@@ -271,8 +271,8 @@ def shapes_layer(
         "name": name,
         "shape_type": "polygon",
         "features": features,
-        "edge_color": _SHAPES_FEATURE,
-        "edge_color_cycle": cycle or {"": "#ffff00"},
+        # Explicit colours (Shapes take no colour mapping by feature); new shapes use current_edge_color.
+        "edge_color": [cycle[label] for label in labels] if labels else "#ffff00",
         "face_color": "transparent",
         "edge_width": float(edge_width_px),
         "scale": world_per_px,
@@ -300,7 +300,6 @@ def exclusions_layer(
         edge_width_px=edge_width_px,
         colors={"exclude": EXCLUSION_COLOR},
     )
-    kwargs["edge_color_cycle"] = {"exclude": EXCLUSION_COLOR}
     kwargs["feature_defaults"] = {_SHAPES_FEATURE: "exclude", "part": -1}
     kwargs["face_color"] = "#ff00ff30"
     return data, kwargs, kind

@@ -62,7 +62,7 @@ _OD_STEPS = 100  # slider steps per OD unit
 
 
 class QuantifyCancelled(Exception):
-    """Raised from quantify's progress callback to stop a run (the worker then ends through its error path)."""
+    """Raised from quantify's progress callback to stop a run; the worker catches it and ends normally."""
 
 
 class _Signals(QObject):
@@ -343,17 +343,23 @@ class QuantifyWidget(QWidget):
                     raise QuantifyCancelled
                 signals.progress.emit(done, total)
 
-            result = quantify(path, protocol, progress=progress, **kwargs)
-            if out_dir is not None:
-                from cleihc.outputs import rebuild_tables, write_slide_outputs
+            # Every outcome is returned, none raised: the worker always ends through `returned` and
+            # `finished`, and a cancel is not reported as an error.
+            try:
+                result = quantify(path, protocol, progress=progress, **kwargs)
+                if out_dir is not None:
+                    from cleihc.outputs import rebuild_tables, write_slide_outputs
 
-                write_slide_outputs(result, out_dir)
-                rebuild_tables(out_dir)
-            return result, out_dir
+                    write_slide_outputs(result, out_dir)
+                    rebuild_tables(out_dir)
+            except QuantifyCancelled:
+                return ("cancelled", None, None)
+            except Exception as exc:  # shown in the dock; unexpected ones are logged with their traceback
+                return ("error", exc, None)
+            return ("done", result, out_dir)
 
         worker = thread_worker(work, start_thread=False)()
         worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self.run_button.setEnabled(False)
@@ -373,8 +379,16 @@ class QuantifyWidget(QWidget):
         self.progress_bar.setRange(0, max(1, total))
         self.progress_bar.setValue(done)
 
-    def _on_returned(self, value: tuple[Any, str | None]) -> None:
-        result, out_dir = value
+    def _on_returned(self, value: tuple[str, Any, str | None]) -> None:
+        outcome, result, out_dir = value
+        if outcome == "cancelled":
+            self.status.setText("Cancelled.")
+            return
+        if outcome == "error":
+            self.status.setText(f"Failed: {result}")
+            if not isinstance(result, CleihcError):
+                log.error("quantify failed", exc_info=result)
+            return
         self.result = result
         remove_layers(self.viewer, RESULT_ROLES, slide=result.slide)
         if out_dir is not None:
@@ -383,19 +397,10 @@ class QuantifyWidget(QWidget):
             layers = result_layers(result)
         add_layer_tuples(self.viewer, layers)
         self.table.set_frame(result.regions)
-        n = len(result.cells)
         self.status.setText(
-            f"Done: {result.slide}, {len(result.regions)} regions, {n} cells"
+            f"Done: {result.slide}, {len(result.regions)} regions, {len(result.cells)} cells"
             + (f"; saved in {out_dir}" if out_dir else "")
         )
-
-    def _on_errored(self, exc: BaseException) -> None:
-        if isinstance(exc, QuantifyCancelled):
-            self.status.setText("Cancelled.")
-        else:
-            self.status.setText(f"Failed: {exc}")
-            if not isinstance(exc, CleihcError):
-                log.error("quantify failed", exc_info=exc)
 
     def _on_finished(self) -> None:
         self.worker = None

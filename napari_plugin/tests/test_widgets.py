@@ -1,0 +1,321 @@
+"""The docks in a real napari viewer (Qt and OpenGL under Xvfb): quantify, preview, correct, save, review."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cleihc.corrections import SlideResults, corrections_path, read_corrections, review_status
+from napari_cleihc import _quantify_widget
+from napari_cleihc._correct_widget import CorrectWidget
+from napari_cleihc._edits import corrections_equal
+from napari_cleihc._quantify_widget import QuantifyWidget
+from napari_cleihc._review_widget import ReviewWidget
+from napari_cleihc._viewer import find_layer, layers_with_role
+
+PLUGIN = "napari-cleihc"
+
+
+def _slide_name(results_dir: Path) -> str:
+    return next(p.stem for p in (results_dir / "slides").glob("*.json"))
+
+
+def _wait_worker(qtbot, widget, timeout=120_000):
+    worker = widget.worker
+    assert worker is not None, widget.status.text()
+    with qtbot.waitSignal(worker.finished, timeout=timeout):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+
+
+def test_quantify_widget_runs_a_protocol(make_napari_viewer, qtbot, sample_slide, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.select_protocol("cd3")
+    widget.out_edit.setText(str(tmp_path / "out"))
+    seen = []
+    widget._signals.progress.connect(lambda d, t: seen.append((d, t)))
+    widget.run()
+    _wait_worker(qtbot, widget)
+    result = widget.result
+    assert result is not None, widget.status.text()
+    cells = find_layer(viewer, "cells")
+    assert len(cells.data) == len(result.cells) > 0
+    assert cells.features["class"].astype(str).isin(["negative", "1+", "2+", "3+"]).all()
+    assert (cells.features["class"] != "negative").sum() == int(result.cells["positive"].sum())
+    assert widget.table.rowCount() == len(result.regions)
+    positive = find_layer(viewer, "positive")
+    level0 = positive.data[0] if positive.multiscale else positive.data
+    assert np.asarray(level0).shape == result.raster.positive_fraction().shape
+    assert len(find_layer(viewer, "tissue").data) >= 1
+    assert seen and seen[-1][0] == seen[-1][1] == len(result.plan.tiles)
+    # Saved: the results folder is a complete cleihc folder for this slide, and the layers point at it.
+    assert (tmp_path / "out" / "slides" / f"{result.slide}.json").is_file()
+    assert (tmp_path / "out" / "regions.csv").is_file()
+    assert cells.metadata["cleihc"]["out_dir"] == str(tmp_path / "out")
+
+
+def test_quantify_cancel_ends_the_worker_cleanly(make_napari_viewer, qtbot, sample_slide):
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    worker = widget.run()
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+    assert widget.status.text() == "Cancelled."
+    assert widget.result is None and widget.worker is None
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert not layers_with_role(viewer, "cells")
+
+
+def test_threshold_preview_reads_the_field_once(make_napari_viewer, sample_slide, monkeypatch):
+    calls = []
+    real = _quantify_widget.concentration
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_quantify_widget, "concentration", counting)
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    viewer.reset_view()
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    widget.preview_check.setChecked(True)
+    layer = find_layer(viewer, "preview")
+    assert layer is not None
+    rect, _, conc = widget.field_concentration()
+    counts = []
+    for value in (10, 20, 40, 80):
+        widget.threshold_slider.setValue(value)
+        counts.append(int(np.asarray(layer.data).sum()))
+        np.testing.assert_array_equal(np.asarray(layer.data), conc >= value / 100)
+    assert len(calls) == 1  # one deconvolution per field, none per slider move
+    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    # The preview covers the field it was read from.
+    assert layer.metadata["cleihc"]["rect_px"] == rect
+
+
+def _open_results(viewer, results_dir):
+    viewer.open(str(results_dir), plugin=PLUGIN)
+    widget = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    assert widget.bound == (str(results_dir), _slide_name(results_dir))
+    return widget
+
+
+def _row(rows: pd.DataFrame, region: str) -> pd.Series:
+    return rows.set_index("region").loc[region]
+
+
+def test_deleting_a_positive_cell_lowers_its_region_by_one(make_napari_viewer, results_dir):
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, results_dir)
+    before = widget.recompute()
+    cells = find_layer(viewer, "cells")
+    feats = cells.features
+    i = int(np.flatnonzero((feats["class"] != "negative") & (feats["region"] != "outside"))[0])
+    region = feats["region"].iat[i]
+    cells.selected_data = {i}
+    widget.delete_selected_cells()
+    after = widget.recompute()
+    for name in {region, "tissue"}:
+        assert _row(after, name)["cells_positive"] == _row(before, name)["cells_positive"] - 1
+        assert _row(after, name)["cells_total"] == _row(before, name)["cells_total"] - 1
+        assert bool(_row(after, name)["corrected"])
+    untouched = [
+        r for r in after["region"] if r not in {region, "tissue"} and _row(before, r)["cells_total"] > 0
+    ]
+    for name in untouched:
+        if not bool(_row(after, name)["corrected"]):
+            assert _row(after, name)["cells_positive"] == _row(before, name)["cells_positive"]
+
+
+def _interior_block(mask: np.ndarray, bin_total: np.ndarray, full: int, size: int) -> tuple[int, int]:
+    """Top-left (i, j) of a size x size block of raster cells fully inside tissue and fully measured."""
+    ok = mask & (bin_total == full)
+    h, w = ok.shape
+    for i in range(h // 3, h - size):
+        for j in range(w // 3, w - size):
+            if ok[i : i + size, j : j + size].all():
+                return i, j
+    raise AssertionError("no interior block of tissue")
+
+
+def test_excluding_a_rectangle_removes_exactly_its_area(make_napari_viewer, results_dir):
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, results_dir)
+    res = SlideResults.load(results_dir, widget.bound[1])
+    r = res.raster_downsample
+    factor = res.raster.raster_factor
+    size = 6
+    i, j = _interior_block(res.masks["tissue"], res.raster.bin_px.sum(axis=0), factor * factor, size)
+    before = widget.recompute()
+    excl = find_layer(viewer, "exclusions")
+    # A rectangle on raster-cell edges (level-0 px, (y, x)); the layer's data are level-0 px.
+    y0, x0, y1, x1 = i * r, j * r, (i + size) * r, (j + size) * r
+    excl.add_rectangles(np.array([[y0, x0], [y1, x1]]))
+    after = widget.recompute()
+    rect_mm2 = (size * r) ** 2 * res.pixel_area_um2 / (res.raster_downsample / factor) ** 2 / 1e6
+    drop = _row(before, "tissue")["region_area_mm2"] - _row(after, "tissue")["region_area_mm2"]
+    assert drop == pytest.approx(rect_mm2, rel=1e-9)
+    # The cells in the rectangle are gone from the counts.
+    cells = res.cells
+    inside = (
+        (cells["x_px"] >= x0) & (cells["x_px"] < x1) & (cells["y_px"] >= y0) & (cells["y_px"] < y1)
+    ).sum()
+    assert _row(before, "tissue")["cells_total"] - _row(after, "tissue")["cells_total"] == inside
+    assert bool(_row(after, "tissue")["corrected"])
+
+
+def _hashes(folder: Path, slide: str) -> dict[str, str]:
+    files = [
+        f"cells/{slide}.parquet",
+        f"regions/{slide}.geojson",
+        f"totals/{slide}.npz",
+        f"masks/{slide}.ome.tif",
+    ]
+    return {f: hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in files}
+
+
+def test_save_and_reload_round_trip(make_napari_viewer, results_dir):
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, results_dir)
+    slide = widget.bound[1]
+    auto_files = _hashes(results_dir, slide)
+    res = SlideResults.load(results_dir, slide)
+    r = res.raster_downsample
+    # Cells: delete one, reclassify one, add one.
+    cells = find_layer(viewer, "cells")
+    cells.selected_data = {0}
+    widget.delete_selected_cells()
+    cells.selected_data = {1}
+    widget.class_combo.setCurrentText("3+")
+    widget.reclassify_selected()
+    widget.class_combo.setCurrentText("2+")
+    widget.add_cells()
+    y, x = cells.data[5] + 12.0
+    cells.add(np.array([[y, x]]))
+    # Exclusions: a drawn polygon and a painted block.
+    i, j = _interior_block(res.masks["tissue"], res.raster.bin_px.sum(axis=0), res.raster.raster_factor**2, 4)
+    find_layer(viewer, "exclusions").add_polygons(
+        [np.array([[i * r, j * r], [i * r, (j + 3) * r], [(i + 2) * r, j * r]])]
+    )
+    widget.paint_exclusion()
+    paint = find_layer(viewer, "exclusion paint")
+    data = np.asarray(paint.data).copy()
+    data[i + 2 : i + 4, j + 2 : j + 4] = 1
+    paint.data = data
+    # A region redrawn: the epidermis becomes a rectangle.
+    regions = find_layer(viewer, "regions")
+    keep = [k for k, name in enumerate(regions.features["region"]) if name != "epidermis"]
+    regions.selected_data = set(range(len(regions.data))) - set(keep)
+    regions.remove_selected()
+    widget.region_combo.setCurrentText("epidermis")
+    widget.draw_region()
+    regions.add_polygons([np.array([[0.0, 0.0], [0.0, 40 * r], [10 * r, 40 * r], [10 * r, 0.0]])])
+    widget.author_edit.setText("reviewer-1")
+    made = widget.corrections()
+    assert [e.action for e in made.cell_edits] == ["delete", "reclassify", "add"]
+    assert len(made.exclusions) == 2 and list(made.regions) == ["epidermis"]
+    path = widget.save()
+    assert path == corrections_path(results_dir, slide)
+    saved = read_corrections(path)
+    assert corrections_equal(saved, made)
+    assert saved.author == "reviewer-1" and saved.saved_at
+    assert _hashes(results_dir, slide) == auto_files  # automatic results untouched
+    record = json.loads((results_dir / "slides" / f"{slide}.json").read_text())
+    assert "automatic_rows" in record and any(row["corrected"] for row in record["rows"])
+    table = pd.read_csv(results_dir / "regions.csv")
+    assert table["corrected"].any()
+    rows_saved = widget.rows
+    # Reload from disk: the layers show the corrections, and rebuild the same corrections.
+    viewer.layers.clear()
+    widget2 = _open_results(viewer, results_dir)
+    assert corrections_equal(widget2.corrections(), saved)
+    pd.testing.assert_frame_equal(
+        widget2.recompute().reset_index(drop=True), rows_saved.reset_index(drop=True)
+    )
+    # Saving again unchanged keeps the previous file in history and the same content.
+    widget2.save()
+    assert corrections_equal(read_corrections(path), saved)
+    assert len(list((results_dir / "corrections" / "history").glob("*.geojson"))) == 1
+
+
+def _two_slide_folder(results_dir: Path) -> list[str]:
+    slide = _slide_name(results_dir)
+    other = f"{slide}_copy"
+    for sub, ext in (
+        ("cells", ".parquet"),
+        ("regions", ".geojson"),
+        ("totals", ".npz"),
+        ("masks", ".ome.tif"),
+    ):
+        shutil.copy(results_dir / sub / f"{slide}{ext}", results_dir / sub / f"{other}{ext}")
+    record = json.loads((results_dir / "slides" / f"{slide}.json").read_text())
+    record["slide"] = other
+    (results_dir / "slides" / f"{other}.json").write_text(json.dumps(record))
+    return sorted([slide, other])
+
+
+def test_review_queue(make_napari_viewer, qtbot, results_dir):
+    from qtpy.QtCore import Qt
+
+    slides = _two_slide_folder(results_dir)
+    viewer = make_napari_viewer(show=True)
+    widget = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.set_folder(results_dir)
+    assert widget.current_slide() == slides[0] and widget.table.rowCount() == 2
+    assert find_layer(viewer, "cells").metadata["cleihc"]["slide"] == slides[0]
+    widget.note_edit.setText("fold at the top")
+    widget.author_edit.setText("reviewer-2")
+    widget.mark("flagged", advance=True)
+    assert widget.current_slide() == slides[1]
+    assert find_layer(viewer, "cells").metadata["cleihc"]["slide"] == slides[1]
+    assert len(layers_with_role(viewer, "cells")) == 1 and len(layers_with_role(viewer, "slide")) == 1
+    status = review_status(results_dir)
+    assert status[slides[0]]["status"] == "flagged" and status[slides[0]]["note"] == "fold at the top"
+    assert status[slides[0]]["author"] == "reviewer-2" and status[slides[1]]["status"] == "unreviewed"
+    # Keyboard: Alt+Left goes back, Alt+1 marks reviewed (and moves on).
+    viewer.window._qt_window.activateWindow()
+    qtbot.waitUntil(lambda: viewer.window._qt_window.isActiveWindow(), timeout=5000)
+    qtbot.keyClick(viewer.window._qt_window, Qt.Key.Key_Left, Qt.KeyboardModifier.AltModifier)
+    assert widget.current_slide() == slides[0]
+    qtbot.keyClick(viewer.window._qt_window, Qt.Key.Key_1, Qt.KeyboardModifier.AltModifier)
+    assert review_status(results_dir)[slides[0]]["status"] == "reviewed"
+    assert widget.current_slide() == slides[1]
+    assert widget.table.item(0, 1).text() == "reviewed"
+
+
+def test_screenshot_of_the_shown_viewer_is_not_blank(make_napari_viewer, results_dir):
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(results_dir), plugin=PLUGIN)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    rgb = shot[..., :3].astype(float)
+    assert rgb.std() > 10
+    assert (rgb.sum(axis=2) > 30).mean() > 0.5  # mostly not black
+    # The cells and the positive overlay are drawn: red-ish pixels exist where a white slide would have none.
+    red = (rgb[..., 0] > rgb[..., 2] + 60) & (rgb[..., 0] > rgb[..., 1] + 60)
+    assert red.sum() > 20
+
+
+def test_npe2_manifest_validates():
+    npe2 = Path(sys.executable).with_name("npe2")
+    out = subprocess.run([str(npe2), "validate", PLUGIN], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "valid" in out.stdout
