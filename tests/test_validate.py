@@ -23,7 +23,7 @@ from cleihc.validate import (
     validate,
     write_validation,
 )
-from conftest import shared_file
+from cleihc_testdata import shared_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -267,6 +267,22 @@ def test_read_truth_geojson_and_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("slide,x_px,y_px,class\na,1,2,maybe\n")
     with pytest.raises(CleihcError, match="maybe"):
         read_truth(tmp_path / "bad.csv")
+    (tmp_path / "badxy.csv").write_text("slide,x_px,y_px,class\na,1,2,positive\na,oops,2,negative\n")
+    with pytest.raises(CleihcError, match="line 2"):
+        read_truth(tmp_path / "badxy.csv")
+    bad_point = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": ["a"]},
+                "properties": {"classification": {"name": "Positive"}},
+            }
+        ],
+    }
+    (tmp_path / "badpt.geojson").write_text(json.dumps(bad_point))
+    with pytest.raises(CleihcError, match="invalid coordinates"):
+        read_truth(tmp_path / "badpt.geojson")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(CleihcError, match="JSON"):
         read_truth(tmp_path / "bad.json")

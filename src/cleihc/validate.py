@@ -641,8 +641,14 @@ def _read_geojson(path: Path, data: dict[str, Any], slide: str) -> pd.DataFrame:
             )
         label = _parse_class(pd.Series([str(name)]), path)[0]
         for c in coords:
-            xs.append(float(c[0]))
-            ys.append(float(c[1]))
+            try:
+                x, y = float(c[0]), float(c[1])
+            except (TypeError, ValueError, IndexError):
+                raise CleihcError(
+                    f"a point has invalid coordinates {c!r}; expected [x, y]", path=path
+                ) from None
+            xs.append(x)
+            ys.append(y)
             pos.append(label)
     n = len(xs)
     return pd.DataFrame(
@@ -690,13 +696,27 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
                 "a points CSV needs a class (positive/negative) or positive (true/false) column", path=path
             )
         n = len(df)
+
+        def coord(col: str | None) -> np.ndarray:
+            if col is None:
+                return np.full(n, np.nan)
+            v = pd.to_numeric(df[col], errors="coerce").to_numpy(float)
+            bad = np.flatnonzero(~np.isfinite(v))
+            if bad.size:
+                raise CleihcError(
+                    f"column {col!r} has a missing or non-numeric value on data line {bad[0] + 1}; "
+                    "give every point numeric coordinates",
+                    path=path,
+                )
+            return v
+
         points = pd.DataFrame(
             {
                 "slide": slides.to_numpy(object),
-                "x_px": df[xpx].to_numpy(float) if xpx else np.full(n, np.nan),
-                "y_px": df[ypx].to_numpy(float) if ypx else np.full(n, np.nan),
-                "x_um": df[xum].to_numpy(float) if xum else np.full(n, np.nan),
-                "y_um": df[yum].to_numpy(float) if yum else np.full(n, np.nan),
+                "x_px": coord(xpx if xpx and ypx else None),
+                "y_px": coord(ypx if xpx and ypx else None),
+                "x_um": coord(xum if xum and yum else None),
+                "y_um": coord(yum if xum and yum else None),
                 "positive": _parse_class(df[cls_col], path),
             }
         )
