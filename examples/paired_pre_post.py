@@ -55,6 +55,10 @@ REQUIRED = ("subject", "timepoint", "stain", "region", "metric", "value")
 def read_study(path: str | Path) -> pd.DataFrame:
     """Read the tidy study table (.csv or .parquet) and check its columns."""
     path = Path(path)
+    if not path.is_file():
+        raise SystemExit(
+            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
+        )
     df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
