@@ -145,6 +145,8 @@ class SkinParams:
         Mean lymphocyte nucleus diameter.
     ring_um : float
         Thickness of the DAB membrane/cytoplasm ring of positive lymphocytes.
+    cytoplasm_um : float
+        How far beyond its nucleus a CXCL10-expressing cell is stained (the cell's cytoplasm).
     ring_min_od, ring_max_od : float
         Range of a positive lymphocyte's ring OD. Dark enough that the mean over a cell expanded 3 µm beyond its
         nucleus (QuPath-style, ring diluted by unstained pixels) is still clearly above the threshold.
@@ -188,6 +190,7 @@ class SkinParams:
     lymphocyte_diameter_um: float = 6.5
     ring_um: float = 2.0
     ring_min_od: float = 0.55
+    cytoplasm_um: float = 3.0
     ring_max_od: float = 0.95
     lymphocytes_papillary_per_mm2: float = 1500.0
     lymphocytes_deep_per_mm2: float = 120.0
@@ -346,6 +349,25 @@ def _fbm_reference(octaves: int) -> np.ndarray:
 def _fbm_quantile(q: float, octaves: int) -> float:
     ref = _fbm_reference(octaves)
     return float(ref[min(len(ref) - 1, max(0, round(q * (len(ref) - 1))))])
+
+
+def _fbm_points(
+    seed: int, stream: int, x: np.ndarray, y: np.ndarray, sx: float, sy: float, octaves: int
+) -> np.ndarray:
+    """The fractal value noise of :func:`_fbm_2d` at scattered points (x, y)."""
+    total = np.zeros(np.shape(x))
+    amp, norm = 1.0, 0.0
+    for k in range(octaves):
+        gx, gy = x / (sx / 2**k), y / (sy / 2**k)
+        ix, iy = np.floor(gx).astype(np.int64), np.floor(gy).astype(np.int64)
+        tx, ty = _smooth(gx - ix), _smooth(gy - iy)
+        st = stream * 16 + k
+        top = _hash01(seed, st, ix, iy) * (1 - tx) + _hash01(seed, st, ix + 1, iy) * tx
+        bottom = _hash01(seed, st, ix, iy + 1) * (1 - tx) + _hash01(seed, st, ix + 1, iy + 1) * tx
+        total += amp * (top * (1 - ty) + bottom * ty)
+        norm += amp
+        amp *= 0.5
+    return total / norm
 
 
 def _fbm_1d(seed: int, stream: int, t: np.ndarray, scale: float, octaves: int = 3) -> np.ndarray:
@@ -858,7 +880,11 @@ class _Scene:
         fib2 = _fbm_2d(s, 31, xu, yu, 12.0, 30.0, 2)
         collagen = np.clip(1.6 * (0.65 * fib + 0.35 * fib2) - 0.35, 0.0, 1.0)
         counter = np.zeros((h, w), np.float32)
-        counter[derm] = (0.04 + 0.11 * collagen)[derm]
+        # Thin wavy fibres inside the bundles: a sine across a slowly warped depth axis, broken up by noise.
+        warp = 30.0 * _fbm_2d(s, 35, xu, yu, 70.0, 45.0, 2)
+        fibres = (0.5 + 0.5 * np.sin((Y + warp) * np.float32(2 * np.pi / 4.0))) ** 2
+        fibres *= _fbm_2d(s, 36, xu, yu, 18.0, 5.0, 2) > 0.45
+        counter[derm] = (0.035 + 0.09 * collagen + 0.045 * fibres * (0.3 + 0.7 * collagen))[derm]
         cyto = 0.13 + 0.04 * _fbm_2d(s, 32, xu, yu, 6.0, 6.0, 2)
         counter[epi] = cyto[epi]
         weave = 0.5 + 0.5 * np.sin(2 * np.pi * (Y - surf) / 2.5 + 6.0 * _fbm_2d(s, 33, xu, yu, 30.0, 8.0, 1))
@@ -866,7 +892,8 @@ class _Scene:
 
         target = np.zeros((h, w), np.float32)
         # Faint non-specific target everywhere in tissue, well below any sensible threshold.
-        target[tissue] = (p.background_target_od * _fbm_2d(s, 34, xu, yu, 20.0, 20.0, 2))[tissue]
+        faint = p.background_target_od * _fbm_2d(s, 34, xu, yu, 20.0, 20.0, 2)
+        target[tissue] = faint[tissue]
 
         act = self.act
         pat = self.setup.pattern
@@ -880,8 +907,7 @@ class _Scene:
                 epi & ~sc, 0.12, np.where(derm, 0.18 * np.exp(-np.maximum(depth, 0) / 180.0), -1.0)
             )
             bias = bias + self._vessel_proximity(vess, xs_px, ys_px, 30.0) * 0.3
-            # cut at the noise's quantile for the wanted cover, raised by the mean bias so the cover stays near it
-            cut = _fbm_quantile(1.0 - float(np.clip(act * p.cxcl10_cover, 1e-3, 0.9)), 3) + 0.12
+            cut = self._cxcl10_cut()
             patch = tissue & ~sc & (g + bias > cut)
             grain = _fbm_2d(s, 41, xu, yu, 3.0, 3.0, 2)
             val = p.min_positive_od + (p.max_positive_od - p.min_positive_od) * (
@@ -925,6 +951,26 @@ class _Scene:
         chrom = _fbm_2d(s, 60, xu, yu, 1.6, 1.6, 2)
         ext = 16.0 / mpp
         cells = self.cells_in(x0 - ext, y0 - ext, x0 + w + ext, y0 + h + ext)
+        if pat == "diffuse" and len(cells):
+            # A cell expresses CXCL10 or not: its whole cell (pixels within cytoplasm_um of its nucleus and nearer
+            # its centre than any other cell's, as a cell detector's expansion partitions them) takes the patch
+            # value when its centre lies in a patch and the faint background otherwise.
+            inside = self._in_cxcl10_patch(cells, vess)
+            owner = np.full((h, w), -1, np.int64)
+            best = np.full((h, w), np.inf)
+            for i in range(len(cells)):
+                win = self._cell_window(cells, i, p.cytoplasm_um, x0, y0, w, h, xs_px, ys_px)
+                if win is None:
+                    continue
+                sl, region = win
+                d2 = (xs_px[sl[1]][None, :] - cells.x[i]) ** 2 + (ys_px[sl[0]][:, None] - cells.y[i]) ** 2
+                closer = region & (d2 < best[sl])
+                best[sl][closer] = d2[closer]
+                owner[sl][closer] = i
+            owned = (owner >= 0) & tissue & ~sc
+            expressing = np.zeros((h, w), bool)
+            expressing[owned] = inside[owner[owned]]
+            target[owned] = np.where(expressing, val, faint)[owned]
         ring_um = p.ring_um
         membrane = pat == "membrane"
         for i in range(len(cells)):
@@ -972,6 +1018,51 @@ class _Scene:
         target[~tissue] = 0.0
         pigment[~tissue] = 0.0
         return {"counter": counter, "target": target, "pigment": pigment, "tissue": tissue, "epidermis": epi}
+
+    def _cxcl10_cut(self) -> float:
+        # cut at the noise's quantile for the wanted cover, raised by the mean bias so the cover stays near it
+        return _fbm_quantile(1.0 - float(np.clip(self.act * self.p.cxcl10_cover, 1e-3, 0.9)), 3) + 0.12
+
+    def _in_cxcl10_patch(self, cells: _Cells, vess: _Vessels) -> np.ndarray:
+        """Whether each cell centre lies in a CXCL10 patch (the patch rule evaluated at the centre point)."""
+        xu, yu = cells.x * self.mpp, cells.y * self.mpp
+        g = _fbm_points(self.seed, 40, xu, yu, 45.0, 35.0, 3)
+        surf, dej = self.surface_um(xu), self.dej_um(xu)
+        epi = yu < dej
+        sc = yu < surf + self.p.stratum_corneum_um
+        bias = np.where(epi, 0.12, 0.18 * np.exp(-np.maximum(yu - dej, 0) / 180.0))
+        if len(vess.x) and len(cells):
+            d = np.hypot(cells.x[:, None] - vess.x[None, :], cells.y[:, None] - vess.y[None, :]) * self.mpp
+            r = np.maximum(vess.rx_um, vess.ry_um)[None, :]
+            bias = bias + 0.3 * np.exp(-np.maximum(d - r, 0) / 30.0).max(axis=1)
+        return ~sc & (g + bias > self._cxcl10_cut())
+
+    def _cell_window(
+        self,
+        cells: _Cells,
+        i: int,
+        grow_um: float,
+        x0: int,
+        y0: int,
+        w: int,
+        h: int,
+        xs_px: np.ndarray,
+        ys_px: np.ndarray,
+    ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        """Slices of the rectangle around cell `i` and the mask of its nucleus grown by `grow_um` there."""
+        mpp = self.mpp
+        cx, cy = cells.x[i], cells.y[i]
+        a, b = cells.a_um[i] + grow_um, cells.b_um[i] + grow_um
+        reach = (a + 1.0) / mpp
+        cx0, cx1 = max(0, int(cx - reach) - x0), min(w, int(cx + reach) + 2 - x0)
+        cy0, cy1 = max(0, int(cy - reach) - y0), min(h, int(cy + reach) + 2 - y0)
+        if cx0 >= cx1 or cy0 >= cy1:
+            return None
+        dx = (xs_px[cx0:cx1][None, :] - cx) * mpp
+        dy = (ys_px[cy0:cy1][:, None] - cy) * mpp
+        ct, st = math.cos(cells.theta[i]), math.sin(cells.theta[i])
+        region = ((dx * ct + dy * st) / a) ** 2 + ((-dx * st + dy * ct) / b) ** 2 <= 1.0
+        return (slice(cy0, cy1), slice(cx0, cx1)), region
 
     def _vessel_proximity(
         self, vess: _Vessels, xs_px: np.ndarray, ys_px: np.ndarray, scale_um: float
@@ -1240,11 +1331,14 @@ def _truth(
     for name in _LEAF_REGIONS:
         leaf[regions[name][r, c]] = name
     order = np.lexsort((cells.x, cells.y))
-    mean_od = _cell_mean_target(cells, target, mpp, p.ring_um)
+    mean_od = _cell_mean_target(
+        cells, target, mpp, p.cytoplasm_um if scene.setup.pattern == "diffuse" else p.ring_um
+    )
     if scene.setup.pattern == "membrane":
         positive = cells.positive
     elif scene.setup.pattern == "diffuse":
-        positive = mean_od >= p.threshold_od  # a cell in a CXCL10 patch is read as positive
+        halo = 200.0 / mpp
+        positive = scene._in_cxcl10_patch(cells, scene.vessels_in(-halo, -halo, w + halo, h + halo))
     else:
         positive = np.zeros(len(cells), bool)
     cell_list = [
@@ -1335,7 +1429,7 @@ def _truth(
         "cell_marker": scene.setup.pattern == "membrane",
         "cell_positive_definition": {
             "membrane": "lymphocytes drawn positive carry a DAB ring (membrane/cytoplasm) of ring_um around the nucleus",
-            "diffuse": "target_mean_od (mean rendered target OD over the nucleus expanded by ring_um) >= threshold_od",
+            "diffuse": "the cell centre lies in a CXCL10 patch: its whole cell (pixels within cytoplasm_um of the nucleus and nearest its centre) is stained; target_mean_od is over the nucleus expanded by cytoplasm_um",
             "mucin": "no cell marker: every cell is negative",
         }[scene.setup.pattern],
         "cells": [],
