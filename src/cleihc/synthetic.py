@@ -1250,9 +1250,17 @@ def render_skin(
         ``truth`` holds: ``generator`` (name, version), ``parameters`` (all of SkinParams, the stain, size),
         ``seed``, ``mpp_um``, ``width_px``, ``height_px``, ``stain``, ``stains`` (preset, counterstain, target,
         StainMatrix record, melanin vector), ``threshold_od`` and the rendered target-OD gap, ``pixel_convention``,
-        ``region_definitions``, ``cells`` (x_px, y_px, class, positive, region), ``regions`` (a QuPath-style
-        GeoJSON FeatureCollection in level-0 px), ``area_truth`` per region (region_area_mm2,
-        positive_area_fraction, positive_area_percent, cell counts, positive cells per mm²) and ``pigment``.
+        ``region_definitions``, ``cells`` (x_px, y_px, class, positive, region, target_mean_od; every nucleus
+        centred in tissue; ``cell_positive_definition`` says what positive means for the stain), ``regions`` (a
+        QuPath-style GeoJSON FeatureCollection in level-0 px with exact pixel-edge outlines), ``area_truth`` per
+        region (region_area_mm2, positive_area_fraction, positive_area_percent, cell counts, positive cells per
+        mm²) and ``pigment`` (melanin, never part of ``target_conc``). See ``sample_images/README.md``.
+
+    Examples
+    --------
+    >>> slide = render_skin(stain="cd3", width_px=512, height_px=768, seed=1)
+    >>> slide.rgb.shape, slide.truth["threshold_od"]
+    ((768, 512, 3), 0.2)
 
     Raises
     ------
