@@ -9,6 +9,8 @@ visited in row-major order, so a cell's sums are accumulated in the same order w
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 from numba import njit
 
@@ -19,6 +21,7 @@ __all__ = [
     "extreme_filter_kernel",
     "label_max_kernel",
     "measure_kernel",
+    "watershed_kernel",
 ]
 
 
@@ -182,72 +185,83 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _extreme(a, b, is_max):  # pragma: no cover - compiled
-    if is_max:
-        return a if a >= b else b
-    return a if a <= b else b
-
-
-@njit(cache=True, nogil=True, fastmath=False)
 def extreme_filter_kernel(src, radius, axis, is_max, out):  # pragma: no cover - compiled
     """Running maximum (or minimum) over a window of ``2 radius + 1`` pixels along one axis, clamped at the border.
 
-    Van Herk / Gil-Werman: per-block prefix and suffix extremes, then one comparison per pixel, so the cost does
+    Van Herk / Gil-Werman: per-block prefix and suffix maxima, then one comparison per pixel, so the cost does
     not depend on the radius. Clamping the window equals scipy's ``mode="nearest"`` for a maximum or minimum.
-    A square filter is this kernel along axis 1, then along axis 0. ``out`` must not be ``src``.
+    A minimum is the negated maximum of the negated values (exact in floating point). A square filter is this
+    kernel along axis 1, then along axis 0. ``out`` must not be ``src``.
     """
     h, w = src.shape
     k = 2 * radius + 1
-    g = np.empty_like(src)
-    s = np.empty_like(src)
+    sign = src.dtype.type(1) if is_max else src.dtype.type(-1)
     if axis == 1:
+        x = np.empty(w, src.dtype)
+        g = np.empty(w, src.dtype)
+        s = np.empty(w, src.dtype)
+        last_block = (w - 1) // k
         for i in range(h):
             for j in range(w):
-                v = src[i, j]
-                if j % k != 0:
-                    v = _extreme(g[i, j - 1], v, is_max)
-                g[i, j] = v
-            for j in range(w - 1, -1, -1):
-                v = src[i, j]
-                if j % k != k - 1 and j + 1 < w:
-                    v = _extreme(s[i, j + 1], v, is_max)
-                s[i, j] = v
+                x[j] = sign * src[i, j]
+            for b0 in range(0, w, k):
+                b1 = min(b0 + k, w)
+                g[b0] = x[b0]
+                for j in range(b0 + 1, b1):
+                    g[j] = g[j - 1] if g[j - 1] >= x[j] else x[j]
+                s[b1 - 1] = x[b1 - 1]
+                for j in range(b1 - 2, b0 - 1, -1):
+                    s[j] = s[j + 1] if s[j + 1] >= x[j] else x[j]
             for j in range(w):
-                hi = min(j + radius, w - 1)
                 lo = j - radius
+                hi = j + radius
                 if lo <= 0:
-                    out[i, j] = g[i, hi]
-                elif lo // k == hi // k:  # one block: hi is its end or the border, so the suffix is exact
-                    out[i, j] = s[i, lo]
+                    v = g[min(hi, w - 1)]
+                elif hi >= w - 1:
+                    a = s[lo]
+                    b = g[w - 1]
+                    v = a if lo // k == last_block or a >= b else b
                 else:
-                    out[i, j] = _extreme(s[i, lo], g[i, hi], is_max)
+                    a = s[lo]
+                    b = g[hi]
+                    v = a if a >= b else b
+                out[i, j] = sign * v
     else:
+        g = np.empty((h, w), src.dtype)
+        s = np.empty((h, w), src.dtype)
+        last_block = (h - 1) // k
         for i in range(h):
             if i % k == 0:
                 for j in range(w):
-                    g[i, j] = src[i, j]
+                    g[i, j] = sign * src[i, j]
             else:
                 for j in range(w):
-                    g[i, j] = _extreme(g[i - 1, j], src[i, j], is_max)
+                    v = sign * src[i, j]
+                    g[i, j] = g[i - 1, j] if g[i - 1, j] >= v else v
         for i in range(h - 1, -1, -1):
-            if i % k == k - 1 or i + 1 == h:
+            if i % k == k - 1 or i == h - 1:
                 for j in range(w):
-                    s[i, j] = src[i, j]
+                    s[i, j] = sign * src[i, j]
             else:
                 for j in range(w):
-                    s[i, j] = _extreme(s[i + 1, j], src[i, j], is_max)
+                    v = sign * src[i, j]
+                    s[i, j] = s[i + 1, j] if s[i + 1, j] >= v else v
         for i in range(h):
-            hi = min(i + radius, h - 1)
             lo = i - radius
+            hi = i + radius
             if lo <= 0:
+                r = min(hi, h - 1)
                 for j in range(w):
-                    out[i, j] = g[hi, j]
-            elif lo // k == hi // k:
+                    out[i, j] = sign * g[r, j]
+            elif hi >= h - 1 and lo // k == last_block:
                 for j in range(w):
-                    out[i, j] = s[lo, j]
+                    out[i, j] = sign * s[lo, j]
             else:
+                r = min(hi, h - 1)
                 for j in range(w):
-                    out[i, j] = _extreme(s[lo, j], g[hi, j], is_max)
+                    a = s[lo, j]
+                    b = g[r, j]
+                    out[i, j] = sign * (a if a >= b else b)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -285,3 +299,54 @@ def label_max_kernel(labels, image, out):  # pragma: no cover - compiled
             a = labels[i, j]
             if a > 0 and image[i, j] > out[a]:
                 out[a] = image[i, j]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def watershed_kernel(image, markers, mask, out):  # pragma: no cover - compiled
+    """Marker watershed (Meyer's priority flood) of ``image`` inside ``mask``, 8-connected.
+
+    ``out`` starts as ``markers`` inside the mask. Each unlabelled mask pixel is queued once, by the first
+    labelled neighbour to reach it, with that neighbour's label; pixels leave the queue in order of (image value,
+    time of queueing) and pass their label on. Ties are broken by queueing order, so the result is deterministic
+    and, within one connected component of the mask, independent of anything outside it.
+    """
+    h, w = image.shape
+    heap = [(np.float32(0.0), np.int64(0), np.int64(0), np.int32(0))]
+    heap.pop()
+    age = np.int64(0)
+    queued = np.zeros((h, w), np.bool_)
+    for i in range(h):
+        for j in range(w):
+            out[i, j] = markers[i, j] if mask[i, j] else 0
+    for i in range(h):
+        for j in range(w):
+            lab = out[i, j]
+            if lab == 0:
+                continue
+            for di in range(-1, 2):
+                for dj in range(-1, 2):
+                    ni = i + di
+                    nj = j + dj
+                    if (
+                        0 <= ni < h
+                        and 0 <= nj < w
+                        and mask[ni, nj]
+                        and out[ni, nj] == 0
+                        and not queued[ni, nj]
+                    ):
+                        queued[ni, nj] = True
+                        heapq.heappush(heap, (image[ni, nj], age, np.int64(ni * w + nj), lab))
+                        age += 1
+    while len(heap) > 0:
+        _, _, idx, lab = heapq.heappop(heap)
+        i = idx // w
+        j = idx - i * w
+        out[i, j] = lab
+        for di in range(-1, 2):
+            for dj in range(-1, 2):
+                ni = i + di
+                nj = j + dj
+                if 0 <= ni < h and 0 <= nj < w and mask[ni, nj] and out[ni, nj] == 0 and not queued[ni, nj]:
+                    queued[ni, nj] = True
+                    heapq.heappush(heap, (image[ni, nj], age, np.int64(ni * w + nj), lab))
+                    age += 1

@@ -30,7 +30,6 @@ from typing import Literal, get_args
 
 import numpy as np
 from scipy import ndimage
-from skimage.segmentation import watershed
 
 from cleihc._cell_kernels import (
     bbox_size_kernel,
@@ -39,6 +38,7 @@ from cleihc._cell_kernels import (
     extreme_filter_kernel,
     label_max_kernel,
     measure_kernel,
+    watershed_kernel,
 )
 from cleihc.errors import ProtocolError
 
@@ -399,6 +399,8 @@ def _nucleus_mask(
             edge = det >= np.float32(params.nucleus_edge_fraction) * peak[lab]
             region &= edge if ring_holes is None or level > 0 else edge | ring_holes
         result |= region
+        if keep[1:].all():  # nothing was too long: higher levels would find only pieces of accepted objects
+            break
     # Holes are filled only among accepted (small) objects: a hole then lies inside one small object's box, so
     # whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
     mask = _fill_holes(result)
@@ -435,26 +437,21 @@ def _split(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
     # Maxima within a (2 md + 1) square; a plateau or equal maxima closer than md (ties) become one marker.
     peaks = ((dist == _square_filter(dist, md_px, is_max=True)) & mask).astype(np.float32)
     near = (_square_filter(peaks, md_px // 2, is_max=True) > 0) & mask
-    markers, _ = ndimage.label(near, structure=eight)
-    # Number of distinct markers per clump: only clumps with two or more need a watershed.
-    pairs = np.unique(np.stack([clumps[markers > 0], markers[markers > 0]]), axis=1)
-    per_clump = np.bincount(pairs[0], minlength=n + 1)
-    multi = np.flatnonzero(per_clump >= 2)
+    markers, n_markers = ndimage.label(near, structure=eight)
+    # A marker lies inside one clump; clumps with two or more markers are flooded, the others stay whole.
+    on = markers > 0
+    clump_of_marker = np.zeros(n_markers + 1, dtype=np.int64)
+    clump_of_marker[markers[on]] = clumps[on]
+    multi = np.bincount(clump_of_marker[1:], minlength=n + 1) >= 2
+    multi[0] = False
     labels = clumps.astype(np.int32)
-    if multi.size == 0:
+    if not multi.any():
         return labels
-    next_label = n + 1
-    boxes = ndimage.find_objects(clumps)
-    for k in multi:  # clumps of touching nuclei: a few per tile, each cropped to its box
-        box = boxes[k - 1]
-        inside = clumps[box] == k
-        sub = watershed(-dist[box], np.where(inside, markers[box], 0), mask=inside)
-        ids = np.unique(sub[inside])
-        lut = np.zeros(int(ids.max()) + 1, dtype=np.int32)
-        lut[ids] = np.arange(next_label, next_label + ids.size, dtype=np.int32)
-        labels[box] = np.where(inside, lut[sub], labels[box])
-        next_label += ids.size
-    return labels
+    region = multi[clumps]
+    flooded = np.empty_like(labels)
+    # Marker ids are offset by n so that split pieces never collide with the ids of whole clumps.
+    watershed_kernel(-dist, np.where(on, markers + n, 0).astype(np.int32), region, flooded)
+    return np.where(region, flooded, labels)
 
 
 def _relabel(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
