@@ -437,3 +437,11 @@ def test_synthetic_cxcl10_detection():
     assert r["n_true_positive"] > 30
     assert r["positive"] >= 0.93 and r["negative"] >= 0.97, r
     assert r["count_error"] <= 0.08, r
+
+
+def test_pale_nucleus_found_through_its_ring_only(known):
+    _, conc = known
+    with_ring = run(conc).table
+    without = run(conc, CellParams(ring_threshold_od=0.0)).table
+    assert nearest(with_ring, PALE["x"], PALE["y"])[1] < 1.0
+    assert nearest(without, PALE["x"], PALE["y"])[1] > 5.0

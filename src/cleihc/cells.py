@@ -10,9 +10,17 @@ Exactness across tiles (docs/ARCHITECTURE.md): every decision about a cell uses 
 :func:`required_halo_um` of its centroid, and no statistic of the tile itself, so a cell whose centroid lies in a
 tile's core gets the same outline and the same values whatever the tile size or origin. Three rules make this
 hold: filters have bounded support (Gaussian truncated at 4 sigma, square morphological windows); a thresholded
-component longer than ``max_nucleus_length_um`` in x or y is discarded *before* anything else is decided about it,
-so every kept object is small and a component cut by the array border lies near that border (outside the core);
-hole filling, splitting and expansion then act within such small objects.
+component longer than ``max_nucleus_length_um`` in x or y is never accepted (it is looked at again at a higher
+threshold of the cascade), so every accepted object is small and one cut by the array border lies near that border,
+outside the core; hole filling, half-maximum edges, splitting and expansion then act within such small objects.
+The tests check this: tiles of several sizes and origins with a halo of :func:`required_halo_um` give the same
+cells, with bit-identical values, as one run on the whole image.
+
+Choices that differ from QuPath, and why: the nucleus edge is each object's half maximum (a blurred nucleus is
+wider at a low global threshold and would swallow its membrane ring); a cascade of thresholds separates packed
+nuclei (epidermis, lymphocyte clusters) that merge at the base threshold; holes of a membranous target ring are
+added as nuclei (a pale nucleus hidden by a strong CD3 ring); distances (split, expansion) are 1/sqrt2 chamfer
+distances computed in linear time (at most 8% above Euclidean).
 
 References
 ----------
@@ -411,6 +419,25 @@ def _nucleus_mask(
     return keep[lab]
 
 
+def _small_objects(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
+    """Components of ``mask`` (8-connected) no longer than the nucleus length bound and no larger than its area.
+
+    Only such holes of a target ring count as nuclei: whether a large region is enclosed depends on pixels far
+    away (a tile may cut the enclosing ring open), whether a small one is does not.
+    """
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return mask
+    area = np.bincount(lab.ravel(), minlength=n + 1)
+    boxes = np.zeros((n + 1, 2), dtype=np.int64)
+    bbox_size_kernel(lab, n, boxes)
+    max_len_px = params.max_nucleus_length_um / mpp_um
+    keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px)
+    keep &= area <= params.max_nucleus_area_um2 / (mpp_um * mpp_um)
+    keep[0] = False
+    return keep[lab]
+
+
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill background components (4-connected) that do not touch the array border: faster than
     :func:`scipy.ndimage.binary_fill_holes` (one labelling instead of an iterated dilation), same result."""
@@ -477,13 +504,13 @@ def detect_cells(
     """Detect nuclei and cells and score each cell for the target stain (QuPath-style positive cell detection).
 
     Steps: detection image = counterstain OD + ``nucleus_target_weight`` × target OD; Gaussian smoothing; white
-    top-hat (local background subtraction); threshold at ``nucleus_threshold_od``; plus the holes of the smoothed
-    target mask at ``ring_threshold_od`` (pale nuclei inside membranous rings); components longer than
-    ``max_nucleus_length_um`` or larger than ``max_nucleus_area_um2`` discarded; holes filled; areas checked;
-    touching nuclei split by a marker watershed on the (chamfer) distance transform (markers: its maxima at least
-    ``split_min_distance_um`` apart); split pieces below ``min_nucleus_area_um2`` dropped; cells = nuclei expanded
-    by ``cell_expansion_um`` without overlap (like :func:`skimage.segmentation.expand_labels`, with chamfer
-    distances); per-cell statistics of
+    top-hat (local background subtraction); a cascade of thresholds from ``nucleus_threshold_od`` (plus the holes
+    of the smoothed target mask at ``ring_threshold_od``: pale nuclei inside membranous rings) accepting components
+    no longer than ``max_nucleus_length_um`` and no larger than ``max_nucleus_area_um2``, each trimmed at
+    ``nucleus_edge_fraction`` of its own peak; holes filled; areas checked; touching nuclei split by a marker
+    watershed on the (chamfer) distance transform (markers: its maxima at least ``split_min_distance_um`` apart);
+    split pieces below ``min_nucleus_area_um2`` dropped; cells = nuclei expanded by ``cell_expansion_um`` without
+    overlap (like :func:`skimage.segmentation.expand_labels`, with chamfer distances); per-cell statistics of
     the raw (unsmoothed) target and counterstain OD in one pass.
 
     Parameters
@@ -535,7 +562,7 @@ def detect_cells(
     ring_holes = None
     if params.ring_threshold_od > 0:
         ring = _smooth(target_od, params.smoothing_sigma_um / mpp_um) >= np.float32(params.ring_threshold_od)
-        ring_holes = _fill_holes(ring) & ~ring
+        ring_holes = _small_objects(_fill_holes(ring) & ~ring, params, mpp_um)
     mask = _nucleus_mask(det, ring_holes, params, mpp_um)
     nuclei = _split(mask, params, mpp_um)
     # Split pieces too small to be nuclei are dropped rather than merged: merging would need a second rule.
