@@ -259,12 +259,12 @@ class SyntheticSlide:
         Pixels with melanin (all False without pigment).
     """
 
-    rgb: np.ndarray
+    rgb: np.ndarray = field(repr=False)
     mpp_um: float
-    truth: dict[str, Any]
-    tissue_mask: np.ndarray
-    region_masks: dict[str, np.ndarray]
-    target_conc: np.ndarray
+    truth: dict[str, Any] = field(repr=False)
+    tissue_mask: np.ndarray = field(repr=False)
+    region_masks: dict[str, np.ndarray] = field(repr=False)
+    target_conc: np.ndarray = field(repr=False)
     pigment_mask: np.ndarray = field(repr=False)
 
 
