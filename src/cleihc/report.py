@@ -545,7 +545,7 @@ def build_report(
                 for _, r in regions.drop_duplicates(["stain", "protocol_sha256"]).iterrows()
             }
         )
-        if len(regions)
+        if len(regions) and {"stain", "protocol_sha256"} <= set(regions.columns)
         else []
     )
     stat = (
@@ -574,7 +574,7 @@ def build_report(
     # ---- failures
     if len(data.failures):
         fail_html = _table(
-            data.failures[["slide", "reason", "path", "folder"]],
+            data.failures[[c for c in ("slide", "reason", "path", "folder") if c in data.failures.columns]],
             row_class=pd.Series(["fail"] * len(data.failures)),
         )
     else:
