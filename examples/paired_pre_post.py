@@ -69,6 +69,22 @@ def read_study(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tuple[str, str]:
+    """The baseline and follow-up labels: as given, else "pre"/"post", else the table's only two timepoints."""
+    present = sorted(set(study["timepoint"].dropna().astype(str)))
+    if pre and post:
+        return pre, post
+    if {"pre", "post"} <= set(present):
+        return pre or "pre", post or "post"
+    if len(present) == 2:
+        early = ("screening", "baseline", "pre", "before", "w0", "week0", "day0", "d0", "v1")
+        a, b = present
+        if b.lower() in early or a.lower() in ("post", "after", "end"):
+            a, b = b, a
+        return pre or a, post or b
+    raise SystemExit(f"timepoints in the table: {', '.join(present)}; choose two with --pre and --post")
+
+
 def headline_metrics(study: pd.DataFrame) -> dict[str, str]:
     """The headline metric of each stain: percent positive area when measured (area stains such as CXCL10 or
     mucin), else positive cells per mm² (cell stains such as CD3, CD8)."""
@@ -192,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
     p.add_argument("--out", default="stats", help="output folder (default ./stats)")
-    p.add_argument("--pre", default="pre", help="label of the baseline timepoint (default pre)")
-    p.add_argument("--post", default="post", help="label of the follow-up timepoint (default post)")
+    p.add_argument("--pre", help="label of the baseline timepoint (default pre, or the earlier of two)")
+    p.add_argument("--post", help="label of the follow-up timepoint (default post, or the later of two)")
     p.add_argument(
         "--metric", action="append", help="metric(s) to compare (default: each stain's headline metric)"
     )
     args = p.parse_args(argv)
     study = read_study(args.study)
+    args.pre, args.post = two_timepoints(study, args.pre, args.post)
     res = compare_pre_post(study, metrics=args.metric, pre=args.pre, post=args.post)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,22 @@ def read_study(path: str | Path) -> pd.DataFrame:
     return df
 
 
+def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tuple[str, str]:
+    """The baseline and follow-up labels: as given, else "pre"/"post", else the table's only two timepoints."""
+    present = sorted(set(study["timepoint"].dropna().astype(str)))
+    if pre and post:
+        return pre, post
+    if {"pre", "post"} <= set(present):
+        return pre or "pre", post or "post"
+    if len(present) == 2:
+        early = ("screening", "baseline", "pre", "before", "w0", "week0", "day0", "d0", "v1")
+        a, b = present
+        if b.lower() in early or a.lower() in ("post", "after", "end"):
+            a, b = b, a
+        return pre or a, post or b
+    raise SystemExit(f"timepoints in the table: {', '.join(present)}; choose two with --pre and --post")
+
+
 def changes(
     study: pd.DataFrame, *, metrics: list[str] | None = None, pre: str = "pre", post: str = "post"
 ) -> pd.DataFrame:
@@ -231,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument(
         "--rule", metavar="STAIN:REGION:METRIC:PERCENT", help="histological responder rule (see above)"
     )
-    p.add_argument("--pre", default="pre")
-    p.add_argument("--post", default="post")
+    p.add_argument("--pre", help="baseline timepoint (default pre, or the earlier of two)")
+    p.add_argument("--post", help="follow-up timepoint (default post, or the later of two)")
     p.add_argument(
         "--metric", action="append", help="metric(s) to compare (default: each stain's headline metric)"
     )
     args = p.parse_args(argv)
     study = read_study(args.study)
+    args.pre, args.post = two_timepoints(study, args.pre, args.post)
     exclude = None
     if args.responders:
         responder = responders_from_csv(args.responders)

@@ -324,3 +324,14 @@ def test_on_sample_results(tmp_path):
     # measured on the sample slides: F1 of all nuclei 0.99 at 4 µm; positive cells 0.88
     assert det.loc[("ALL", "all"), "f1"] > 0.9
     assert det.loc[("ALL", "positive"), "f1"] > 0.7
+
+
+def test_two_timepoints_are_found():
+    t = pd.DataFrame({"timepoint": ["week12", "baseline", "week12"]})
+    assert paired.two_timepoints(t, None, None) == ("baseline", "week12")
+    assert responders.two_timepoints(pd.DataFrame({"timepoint": ["post", "pre", "w4"]}), None, None) == (
+        "pre",
+        "post",
+    )
+    with pytest.raises(SystemExit, match="choose two"):
+        paired.two_timepoints(pd.DataFrame({"timepoint": ["a", "b", "c"]}), None, None)
