@@ -15,6 +15,7 @@ from cleihc.errors import CleihcError
 from cleihc.validate import (
     agreement,
     bland_altman,
+    detection_by_region,
     detection_scores,
     icc,
     lin_ccc,
@@ -148,6 +149,23 @@ def test_class_scores_hand_computed():
     assert all_.mean_distance_um == pytest.approx(0.5)
 
 
+def test_detection_by_region_hand_computed():
+    # truth: two in the epidermis (one missed), one in the dermis; detections: two matched, one extra in the dermis
+    t = np.array([[0.0, 0.0], [10.0, 0.0], [50.0, 0.0]])
+    treg = ["epidermis", "epidermis", "dermis"]
+    d = np.array([[0.5, 0.0], [50.5, 0.0], [80.0, 0.0]])
+    dreg = ["epidermis", "dermis", "dermis"]
+    pos = np.array([True, False, True])
+    r = detection_by_region(t, pos, treg, d, np.array([True, True, False]), dreg, radius_um=2.0)
+    a = r[r["label"] == "all"].set_index("region")
+    assert a.loc["epidermis", ["tp", "fp", "fn"]].tolist() == [1, 0, 1]
+    assert a.loc["dermis", ["tp", "fp", "fn"]].tolist() == [1, 1, 0]
+    assert a.loc["dermis", "precision"] == 0.5 and a.loc["epidermis", "recall"] == 0.5
+    assert a["tp"].sum() == detection_scores(t, pos, d, np.array([True, True, False]), radius_um=2.0)[0].tp
+    p = r[r["label"] == "positive"].set_index("region")
+    assert p.loc["epidermis", "tp"] == 1 and p.loc["dermis", "tp"] == 1
+
+
 # ---------------------------------------------------------------------------------------------- truth files
 def _results_folder(tmp: Path, slides: dict[str, dict]) -> Path:
     """A results folder with slide records and cells tables, as `cleihc quantify` writes them."""
@@ -175,6 +193,7 @@ def _results_folder(tmp: Path, slides: dict[str, dict]) -> Path:
                     "x_um": c[:, 0] * 0.25,
                     "y_um": c[:, 1] * 0.25,
                     "positive": c[:, 2].astype(bool),
+                    **({"region": spec["cell_regions"]} if "cell_regions" in spec else {}),
                 }
             ).to_parquet(out / "cells" / f"{name}.parquet")
     return out
@@ -317,7 +336,7 @@ def test_synthetic_truth_against_itself(tmp_path):
         cells = np.array(
             [[c["x_px"] * 2, c["y_px"] * 2, c["positive"]] for c in tr["cells"]], float
         )  # 0.25 µm/px
-        slides[name] = {"rows": rows, "cells": cells}
+        slides[name] = {"rows": rows, "cells": cells, "cell_regions": [c["region"] for c in tr["cells"]]}
     out = _results_folder(tmp_path, slides)
     res = validate(out, read_truth(tdir), radius_um=2.0)
     a = res.agreement[res.agreement["region"] == "all"].set_index("metric")
@@ -329,6 +348,11 @@ def test_synthetic_truth_against_itself(tmp_path):
     assert d.loc[("ALL", "positive"), "n_truth"] == sum(
         c["positive"] for t in truths.values() for c in t["cells"]
     )
+    r = res.detection_by_region
+    pooled = r[(r["slide"] == "ALL") & (r["label"] == "all")].set_index("region")
+    assert set(pooled.index) <= {"epidermis", "papillary_dermis", "superficial_dermis", "deep_dermis"}
+    assert (pooled["f1"] == 1.0).all()
+    assert pooled["n_truth"].sum() == d.loc[("ALL", "all"), "n_truth"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -54,6 +54,7 @@ __all__ = [
     "ValidationResult",
     "agreement",
     "bland_altman",
+    "detection_by_region",
     "detection_scores",
     "icc",
     "lin_ccc",
@@ -492,6 +493,19 @@ def detection_scores(
         ``all`` (classes ignored), ``positive`` (positive truth matched to positive detections only) and
         ``negative`` (likewise), each a one-to-one matching within the radius.
     """
+    out = [
+        _scores(label, m)
+        for label, _, _, m in _class_matches(
+            truth_xy_um, truth_positive, detected_xy_um, detected_positive, radius_um=radius_um
+        )
+    ]
+    return out[0], out[1], out[2]
+
+
+def _class_matches(
+    truth_xy_um: Any, truth_positive: Any, detected_xy_um: Any, detected_positive: Any, *, radius_um: float
+) -> list[tuple[str, np.ndarray, np.ndarray, PointMatch]]:
+    """(label, truth indices, detected indices, matching within those subsets) for all, positive, negative."""
     t = np.asarray(truth_xy_um, dtype=np.float64).reshape(-1, 2)
     d = np.asarray(detected_xy_um, dtype=np.float64).reshape(-1, 2)
     tp_ = np.asarray(truth_positive, dtype=bool).ravel()
@@ -502,9 +516,67 @@ def detection_scores(
         ("positive", tp_, dp_),
         ("negative", ~tp_, ~dp_),
     ):
-        m = match_points(t[ts], d[ds], radius=radius_um)
-        out.append(_scores(label, m))
-    return out[0], out[1], out[2]
+        ti, di = np.flatnonzero(ts), np.flatnonzero(ds)
+        out.append((label, ti, di, match_points(t[ti], d[di], radius=radius_um)))
+    return out
+
+
+def detection_by_region(
+    truth_xy_um: Any,
+    truth_positive: Any,
+    truth_region: Any,
+    detected_xy_um: Any,
+    detected_positive: Any,
+    detected_region: Any,
+    *,
+    radius_um: float,
+) -> pd.DataFrame:
+    """Detection scores per region (skin compartment), from one matching over the whole slide.
+
+    The slide is matched once per class (as in :func:`detection_scores`); a true positive and a missed truth point
+    count in the truth point's region, an unmatched detection in the detected cell's region. Precision, recall and
+    F1 follow per region (``f1 = 2 tp / (2 tp + fp + fn)``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``label, region, n_truth, n_detected, tp, fp, fn, precision, recall, f1``; regions with neither
+        truth nor detections are left out.
+    """
+    tr = np.asarray(truth_region, dtype=object).ravel()
+    dr = np.asarray(detected_region, dtype=object).ravel()
+    rows = []
+    for label, ti, di, m in _class_matches(
+        truth_xy_um, truth_positive, detected_xy_um, detected_positive, radius_um=radius_um
+    ):
+        t_reg, d_reg = tr[ti], dr[di]
+        matched_t = np.zeros(len(ti), bool)
+        matched_t[m.truth_index] = True
+        matched_d = np.zeros(len(di), bool)
+        matched_d[m.detected_index] = True
+        for region in sorted({str(r) for r in t_reg} | {str(r) for r in d_reg}):
+            in_t, in_d = t_reg == region, d_reg == region
+            tp = int((matched_t & in_t).sum())
+            fn = int((~matched_t & in_t).sum())
+            fp = int((~matched_d & in_d).sum())
+            if tp + fn + fp == 0:
+                continue
+            rows.append(
+                {
+                    "label": label,
+                    "region": region,
+                    "n_truth": tp + fn,
+                    "n_detected": tp + fp,
+                    "tp": tp,
+                    "fp": fp,
+                    "fn": fn,
+                    "precision": tp / (tp + fp) if tp + fp else math.nan,
+                    "recall": tp / (tp + fn) if tp + fn else math.nan,
+                    "f1": 2 * tp / (2 * tp + fp + fn),
+                }
+            )
+    cols = ["label", "region", "n_truth", "n_detected", "tp", "fp", "fn", "precision", "recall", "f1"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def _scores(label: str, m: PointMatch) -> Detection:
@@ -529,7 +601,8 @@ class Truth:
     values : pandas.DataFrame
         Columns ``slide, region, metric, reference``.
     points : pandas.DataFrame
-        Columns ``slide, x_px, y_px, x_um, y_um, positive`` (level-0 px or µm; the other pair may be NaN).
+        Columns ``slide, x_px, y_px, x_um, y_um, positive, region`` (level-0 px or µm, the other pair may be NaN;
+        region "" when the truth does not say).
     """
 
     values: pd.DataFrame
@@ -537,7 +610,7 @@ class Truth:
 
 
 _VALUE_COLUMNS = ["slide", "region", "metric", "reference"]
-_POINT_COLUMNS = ["slide", "x_px", "y_px", "x_um", "y_um", "positive"]
+_POINT_COLUMNS = ["slide", "x_px", "y_px", "x_um", "y_um", "positive", "region"]
 
 
 def _empty_values() -> pd.DataFrame:
@@ -549,7 +622,9 @@ def _empty_values() -> pd.DataFrame:
 def _empty_points() -> pd.DataFrame:
     return pd.DataFrame(
         {
-            c: pd.Series(dtype=bool if c == "positive" else ("object" if c == "slide" else "float64"))
+            c: pd.Series(
+                dtype=bool if c == "positive" else ("object" if c in ("slide", "region") else "float64")
+            )
             for c in _POINT_COLUMNS
         }
     )
@@ -606,6 +681,7 @@ def _read_synthetic(path: Path, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.
                 "x_um": x * mpp,
                 "y_um": y * mpp,
                 "positive": np.array([bool(c["positive"]) for c in cells]),
+                "region": np.array([str(c.get("region", "")) for c in cells], dtype=object),
             }
         )
     else:  # area stains: the generator's cells carry no marker, so only the area truth is a reference
@@ -653,6 +729,7 @@ def _read_geojson(path: Path, data: dict[str, Any], slide: str) -> pd.DataFrame:
     n = len(xs)
     return pd.DataFrame(
         {
+            "region": [""] * n,
             "slide": [slide] * n,
             "x_px": xs,
             "y_px": ys,
@@ -660,7 +737,7 @@ def _read_geojson(path: Path, data: dict[str, Any], slide: str) -> pd.DataFrame:
             "y_um": [math.nan] * n,
             "positive": pos,
         }
-    ).astype({"positive": bool})
+    ).astype({"positive": bool})[_POINT_COLUMNS]
 
 
 def _pick(columns: list[str], *names: str) -> str | None:
@@ -689,6 +766,7 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
         _pick(cols, "x_um", "centroid x µm", "centroid_x_um"),
         _pick(cols, "y_um", "centroid y µm", "centroid_y_um"),
     )
+    region_col = _pick(cols, "region")
     if (xpx and ypx) or (xum and yum):
         cls_col = _pick(cols, "class", "positive", "label", "classification")
         if cls_col is None:
@@ -718,10 +796,12 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
                 "x_um": coord(xum if xum and yum else None),
                 "y_um": coord(yum if xum and yum else None),
                 "positive": _parse_class(df[cls_col], path),
+                "region": df[region_col].astype(str).to_numpy(object)
+                if region_col
+                else np.full(n, "", object),
             }
-        )
+        )[_POINT_COLUMNS]
         return _empty_values(), points
-    region_col = _pick(cols, "region")
     regions = df[region_col].astype(str) if region_col else pd.Series(["tissue"] * len(df))
     if _pick(cols, "metric") and _pick(cols, "value"):
         values = pd.DataFrame(
@@ -827,6 +907,9 @@ class ValidationResult:
     detection : pandas.DataFrame
         One row per slide × class (``all``, ``positive``, ``negative``), and pooled rows with slide ``ALL``:
         n_truth, n_detected, tp, fp, fn, precision, recall, f1, mean_distance_um.
+    detection_by_region : pandas.DataFrame
+        The same per region (:func:`detection_by_region`) when the truth points carry regions (synthetic truth, a
+        points CSV with a region column) and the detected cells do; slide ``ALL`` pools the slides.
     radius_um : float
     warnings : tuple of str
     """
@@ -834,6 +917,7 @@ class ValidationResult:
     pairs: pd.DataFrame
     agreement: pd.DataFrame
     detection: pd.DataFrame
+    detection_by_region: pd.DataFrame
     radius_um: float
     warnings: tuple[str, ...]
 
@@ -908,6 +992,7 @@ def validate(
             warnings.append(f"truth metric(s) not measured by this protocol: {', '.join(unknown)}")
         pair_parts.append(tv.merge(long, on=["slide", "region", "metric"], how="inner"))
     det_rows = []
+    region_parts = []
     if len(truth.points):
         for slide, pts in truth.points[truth.points["slide"].isin(known)].groupby("slide", sort=True):
             rec = records[slide]
@@ -934,6 +1019,19 @@ def validate(
             tpos = pts["positive"].to_numpy(bool)
             for d in detection_scores(txy, tpos, dxy, dpos, radius_um=radius_um):
                 det_rows.append({"slide": slide, **d.__dict__})
+            treg = pts["region"].fillna("").astype(str).to_numpy(object)
+            if "region" in cells and (treg != "").all():
+                by_region = detection_by_region(
+                    txy,
+                    tpos,
+                    treg,
+                    dxy,
+                    dpos,
+                    cells["region"].astype(str).to_numpy(object),
+                    radius_um=radius_um,
+                )
+                by_region.insert(0, "slide", slide)
+                region_parts.append(by_region)
             n_tp, n_dp = int(tpos.sum()), int(dpos.sum())
             counts = [
                 ("points_total", len(tpos), len(dpos)),
@@ -996,9 +1094,28 @@ def validate(
                 }
             )
         detection = pd.concat([detection, pd.DataFrame(pooled)], ignore_index=True)
+    by_region = pd.concat(region_parts, ignore_index=True) if region_parts else pd.DataFrame()
+    if len(by_region):
+        sums = by_region.groupby(["label", "region"], sort=False)[
+            ["n_truth", "n_detected", "tp", "fp", "fn"]
+        ].sum()
+        sums = sums.reset_index()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sums["precision"] = np.where(sums["n_detected"] > 0, sums["tp"] / sums["n_detected"], np.nan)
+            sums["recall"] = np.where(sums["n_truth"] > 0, sums["tp"] / sums["n_truth"], np.nan)
+            sums["f1"] = 2 * sums["tp"] / (2 * sums["tp"] + sums["fp"] + sums["fn"])
+        sums.insert(0, "slide", "ALL")
+        by_region = pd.concat([by_region, sums], ignore_index=True)
     for w in warnings:
         log.warning("%s", w)
-    return ValidationResult(pairs, agree, detection, float(radius_um), tuple(warnings))
+    return ValidationResult(
+        pairs=pairs,
+        agreement=agree,
+        detection=detection,
+        detection_by_region=by_region,
+        radius_um=float(radius_um),
+        warnings=tuple(warnings),
+    )
 
 
 def _points_um(pts: pd.DataFrame, mpp: float | None, slide: str) -> np.ndarray:
@@ -1119,6 +1236,7 @@ def write_validation(result: ValidationResult, out_dir: str | os.PathLike[str]) 
         ("pairs", result.pairs),
         ("agreement", result.agreement),
         ("detection", result.detection),
+        ("detection_by_region", result.detection_by_region),
     ):
         if len(df):
             _write_csv(df, out / f"{name}.csv")
