@@ -72,7 +72,7 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns: the study metadata present (subject, timepoint, group, then any others), slide, stain, region,
-        metric, value, unit.
+        metric, value, unit, and last `corrected` (True where the row includes manual corrections).
     """
     parts = [regions_table(f) for f in folders]
     wide = (
@@ -91,4 +91,7 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     long = wide.melt(id_vars=ids, value_vars=numeric, var_name="metric", value_name="value")
     long = long.dropna(subset=["value"])
     long["unit"] = long["metric"].map(metric_unit)
-    return long.sort_values([*ids, "metric"], kind="stable").reset_index(drop=True)
+    long = long.sort_values([*ids, "metric"], kind="stable").reset_index(drop=True)
+    # The contract's columns first; `corrected` (rows that include manual corrections) last.
+    order = [*meta, "slide", "stain", "region", "metric", "value", "unit"]
+    return long[order + [c for c in long.columns if c not in order]]
