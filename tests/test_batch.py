@@ -194,6 +194,7 @@ def test_metadata_and_tidy_table(study, tmp_path):
         "metric",
         "value",
         "unit",
+        "corrected",
     ]
     # every wide value appears once in the long table, with its unit
     wide = table.set_index(["slide", "region"])
