@@ -80,6 +80,40 @@ def test_quantify_cancel_ends_the_worker_cleanly(make_napari_viewer, qtbot, samp
     assert not layers_with_role(viewer, "cells")
 
 
+def test_quantify_a_drawn_region_and_the_visible_field(make_napari_viewer, qtbot, sample_slide):
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    slide = find_layer(viewer, "slide")
+    w, h = slide.metadata["cleihc"]["dimensions"]
+    mpp_y, mpp_x = slide.metadata["cleihc"]["world_per_px"]
+    # The visible field: the camera's extent as a level-0 box.
+    viewer.camera.center = (0, h / 2 * mpp_y, w / 4 * mpp_x)
+    viewer.camera.zoom = viewer.canvas.size[1] / (w / 2 * mpp_x)  # half the slide's width across the canvas
+    field = widget.roi("visible field")
+    x0, y0, x1, y1 = field.bounds
+    assert x0 == 0 and x1 == pytest.approx(w / 2, abs=2)
+    assert 0 <= y0 < h / 2 < y1 <= h
+    # A drawn region: a rectangle on the ROI layer (level-0 px data), measured alone.
+    widget.scope_combo.setCurrentText("drawn region")
+    roi_layer = find_layer(viewer, "roi")
+    assert roi_layer is not None and roi_layer.mode == "add_polygon"
+    box = np.array([[0.0, w * 0.25], [h * 1.0, w * 0.25], [h * 1.0, w * 0.6], [0.0, w * 0.6]])  # (y, x)
+    roi_layer.add_polygons([box])
+    assert widget.roi().bounds == pytest.approx((w * 0.25, 0.0, w * 0.6, h * 1.0))
+    widget.run()
+    _wait_worker(qtbot, widget)
+    result = widget.result
+    assert result is not None, widget.status.text()
+    cells = find_layer(viewer, "cells")
+    assert len(cells.data) == len(result.cells) > 0
+    counted = result.cells.loc[result.cells["region"] != "outside"]
+    assert len(counted) > 0 and counted["x_px"].between(w * 0.25, w * 0.6).all()
+    tissue_area = result.regions.set_index("region").loc["tissue", "region_area_mm2"]
+    assert 0 < tissue_area <= (w * 0.35 * mpp_x) * (h * mpp_y) / 1e6
+
+
 def test_threshold_preview_reads_the_field_once(make_napari_viewer, sample_slide, monkeypatch):
     calls = []
     real = _quantify_widget.concentration
@@ -278,6 +312,8 @@ def test_review_queue(make_napari_viewer, qtbot, results_dir):
     viewer = make_napari_viewer(show=True)
     widget = ReviewWidget(viewer)
     viewer.window.add_dock_widget(widget)
+    correct = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(correct)
     widget.set_folder(results_dir)
     assert widget.current_slide() == slides[0] and widget.table.rowCount() == 2
     assert find_layer(viewer, "cells").metadata["cleihc"]["slide"] == slides[0]
@@ -287,6 +323,10 @@ def test_review_queue(make_napari_viewer, qtbot, results_dir):
     assert widget.current_slide() == slides[1]
     assert find_layer(viewer, "cells").metadata["cleihc"]["slide"] == slides[1]
     assert len(layers_with_role(viewer, "cells")) == 1 and len(layers_with_role(viewer, "slide")) == 1
+    # The Correct dock follows the queue, and with nothing edited no row is marked corrected.
+    qtbot.waitUntil(lambda: correct.bound == (str(results_dir), slides[1]), timeout=10_000)
+    assert correct.rows is not None and not correct.rows["corrected"].any()
+    assert len(correct.rows) == len(SlideResults.load(results_dir, slides[1]).record["rows"])
     status = review_status(results_dir)
     assert status[slides[0]]["status"] == "flagged" and status[slides[0]]["note"] == "fold at the top"
     assert status[slides[0]]["author"] == "reviewer-2" and status[slides[1]]["status"] == "unreviewed"

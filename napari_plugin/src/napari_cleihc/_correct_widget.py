@@ -11,11 +11,13 @@ with :func:`cleihc.geometry.mask_to_polygons` when the corrections are built.
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -145,8 +147,13 @@ class CorrectWidget(QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.table, 1)
 
-        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
-        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        # Layers come and go one at a time when a slide is (re)opened: bind once they have all arrived.
+        self._bind_timer = QTimer(self)
+        self._bind_timer.setSingleShot(True)
+        self._bind_timer.setInterval(0)
+        self._bind_timer.timeout.connect(self._on_layers_changed)
+        self.viewer.layers.events.inserted.connect(lambda *_: self._bind_timer.start())
+        self.viewer.layers.events.removed.connect(lambda *_: self._bind_timer.start())
         self._on_layers_changed()
 
     # -- binding to the slide shown -----------------------------------------------------------------------
@@ -303,15 +310,21 @@ class CorrectWidget(QWidget):
     def corrections(self) -> Corrections:
         """The corrections the layers now hold, relative to the automatic results."""
         self._require()
+        # A region is compared with its automatic outline only when the layer that shows it is there.
         regions: dict[str, Any] = {}
+        shown: dict[str, Any] = {}
         for role in ("tissue", "regions"):
             layer = self._layer(role)
-            if layer is not None:
-                regions.update(
-                    geometries_from_shapes(
-                        layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
-                    )
+            if layer is None:
+                continue
+            for name, geom in self.automatic.regions.items():
+                if (name == "tissue") == (role == "tissue"):
+                    shown[name] = geom
+            regions.update(
+                geometries_from_shapes(
+                    layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
                 )
+            )
         exclusions = []
         layer = self._layer("exclusions")
         if layer is not None and len(layer.data):
@@ -328,7 +341,7 @@ class CorrectWidget(QWidget):
             )
         cells = self._layer("cells")
         return build_corrections(
-            self.automatic,
+            dataclasses.replace(self.automatic, regions=shown),
             regions=regions,
             exclusions=exclusions,
             points_yx=None if cells is None else points_px(cells),
