@@ -163,8 +163,7 @@ class Result:
 def _lowres_overview(slide: Slide, mpp_um: float) -> tuple[np.ndarray, float, float]:
     """The whole slide on the exact analysis grid nearest `mpp_um`: (rgb, level-0 downsample, µm/px)."""
     res = slide.analysis_resolution(mpp_um)
-    rgb = slide.read_analysis_rect(res, (0, 0), res.dimensions_a)
-    return rgb, float(res.downsample), float(res.mpp_um[0])
+    return slide.read_analysis_image(res), float(res.downsample), float(res.mpp_um[0])
 
 
 def plan_slide(

@@ -20,6 +20,7 @@ import numpy as np
 from cleihc.errors import (
     MissingMppError,
     NotBrightfieldError,
+    SlideError,
     SlideNotFoundError,
     SlidePermissionError,
     UnsupportedFormatError,
@@ -446,6 +447,25 @@ class Slide:
         if x1 > x0 and y1 > y0:
             block = self.read_level_rect(level, (x0 * f, y0 * f), ((x1 - x0) * f, (y1 - y0) * f))
             out[y0 - y : y1 - y, x0 - x : x1 - x] = _bin_mean(block, f)
+        return out
+
+    def read_analysis_image(self, res: AnalysisResolution) -> np.ndarray:
+        """The whole slide at an analysis resolution, RGB uint8 (h, w, 3) of size ``res.dimensions_a``.
+
+        Read in bands of rows, so memory stays bounded by the output (a single-level giant is never read whole).
+        Pixel values equal :meth:`read_analysis_rect`'s for any rectangle.
+        """
+        w, h = (int(v) for v in res.dimensions_a)
+        if w < 1 or h < 1:
+            raise SlideError(
+                f"the slide is smaller than one pixel at {res.mpp_um[0]:.3g} µm/px; ask for a finer resolution",
+                path=self.path,
+            )
+        band = max(1, _BAND_PIXELS // max(1, w * int(res.factor) ** 2))
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for y in range(0, h, band):
+            bh = min(band, h - y)
+            out[y : y + bh] = self.read_analysis_rect(res, (0, y), (w, bh))
         return out
 
     def _read_binned(
