@@ -43,7 +43,7 @@ from cleihc.regions import (
     regions_for_slide,
     skin_compartments,
 )
-from cleihc.slide import AnalysisResolution, Slide, open_slide
+from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 from cleihc.stains import (
     StainMatrix,
     check_drift,
@@ -75,15 +75,6 @@ EXCLUDE_NAMES = frozenset({"exclude", "exclusion", "ignore", "ignore*", "artefac
 
 #: The most specific region wins when a cell is labelled with one region name.
 _SPECIFICITY = ("tissue", "dermis", "epidermis", "papillary_dermis", "superficial_dermis", "deep_dermis")
-
-
-def slide_stem(path: str | os.PathLike[str]) -> str:
-    """A slide's name in tables: the file name without its extension (``.ome.tif`` counts as one)."""
-    name = Path(path).name
-    for ext in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return Path(name).stem
 
 
 @dataclass(frozen=True)

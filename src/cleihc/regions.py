@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from skimage.morphology import disk
 from cleihc.errors import RegionsError
 from cleihc.geometry import feature_collection, mask_to_polygons, polygonal, rasterize, to_feature
 from cleihc.io import atomic_write
+from cleihc.slide import slide_stem
 
 __all__ = [
     "COMPARTMENT_NAMES",
@@ -502,14 +502,6 @@ def _assemble(
     return regions
 
 
-def _slide_stem(slide_path: str | os.PathLike[str]) -> str:
-    name = Path(slide_path).name
-    m = re.match(r"^(.*)\.ome\.tiff?$", name, flags=re.IGNORECASE)
-    if m:
-        return m.group(1)
-    return Path(name).stem
-
-
 def regions_for_slide(
     path_or_folder: str | os.PathLike[str], slide_path: str | os.PathLike[str]
 ) -> list[Region]:
@@ -538,7 +530,7 @@ def regions_for_slide(
         return read_regions(p)
     if not p.is_dir():
         raise RegionsError("regions path not found; give an annotation file or a folder of them", path=p)
-    stem = _slide_stem(slide_path)
+    stem = slide_stem(slide_path)
     wanted = {f"{stem}{ext}".lower(): i for i, ext in enumerate(REGION_FILE_EXTENSIONS)}
     found = sorted(
         (wanted[f.name.lower()], f) for f in p.iterdir() if f.name.lower() in wanted and f.is_file()

@@ -6,6 +6,6 @@
 ...     tile = s.read_analysis_rect(res, (0, 0), (1024, 1024))
 """
 
-from cleihc.slide.base import AnalysisResolution, Slide, is_slide, open_slide
+from cleihc.slide.base import AnalysisResolution, Slide, is_slide, open_slide, slide_stem
 
-__all__ = ["AnalysisResolution", "Slide", "is_slide", "open_slide"]
+__all__ = ["AnalysisResolution", "Slide", "is_slide", "open_slide", "slide_stem"]

@@ -117,6 +117,21 @@ def _open_backend(path: str) -> Backend:
     )
 
 
+def slide_stem(path: str | os.PathLike[str]) -> str:
+    """A slide's name in tables and output files: the file name without its extension (``.ome.tif`` counts as one).
+
+    Examples
+    --------
+    >>> slide_stem("/data/S01_pre_cd3.svs"), slide_stem("S02_pre_cxcl10.ome.tif")
+    ('S01_pre_cd3', 'S02_pre_cxcl10')
+    """
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
 def is_slide(path: str | os.PathLike[str]) -> bool:
     """Whether `path` looks like a slide or image cleihc can open (a cheap content sniff, no decoding).
 
