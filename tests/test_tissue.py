@@ -474,3 +474,77 @@ def test_real_pen_marks(shared_data):
     # Eosin-stained tissue away from the ink is kept, except slivers the frame seams cut below min_object_um2.
     assert tm.mask[pink].mean() > 0.94
     assert math.isclose(tm.mpp_um, 8.0)
+
+
+# -- crops without glass ---------------------------------------------------------------------------------------
+
+
+def tissue_field(h: int, w: int, *, seed: int = 5) -> np.ndarray:
+    """A crop filled with tissue: a beige, slightly yellow ground (the palest tissue, mean about 218) with
+    scattered blue and brown nuclei, and no glass anywhere."""
+    rng = np.random.default_rng(seed)
+    img = paint(np.zeros((h, w, 3), np.uint8), np.ones((h, w), bool), (219, 215, 205), seed=seed, noise=4.0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for k, (cy, cx) in enumerate(rng.uniform(0, [h, w], (h * w // 400, 2))):
+        nucleus = (yy - cy) ** 2 + (xx - cx) ** 2 <= 9
+        img[nucleus] = (150, 160, 200) if k % 2 else (120, 80, 50)
+    return img
+
+
+@pytest.mark.parametrize("method", ["otsu", "triangle"])
+def test_tissue_filled_crop_is_all_tissue(method: str, caplog):
+    # Before: the palest tissue was taken for glass and the crop came out with no tissue at all.
+    img = tissue_field(80, 80)
+    with caplog.at_level("WARNING"):
+        tm = detect_tissue(img, mpp_um=2.0, params=TissueParams(method=method, smooth_um=2.0))
+    assert tm.method == "no_glass"
+    assert tm.background_rgb == (255.0, 255.0, 255.0)
+    assert tm.tissue_fraction == 1.0
+    assert not [r for r in caplog.records if "glass" in r.getMessage()]  # nothing is estimated: no warning
+
+
+def test_tissue_filled_crop_uses_the_reference_background():
+    img = tissue_field(60, 60)
+    ref = (250.0, 248.0, 252.0)
+    tm = detect_tissue(img, mpp_um=2.0, params=TissueParams(smooth_um=2.0), reference_rgb=ref)
+    assert tm.method == "no_glass" and tm.background_rgb == ref and tm.tissue_fraction == 1.0
+    with pytest.raises(ValueError, match="reference_rgb"):
+        detect_tissue(img, mpp_um=2.0, reference_rgb=(0.0, 10.0, 10.0))
+
+
+def test_crop_smaller_than_a_tissue_object_is_kept():
+    # 40 x 40 px at 2 µm/px = 6400 µm², below min_object_um2 = 20000: without glass it is still tissue.
+    tm = detect_tissue(tissue_field(40, 40), mpp_um=2.0, params=TissueParams(smooth_um=2.0))
+    assert tm.tissue_fraction == 1.0
+
+
+def test_tissue_with_a_little_glass_still_uses_the_glass():
+    # Tissue over 95 % of the image and a glass margin of 5 %: the glass is found and measured against.
+    h, w = 100, 100
+    img = glass_image(h, w, seed=7)
+    tissue = np.ones((h, w), bool)
+    tissue[:, :5] = False
+    img = paint(img, tissue, (200, 150, 190))
+    tm = detect_tissue(img, mpp_um=8.0, params=TissueParams(min_object_um2=0, closing_um=0))
+    assert tm.method == "otsu"
+    np.testing.assert_allclose(tm.background_rgb, GLASS, atol=2)
+    assert iou(tm.mask, tissue) > 0.97
+
+
+def test_dim_glass_is_glass():
+    # Glass scanned as dark as 228 (summed OD 0.15 below white) is still glass: an empty dim slide is empty.
+    img = np.clip(np.rint(228 + np.random.default_rng(2).normal(0, 2, (60, 60, 3))), 0, 255).astype(np.uint8)
+    tm = detect_tissue(img, mpp_um=8.0)
+    assert tm.is_empty and tm.method == "otsu"
+
+
+def test_bcdata_tissue_filled_tiles_are_tissue(shared_data):
+    # 640 x 640 Ki67 tiles inside tumour (BCData, 0.25 µm/px): every one is tissue edge to edge.
+    from cleihc.slide import open_slide
+
+    root = shared_file("bcdata_ki67_sample", "1.images", "test")
+    for name in ("10.png", "17.png", "19.png", "25.png"):  # four of those that used to have "no tissue"
+        with open_slide(root / name, mpp=(0.25, 0.25)) as slide:
+            tm = tissue_mask_for_slide(slide)
+        assert tm.method == "no_glass", name
+        assert tm.tissue_fraction == 1.0, name

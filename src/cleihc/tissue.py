@@ -4,7 +4,9 @@ The slide is read at ``TissueParams.mpp_um`` (about 8 µm/px: a few hundred pixe
 pixel's optical density relative to the glass (summed over R, G, B) is thresholded with an automatic method
 (Otsu or triangle) clamped to a range, so that an empty slide gives no tissue rather than noise and a slide that is
 nearly all tissue keeps its pale parts; faint but coloured pixels (pale eosin, pale DAB) also count as tissue by
-their saturation. Small objects are removed and small holes filled (sizes in µm², so the result does not depend
+their saturation. An image that shows no glass at all (a crop filled with tissue edge to edge) is recognised and
+judged against a fixed glass colour with the lowest density threshold, so that it is all tissue rather than none.
+Small objects are removed and small holes filled (sizes in µm², so the result does not depend
 on the working resolution), and two common artefacts are excluded: strongly saturated green/blue or black pen
 ink, and near-black regions touching the image border (scanner borders, slide edges).
 
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 # (195-250°) overlap Alcian blue, colloidal iron and haematoxylin, so they also need a high optical density.
 _GREEN_INK_HUE_DEG = (70.0, 195.0)
 _BLUE_INK_HUE_DEG = (195.0, 250.0)
+# Saturation of a glass pixel relative to the glass colour (as cleihc.stains.estimate_background's default).
+_GLASS_MAX_SATURATION = 0.12
 # Level-0 pixels read per band when building the low-resolution image from a slide (bounds memory).
 _BAND_LEVEL_PIXELS = 64 * 2**20
 
@@ -91,6 +95,16 @@ class TissueParams:
         Width in µm of the band around an ink or black artefact that is excluded with it (ink edges are fainter).
     min_artefact_um2 : float
         Ink or black objects smaller than this are ignored (dense specks of real tissue or pigment).
+    glass_max_od : float
+        The estimated glass colour is accepted only if its summed optical density against the reference I0
+        (white, or the protocol's ``[background] rgb``) is at most this; a darker "glass" is pale tissue. 0.18 is
+        about 224 of 255 in every channel: real glass scans at 226-250, the palest tissue of a tissue-filled crop
+        at 200-222.
+    min_glass_fraction : float
+        The image shows glass only if at least this fraction of its pixels is unsaturated and within
+        `min_threshold_od` of the estimated glass colour. Otherwise (a crop filled with tissue) the OD is taken
+        against the reference I0 with the fixed threshold `min_threshold_od`, and the minimum object size is
+        capped at half the image (a crop smaller than a tissue fragment is still tissue).
 
     References
     ----------
@@ -117,6 +131,8 @@ class TissueParams:
     black_max_intensity: float = 0.25
     artefact_margin_um: float = 16.0
     min_artefact_um2: float = 2000.0
+    glass_max_od: float = 0.18
+    min_glass_fraction: float = 0.02
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, rule: str) -> None:
@@ -135,7 +151,8 @@ class TissueParams:
             self.max_threshold_od >= self.min_threshold_od,
             f">= min_threshold_od ({self.min_threshold_od})",
         )
-        for name in ("min_saturation", "pen_min_saturation", "black_max_intensity"):
+        check("glass_max_od", finite(self.glass_max_od) and 0 < self.glass_max_od <= 3, "an OD in (0, 3]")
+        for name in ("min_saturation", "pen_min_saturation", "black_max_intensity", "min_glass_fraction"):
             check(name, finite(getattr(self, name)) and 0 <= getattr(self, name) <= 1, "a fraction in 0..1")
         for name in (
             "smooth_um",
@@ -364,6 +381,16 @@ def _glass_rgb(rgb: NDArray[np.uint8], *, fill_rgb: Sequence[int] | None = None)
 
     Pixels exactly equal to `fill_rgb` (the colour a scanner writes where it did not scan) are not glass.
     """
+    bg = _estimate_glass(rgb, fill_rgb=fill_rgb)
+    return np.array([255.0, 255.0, 255.0]) if bg is None else bg
+
+
+def _estimate_glass(
+    rgb: NDArray[np.uint8], *, fill_rgb: Sequence[int] | None = None
+) -> NDArray[np.float64] | None:
+    """The colour of the image's brightest grey population, or None when there is none (no warning: the caller
+    decides what a missing glass means)."""
+    from cleihc.errors import CleihcError
     from cleihc.stains import estimate_background
 
     # A regular subsample of about a million pixels estimates the glass colour as well as the whole image.
@@ -373,10 +400,39 @@ def _glass_rgb(rgb: NDArray[np.uint8], *, fill_rgb: Sequence[int] | None = None)
     if fill_rgb is not None:
         exclude = np.all(sample == np.asarray(fill_rgb, dtype=np.uint8), axis=-1)
     min_pixels = max(10, sample.shape[0] * sample.shape[1] // 1000)
-    bg = estimate_background(
-        sample, tissue_mask=exclude, min_pixels=min_pixels, fallback=(255.0, 255.0, 255.0)
-    )
+    try:
+        bg = estimate_background(sample, tissue_mask=exclude, min_pixels=min_pixels)
+    except CleihcError:
+        return None
     return np.asarray(bg, dtype=np.float64)
+
+
+def _find_glass(
+    rgb: NDArray[np.uint8],
+    *,
+    fill_rgb: Sequence[int] | None,
+    reference_rgb: NDArray[np.float64],
+    params: TissueParams,
+) -> tuple[NDArray[np.float64], bool]:
+    """(glass colour, whether the image shows glass); the reference I0 when it shows none.
+
+    The brightest grey population is always found, glass or not: in a crop filled with tissue it is the palest
+    tissue. It is taken as glass only if it is nearly as bright as the reference I0 (`glass_max_od`) and covers
+    `min_glass_fraction` of the image.
+    """
+    bg = _estimate_glass(rgb, fill_rgb=fill_rgb)
+    if bg is None:
+        return reference_rgb, False
+    od_vs_reference = float(np.sum(np.log10(reference_rgb / np.clip(bg, 1.0, None)).clip(min=0.0)))
+    if od_vs_reference > params.glass_max_od:
+        return reference_rgb, False
+    col = _colour(rgb, bg)
+    glass = (col.od < params.min_threshold_od) & (col.sat <= _GLASS_MAX_SATURATION)
+    if fill_rgb is not None:
+        glass &= ~np.all(rgb == np.asarray(fill_rgb, dtype=np.uint8), axis=-1)
+    if float(glass.mean()) < params.min_glass_fraction:
+        return reference_rgb, False
+    return bg, True
 
 
 @dataclass(frozen=True, eq=False)
@@ -422,6 +478,7 @@ def detect_tissue(
     params: TissueParams = TissueParams(),
     background_rgb: Sequence[float] | None = None,
     fill_rgb: Sequence[int] | None = None,
+    reference_rgb: Sequence[float] = (255.0, 255.0, 255.0),
     downsample: float = 1.0,
 ) -> TissueMask:
     """Find tissue on a low-resolution RGB image of a brightfield slide.
@@ -442,6 +499,9 @@ def detect_tissue(
     fill_rgb : three ints, optional
         The colour a scanner writes where it did not scan (``Slide.background_rgb``); pixels of exactly this
         colour are left out of the glass estimate. Ignored when `background_rgb` is given.
+    reference_rgb : three floats
+        The I0 used when the image shows no glass (the protocol's ``[background] rgb``); the estimated glass
+        colour must also be within ``params.glass_max_od`` of it. Ignored when `background_rgb` is given.
     downsample : float
         Level-0 pixels per pixel of `rgb`, recorded in the result so that it maps onto the slide.
 
@@ -457,6 +517,10 @@ def detect_tissue(
     clamped to ``[min_threshold_od, max_threshold_od]``. Where glass and tissue are separated by empty
     histogram bins, Otsu's criterion is flat across the gap and its middle is taken. With little glass, Otsu
     splits the tissue itself and the ceiling decides; on most real slides the clamp is active.
+
+    An image with no glass (no bright grey population within ``params.glass_max_od`` of `reference_rgb` covering
+    ``params.min_glass_fraction`` of the image: a crop filled with tissue) is measured against `reference_rgb`
+    with the fixed threshold ``params.min_threshold_od``; the result's ``method`` is then "no_glass".
 
     References
     ----------
@@ -474,8 +538,12 @@ def detect_tissue(
         raise ValueError(f"mpp_um must be a positive number, got {mpp_um}")
     p = params
 
+    glass_seen = True
     if background_rgb is None:
-        bg = _glass_rgb(image, fill_rgb=fill_rgb)
+        ref = np.asarray(reference_rgb, dtype=np.float64)
+        if ref.shape != (3,) or not np.all((ref > 0) & (ref <= 255)):
+            raise ValueError(f"reference_rgb must be three values in (0, 255], got {reference_rgb!r}")
+        bg, glass_seen = _find_glass(image, fill_rgb=fill_rgb, reference_rgb=ref, params=p)
     else:
         bg = np.asarray(background_rgb, dtype=np.float64)
     if bg.shape != (3,) or not np.all((bg > 0) & (bg <= 255)):
@@ -494,7 +562,17 @@ def detect_tissue(
     artefact = _artefacts(col, mpp_um=mpp_um, params=p)
 
     valid = ~artefact
-    if p.method == "fixed":
+    method: str = p.method
+    min_obj = _area_px(p.min_object_um2, mpp_um)
+    if not glass_seen:
+        # Nothing to compare with: everything denser than the palest tissue of real sections is tissue, and the
+        # crop may be smaller than a tissue fragment.
+        method, threshold = "no_glass", p.min_threshold_od
+        min_obj = min(min_obj, image.shape[0] * image.shape[1] // 2)
+        log.info(
+            "tissue: the image shows no glass; optical density against %s, threshold %.3f", bg, threshold
+        )
+    elif p.method == "fixed":
         threshold = p.threshold_od
     else:
         threshold = _auto_threshold(od_s[valid], p)
@@ -502,7 +580,6 @@ def detect_tissue(
     tissue = (od_s >= threshold) | ((sat_s >= p.min_saturation) & (od_s >= p.min_threshold_od))
     tissue &= valid
     tissue = _closing(tissue, round(p.closing_um / mpp_um)) & valid
-    min_obj = _area_px(p.min_object_um2, mpp_um)
     tissue = _remove_small(tissue, min_obj)
     tissue = _fill_small_holes(tissue, _area_px(p.min_hole_um2, mpp_um))
     # Filling may close over ink drawn across tissue: exclude it again, then drop the crumbs it leaves.
@@ -510,7 +587,7 @@ def detect_tissue(
     tissue = _remove_small(tissue, min_obj)
     log.debug(
         "tissue: %s threshold %.3f OD, %.1f%% tissue, %.1f%% artefact",
-        p.method,
+        method,
         threshold,
         100.0 * tissue.mean(),
         100.0 * artefact.mean(),
@@ -519,7 +596,7 @@ def detect_tissue(
         mask=tissue,
         mpp_um=mpp_um,
         downsample=float(downsample),
-        method=p.method,
+        method=method,
         threshold_od=float(threshold),
         background_rgb=(float(bg[0]), float(bg[1]), float(bg[2])),
         artefact=artefact,
@@ -590,13 +667,16 @@ def tissue_mask_for_slide(
     slide: Slide,
     *,
     params: TissueParams = TissueParams(),
+    background_rgb: Sequence[float] | None = None,
+    reference_rgb: Sequence[float] = (255.0, 255.0, 255.0),
 ) -> TissueMask:
     """Detect tissue on a whole slide read at ``params.mpp_um``.
 
     The slide is read with ``Slide.analysis_resolution(params.mpp_um)`` (a pyramid level and an integer
     binning factor), in bands so that a single-level slide is never loaded whole; the mask's downsample and
     µm/px are the exact values of that read. The glass colour is estimated from the image (pixels of exactly
-    ``Slide.background_rgb``, the scanner's fill for unscanned areas, are left out of that estimate).
+    ``Slide.background_rgb``, the scanner's fill for unscanned areas, are left out of that estimate); an image
+    that shows no glass is measured against `reference_rgb` (see :func:`detect_tissue`).
 
     Parameters
     ----------
@@ -604,6 +684,11 @@ def tissue_mask_for_slide(
         An open slide with a known µm/px (raises ``MissingMppError`` otherwise).
     params : TissueParams
         Detection parameters.
+    background_rgb : three floats, optional
+        A fixed glass colour I0 (a protocol's ``[background] mode = "fixed"``): used as is, nothing is
+        estimated.
+    reference_rgb : three floats
+        The I0 used when the slide shows no glass (the protocol's ``[background] rgb``).
 
     Returns
     -------
@@ -614,9 +699,14 @@ def tissue_mask_for_slide(
     rgb = _read_whole(slide, res)
     # The slide's recorded background colour is what the scanner writes where it did not scan, not the glass:
     # the glass colour is estimated from the image, leaving out pixels of exactly that fill colour.
-    bg = _glass_rgb(rgb, fill_rgb=slide.background_rgb)
     return detect_tissue(
-        rgb, mpp_um=_mean_mpp(res), params=params, background_rgb=bg, downsample=res.downsample
+        rgb,
+        mpp_um=_mean_mpp(res),
+        params=params,
+        background_rgb=background_rgb,
+        fill_rgb=slide.background_rgb,
+        reference_rgb=reference_rgb,
+        downsample=res.downsample,
     )
 
 
