@@ -41,21 +41,15 @@ class AutomaticResults:
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str], slide: str) -> AutomaticResults:
-        import json
+        from napari_cleihc._layers import ResultsSlide, read_regions_geojson
 
         out = Path(out_dir)
         regions: dict[str, BaseGeometry] = {}
         path = out / "regions" / f"{slide}.geojson"
-        if path.is_file():
-            with open(path, encoding="utf-8") as f:
-                for feat in json.load(f).get("features", []):
-                    name = str((feat.get("properties") or {}).get("name", ""))
-                    geom = shapely.geometry.shape(feat["geometry"])
-                    regions[name] = regions[name].union(geom) if name in regions else geom
+        for name, geom in read_regions_geojson(path) if path.is_file() else []:
+            regions[name] = regions[name].union(geom) if name in regions else geom
         cells_path = out / "cells" / f"{slide}.parquet"
         cells = pd.read_parquet(cells_path) if cells_path.is_file() else pd.DataFrame()
-        from napari_cleihc._layers import ResultsSlide
-
         return cls(regions, cells, ResultsSlide.load(out, slide).raster_downsample)
 
 

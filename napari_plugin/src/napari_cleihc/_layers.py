@@ -47,6 +47,8 @@ __all__ = [
     "points_px",
     "positive_layer",
     "preview_layer",
+    "read_mask_levels",
+    "read_regions_geojson",
     "result_layers",
     "results_folder_layers",
     "results_slides",
@@ -651,7 +653,8 @@ def read_mask_levels(path: str | os.PathLike[str]) -> list[np.ndarray]:
         return [lev.asarray() for lev in tif.series[0].levels]
 
 
-def _read_regions_geojson(path: Path) -> list[tuple[str, BaseGeometry]]:
+def read_regions_geojson(path: str | os.PathLike[str]) -> list[tuple[str, BaseGeometry]]:
+    """``(name, geometry)`` of each feature of a ``regions/<slide>.geojson`` (level-0 px)."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     out = []
@@ -732,7 +735,7 @@ def results_folder_layers(
             positive_layer(levels, world_per_px=wpp, raster_downsample=rs.raster_downsample, meta=meta)
         )
     regions_path = out / "regions" / f"{slide}.geojson"
-    named = _read_regions_geojson(regions_path) if regions_path.is_file() else []
+    named = read_regions_geojson(regions_path) if regions_path.is_file() else []
     named = [(n, corrections.regions.get(n, g)) for n, g in named]
     known = {n for n, _ in named}
     named += [(n, g) for n, g in corrections.regions.items() if n not in known]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import shapely
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -38,6 +39,7 @@ from cleihc.slide import Slide, open_slide
 from cleihc.stains import concentration
 from napari_cleihc._layers import (
     META_KEY,
+    ResultsSlide,
     geometries_from_shapes,
     layer_data_px,
     preview_layer,
@@ -348,10 +350,14 @@ class QuantifyWidget(QWidget):
             try:
                 result = quantify(path, protocol, progress=progress, **kwargs)
                 if out_dir is not None:
+                    from cleihc.corrections import apply_saved_corrections, corrections_path
                     from cleihc.outputs import rebuild_tables, write_slide_outputs
 
                     write_slide_outputs(result, out_dir)
-                    rebuild_tables(out_dir)
+                    if corrections_path(out_dir, result.slide).exists():
+                        apply_saved_corrections(out_dir, result.slide)  # as the CLI does: honour a review
+                    else:
+                        rebuild_tables(out_dir)
             except QuantifyCancelled:
                 return ("cancelled", None, None)
             except Exception as exc:  # shown in the dock; unexpected ones are logged with their traceback
@@ -396,7 +402,10 @@ class QuantifyWidget(QWidget):
         else:
             layers = result_layers(result)
         add_layer_tuples(self.viewer, layers)
-        self.table.set_frame(result.regions)
+        if out_dir is not None:  # the saved rows, with any earlier corrections applied
+            self.table.set_frame(pd.DataFrame(ResultsSlide.load(out_dir, result.slide).record["rows"]))
+        else:
+            self.table.set_frame(result.regions)
         self.status.setText(
             f"Done: {result.slide}, {len(result.regions)} regions, {len(result.cells)} cells"
             + (f"; saved in {out_dir}" if out_dir else "")
