@@ -36,7 +36,7 @@ with make_runner(jobs=jobs) as runner:
     res = quantify(path, stain, runner=runner if jobs > 1 else None)
     seconds = time.perf_counter() - t0
 tissue_px = float(res.regions.set_index("region").loc["tissue", "region_area_mm2"]) * 1e6 / res.plan.pixel_area_um2
-tiles_s = res.plan.timings_s.get("tiles_s", seconds)
+tiles_s = res.provenance["timings_s"]["tiles_s"]
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"seconds": seconds, "tiles_s": tiles_s, "tissue_mp": tissue_px / 1e6, "peak_rss_mb": rss / 1024,
                   "cells": int(len(res.cells))}))

@@ -34,7 +34,14 @@ from cleihc.cells import CellParams, detect_cells, detect_pigment, required_halo
 from cleihc.errors import NoTissueError
 from cleihc.geometry import rasterize
 from cleihc.io import sha256_file
-from cleihc.measure import TotalsRaster, accumulate_area, area_metrics, cell_metrics, map_mask
+from cleihc.measure import (
+    RasterWindow,
+    TotalsRaster,
+    accumulate_area,
+    area_metrics,
+    cell_metrics,
+    map_mask,
+)
 from cleihc.protocol import Protocol, load_protocol
 from cleihc.regions import (
     Region,
@@ -114,7 +121,7 @@ class TileResult:
     """What one tile adds: its totals-raster window and the cells it owns (level-0 coordinates)."""
 
     index: tuple[int, int]
-    window: Any  # measure.RasterWindow
+    window: RasterWindow
     cells: pd.DataFrame
 
 
@@ -482,8 +489,17 @@ def _label_cells(cells: pd.DataFrame, masks: dict[str, np.ndarray], raster_ds: f
     return cells
 
 
-def finalize(plan: SlidePlan, results: Iterable[TileResult], *, started: float | None = None) -> Result:
-    """Fold tile results into totals, label cells, and compute every metric once."""
+def finalize(
+    plan: SlidePlan,
+    results: Iterable[TileResult],
+    *,
+    started: float | None = None,
+    timings_s: dict[str, float] | None = None,
+) -> Result:
+    """Fold tile results into totals, label cells, and compute every metric once.
+
+    `started` (a ``time.perf_counter()`` value) and `timings_s` (e.g. the tiles' time) go into the provenance.
+    """
     t0 = time.perf_counter()
     raster = TotalsRaster(plan.raster_shape, plan.raster_factor)
     cell_parts: list[pd.DataFrame] = []
@@ -504,7 +520,7 @@ def finalize(plan: SlidePlan, results: Iterable[TileResult], *, started: float |
         cells.insert(3, "x_um", cells["x_px"] * (mpp_x / ds))
         cells.insert(4, "y_um", cells["y_px"] * (mpp_y / ds))
     rows = metrics_table(plan, raster, masks, cells)
-    timings = dict(plan.timings_s)
+    timings = {**plan.timings_s, **(timings_s or {})}
     timings["finalize_s"] = time.perf_counter() - t0
     if started is not None:
         timings["total_s"] = time.perf_counter() - started
@@ -693,5 +709,4 @@ def quantify(
                 progress(i, len(plan.tiles))
     else:
         results = runner.run(plan, progress=progress)
-    plan.timings_s["tiles_s"] = time.perf_counter() - t0
-    return finalize(plan, results, started=started)
+    return finalize(plan, results, started=started, timings_s={"tiles_s": time.perf_counter() - t0})
