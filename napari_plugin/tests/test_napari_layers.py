@@ -203,3 +203,31 @@ def test_visible_rect_px():
         visible_rect_px((-500.0, -500.0), 4.0, (400, 400), world_per_px=(0.5, 0.5), dimensions=(100, 100))
         is None
     )
+
+
+def test_slide_without_mpp_is_in_pixels(tmp_path):
+    from PIL import Image
+
+    from napari_cleihc._layers import slide_layer
+
+    path = tmp_path / "plain.png"
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(path)
+    data, kwargs, kind = slide_layer(path)
+    assert kind == "image" and not kwargs["multiscale"] and data.shape == (300, 400, 3)
+    assert kwargs["scale"] == (1.0, 1.0) and kwargs["metadata"]["cleihc"]["mpp_um"] is None
+    data, kwargs, _ = slide_layer(path, mpp=0.25)
+    assert kwargs["scale"] == (0.25, 0.25) and kwargs["metadata"]["cleihc"]["mpp_override"] == (0.25, 0.25)
+
+
+def test_protocol_with_threshold():
+    from cleihc.errors import CleihcError
+    from cleihc.protocol import load_protocol
+    from napari_cleihc._quantify_widget import protocol_with_threshold
+
+    cd3 = load_protocol("cd3")
+    lower = protocol_with_threshold(cd3, cd3.thresholds.positive_od - 0.05)
+    assert lower.thresholds.positive_od == pytest.approx(cd3.thresholds.positive_od - 0.05)
+    assert lower.thresholds.bins_od[1:] == cd3.thresholds.bins_od[1:]
+    assert lower.sha256 != cd3.sha256 and lower.stains.matrix == cd3.stains.matrix
+    with pytest.raises(CleihcError):
+        protocol_with_threshold(cd3, cd3.thresholds.bins_od[1] + 0.1)  # not below the moderate bin
