@@ -170,6 +170,9 @@ def test_deleting_a_positive_cell_lowers_its_region_by_one(make_napari_viewer, r
         assert _row(after, name)["cells_positive"] == _row(before, name)["cells_positive"] - 1
         assert _row(after, name)["cells_total"] == _row(before, name)["cells_total"] - 1
         assert bool(_row(after, name)["corrected"])
+    # The table marks the corrected rows.
+    row = list(widget.table.frame["region"]).index(region)
+    assert widget.table.item(row, 0).toolTip() == "includes manual corrections"
     untouched = [
         r for r in after["region"] if r not in {region, "tissue"} and _row(before, r)["cells_total"] > 0
     ]
@@ -276,6 +279,9 @@ def test_save_and_reload_round_trip(make_napari_viewer, results_dir):
     table = pd.read_csv(results_dir / "regions.csv")
     assert table["corrected"].any()
     rows_saved = widget.rows
+    # After saving, the painting has become polygons on the exclusions layer: the layers hold what the file holds.
+    assert not np.asarray(find_layer(viewer, "exclusion paint").data).any()
+    assert corrections_equal(widget.corrections(), saved)
     # Reload from disk: the layers show the corrections, and rebuild the same corrections.
     viewer.layers.clear()
     widget2 = _open_results(viewer, results_dir)
