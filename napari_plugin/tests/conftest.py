@@ -6,10 +6,16 @@ written by :mod:`cleihc.synthetic` (smaller, so the suite stays quick).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# napari's canvas needs OpenGL, which Qt's offscreen platform does not give here; pytest-xvfb provides a
+# virtual X server with Mesa instead, so an inherited QT_QPA_PLATFORM=offscreen would only break the tests.
+if os.environ.get("QT_QPA_PLATFORM") == "offscreen":
+    del os.environ["QT_QPA_PLATFORM"]
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_images" / "S01_pre_cd3.svs"
