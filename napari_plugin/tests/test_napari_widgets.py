@@ -351,6 +351,12 @@ def test_screenshot_of_the_shown_viewer_is_not_blank(make_napari_viewer, results
     viewer = make_napari_viewer(show=True)
     viewer.open(str(results_dir), plugin=PLUGIN)
     viewer.reset_view()
+    # The manifest's widgets dock by their display names.
+    docked = [
+        viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+        for name in ("Quantify", "Correct", "Review queue")
+    ]
+    assert [type(w) for w in docked] == [QuantifyWidget, CorrectWidget, ReviewWidget]
     shot = viewer.screenshot(canvas_only=True, flash=False)
     rgb = shot[..., :3].astype(float)
     assert rgb.std() > 10
