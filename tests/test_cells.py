@@ -445,3 +445,33 @@ def test_pale_nucleus_found_through_its_ring_only(known):
     without = run(conc, CellParams(ring_threshold_od=0.0)).table
     assert nearest(with_ring, PALE["x"], PALE["y"])[1] < 1.0
     assert nearest(without, PALE["x"], PALE["y"])[1] > 5.0
+
+
+def test_smoothing_is_bit_identical_to_scipy():
+    from cleihc.cells import _smooth
+
+    rng = np.random.default_rng(2)
+    for shape, sigma in [((50, 37), 2.0), ((7, 9), 2.0), ((120, 131), 1.3), ((5, 100), 3.0), ((64, 64), 0.1)]:
+        x = (rng.random(shape) * rng.choice([0.01, 1.0, 3.0], shape)).astype(np.float32)
+        ref = ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=4.0, output=np.float32)
+        assert np.array_equal(_smooth(x, sigma), ref), (shape, sigma)
+
+
+def test_run_labelling_and_holes_equal_scipy():
+    from cleihc._cell_kernels import hole_runs_kernel, label_runs_kernel, paint_runs_kernel, runs_of_u8_kernel
+
+    rng = np.random.default_rng(3)
+    for density, shape in [(0.3, (40, 53)), (0.55, (61, 47)), (0.7, (30, 30)), (0.0, (5, 6)), (1.0, (4, 9))]:
+        mask = ndimage.binary_opening(rng.random(shape) < density) | (rng.random(shape) < density / 3)
+        row, c0, c1, n = runs_of_u8_kernel(mask.view(np.uint8))
+        for conn8 in (True, False):
+            lab = np.empty(n, np.int32)
+            k = label_runs_kernel(row, c0, c1, n, conn8, lab)
+            image = np.zeros(shape, np.int32)
+            for x in range(n):
+                image[row[x], c0[x] : c1[x]] = lab[x]
+            ref, k_ref = ndimage.label(mask, structure=np.ones((3, 3)) if conn8 else None)
+            assert k == k_ref and np.array_equal(image, ref), (density, conn8)
+        holes = np.zeros(shape, np.uint8)
+        paint_runs_kernel(*hole_runs_kernel(row, c0, c1, n, *shape), np.uint8(1), holes)
+        assert np.array_equal(holes.view(bool), ndimage.binary_fill_holes(mask) & ~mask), density

@@ -19,6 +19,8 @@ __all__ = [
     "chamfer_distance_kernel",
     "expand_labels_kernel",
     "extreme_filter_kernel",
+    "gaussian_axis0_kernel",
+    "gaussian_axis1_kernel",
     "label_max_kernel",
     "measure_kernel",
     "watershed_kernel",
@@ -350,3 +352,361 @@ def watershed_kernel(image, markers, mask, out):  # pragma: no cover - compiled
                     queued[ni, nj] = True
                     heapq.heappush(heap, (image[ni, nj], age, np.int64(ni * w + nj), lab))
                     age += 1
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
+    """Symmetric correlation along axis 0 (columns), border clamped; bit-identical to scipy's ``correlate1d``.
+
+    ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
+    ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype; whole rows
+    are accumulated at a time so that the loop vectorises.
+    """
+    h, w = src.shape
+    r = weights.shape[0] - 1
+    acc = np.empty(w, np.float64)
+    for i in range(h):
+        w0 = weights[0]
+        row = src[i]
+        for j in range(w):
+            acc[j] = np.float64(row[j]) * w0
+        for k in range(r, 0, -1):
+            lo = src[max(i - k, 0)]
+            hi = src[min(i + k, h - 1)]
+            wk = weights[k]
+            for j in range(w):
+                acc[j] += (np.float64(lo[j]) + np.float64(hi[j])) * wk
+        dst = out[i]
+        for j in range(w):
+            dst[j] = acc[j]
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
+    """Symmetric correlation along axis 1 (rows), border clamped; see :func:`gaussian_axis0_kernel`."""
+    h, w = src.shape
+    r = weights.shape[0] - 1
+    buf = np.empty(w + 2 * r, np.float64)
+    acc = np.empty(w, np.float64)
+    for i in range(h):
+        row = src[i]
+        for j in range(w):
+            buf[j + r] = row[j]
+        for j in range(r):
+            buf[j] = buf[r]
+            buf[w + r + j] = buf[w + r - 1]
+        mid = buf[r : r + w]
+        w0 = weights[0]
+        for j in range(w):
+            acc[j] = mid[j] * w0
+        for k in range(r, 0, -1):
+            # slices, not buf[j - k]: an index numba cannot prove non-negative stops vectorisation
+            lo = buf[r - k : r - k + w]
+            hi = buf[r + k : r + k + w]
+            wk = weights[k]
+            for j in range(w):
+                acc[j] += (lo[j] + hi[j]) * wk
+        dst = out[i]
+        for j in range(w):
+            dst[j] = acc[j]
+
+
+# ------------------------------------------------------------------------------------------------ run lengths
+# Binary masks are handled as runs: (row, start, stop) with stop exclusive, sorted by row then start, maximal
+# (two runs of a row are at least one pixel apart). Labelling, hole filling and the threshold cascade then cost in
+# proportion to the foreground, not to the array, and give exactly what scipy.ndimage.label /
+# binary_fill_holes give on the painted mask (components numbered in raster order of their first pixel).
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _find(parent, x):  # pragma: no cover - compiled
+    root = x
+    while parent[root] != root:
+        root = parent[root]
+    while parent[x] != root:
+        nxt = parent[x]
+        parent[x] = root
+        x = nxt
+    return root
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def label_runs_kernel(row, c0, c1, n, conn8, out):  # pragma: no cover - compiled
+    """Connected components of runs: ``out[r]`` = component 1..k of run ``r``, numbered in raster order of the
+    components' first pixels (as :func:`scipy.ndimage.label`); returns k. 8- or 4-connectivity."""
+    parent = np.arange(n)
+    gap = 1 if conn8 else 0
+    prev_start = 0
+    prev_end = 0
+    s = 0
+    while s < n:
+        r = row[s]
+        e = s
+        while e < n and row[e] == r:
+            e += 1
+        if prev_end > prev_start and row[prev_start] == r - 1:
+            p = prev_start
+            q = s
+            while p < prev_end and q < e:
+                if c0[p] < c1[q] + gap and c0[q] < c1[p] + gap:
+                    ra = _find(parent, p)
+                    rb = _find(parent, q)
+                    # the smaller index is the root: the root is the component's first run
+                    if ra < rb:
+                        parent[rb] = ra
+                    elif rb < ra:
+                        parent[ra] = rb
+                if c1[p] < c1[q]:
+                    p += 1
+                else:
+                    q += 1
+        prev_start = s
+        prev_end = e
+        s = e
+    k = 0
+    for x in range(n):
+        rt = _find(parent, x)
+        if rt == x:
+            k += 1
+            out[x] = k
+        else:
+            out[x] = out[rt]
+    return k
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def runs_of_u8_kernel(mask):  # pragma: no cover - compiled
+    """Runs of the nonzero pixels of a uint8 image: (row, start, stop) arrays (int32) and their number."""
+    h, w = mask.shape
+    cap = h * ((w + 1) // 2)  # upper bound; pages never written are never committed
+    row = np.empty(cap, np.int32)
+    c0 = np.empty(cap, np.int32)
+    c1 = np.empty(cap, np.int32)
+    n = 0
+    for i in range(h):
+        m = mask[i]
+        j = 0
+        while j < w:
+            if m[j] == 0:
+                j += 1
+                continue
+            s = j
+            while j < w and m[j] != 0:
+                j += 1
+            row[n] = i
+            c0[n] = s
+            c1[n] = j
+            n += 1
+    return row, c0, c1, n
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def hole_runs_kernel(row, c0, c1, n, h, w):  # pragma: no cover - compiled
+    """Runs of the holes of a mask given as runs: background components (4-connected) not touching the border,
+    as :func:`scipy.ndimage.binary_fill_holes`. A hole run is always a gap between two runs of one row."""
+    # Background runs: per row, the gaps between runs and the stretches before the first and after the last.
+    cap = n + h + 1
+    brow = np.empty(cap, np.int32)
+    b0 = np.empty(cap, np.int32)
+    b1 = np.empty(cap, np.int32)
+    nb = 0
+    r = 0
+    s = 0
+    for i in range(h):
+        start = 0
+        while s < n and row[s] == i:
+            if c0[s] > start:
+                brow[nb] = i
+                b0[nb] = start
+                b1[nb] = c0[s]
+                nb += 1
+            start = c1[s]
+            s += 1
+        if start < w:
+            brow[nb] = i
+            b0[nb] = start
+            b1[nb] = w
+            nb += 1
+    lab = np.empty(nb, np.int32)
+    k = label_runs_kernel(brow, b0, b1, nb, False, lab)
+    outside = np.zeros(k + 1, np.bool_)
+    for x in range(nb):
+        if brow[x] == 0 or brow[x] == h - 1 or b0[x] == 0 or b1[x] == w:
+            outside[lab[x]] = True
+    nh = 0
+    for x in range(nb):
+        if not outside[lab[x]]:
+            brow[nh] = brow[x]
+            b0[nh] = b0[x]
+            b1[nh] = b1[x]
+            nh += 1
+    r = nh
+    return brow[:r].copy(), b0[:r].copy(), b1[:r].copy(), r
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def merge_runs_kernel(arow, a0, a1, na, brow, b0, b1, nb):  # pragma: no cover - compiled
+    """Union of two disjoint run lists, touching runs joined into one (the runs of the union mask)."""
+    cap = na + nb + 1
+    row = np.empty(cap, np.int32)
+    c0 = np.empty(cap, np.int32)
+    c1 = np.empty(cap, np.int32)
+    n = 0
+    p = 0
+    q = 0
+    while p < na or q < nb:
+        if q >= nb or (p < na and (arow[p] < brow[q] or (arow[p] == brow[q] and a0[p] < b0[q]))):
+            i, s, e = arow[p], a0[p], a1[p]
+            p += 1
+        else:
+            i, s, e = brow[q], b0[q], b1[q]
+            q += 1
+        if n > 0 and row[n - 1] == i and c1[n - 1] == s:
+            c1[n - 1] = e
+        else:
+            row[n] = i
+            c0[n] = s
+            c1[n] = e
+            n += 1
+    return row, c0, c1, n
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def component_stats_kernel(row, c0, c1, n, lab, k, out):  # pragma: no cover - compiled
+    """Per component 1..k: ``out[c] = (area, height, width)`` (int64, shape (k + 1, 3)) of its runs."""
+    lo_i = np.full(k + 1, 2**31, np.int64)
+    hi_i = np.full(k + 1, -1, np.int64)
+    lo_j = np.full(k + 1, 2**31, np.int64)
+    hi_j = np.full(k + 1, -1, np.int64)
+    for x in range(n):
+        c = lab[x]
+        out[c, 0] += c1[x] - c0[x]
+        if row[x] < lo_i[c]:
+            lo_i[c] = row[x]
+        if row[x] > hi_i[c]:
+            hi_i[c] = row[x]
+        if c0[x] < lo_j[c]:
+            lo_j[c] = c0[x]
+        if c1[x] - 1 > hi_j[c]:
+            hi_j[c] = c1[x] - 1
+    for c in range(1, k + 1):
+        out[c, 1] = hi_i[c] - lo_i[c] + 1
+        out[c, 2] = hi_j[c] - lo_j[c] + 1
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def paint_runs_kernel(row, c0, c1, n, value, out):  # pragma: no cover - compiled
+    """``out[row, c0:c1] = value`` for every run."""
+    for x in range(n):
+        o = out[row[x]]
+        for j in range(c0[x], c1[x]):
+            o[j] = value
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def cascade_kernel(
+    det, ring_holes, use_ring, thresholds, max_len_px, max_area_px, edge_fraction, result
+):  # pragma: no cover - compiled
+    """Threshold cascade of :func:`cleihc.cells._nucleus_mask` on runs; accepted, trimmed pixels set in ``result``.
+
+    Level 0 thresholds the whole array (plus ``ring_holes`` when ``use_ring``); each later level thresholds only
+    the runs of the components rejected at the level before (thresholds are nested, so a component at level k lies
+    inside one component of level k - 1, and the components inside an accepted one vanish with it). A component is
+    accepted when its box is at most ``max_len_px`` in both directions and its area at most ``max_area_px``; its
+    pixels at or above ``edge_fraction`` times its peak (float32, as the array code did) are kept.
+    """
+    h, w = det.shape
+    cap = h * ((w + 1) // 2)  # upper bound; pages never written are never committed
+    row = np.empty(cap, np.int32)
+    c0 = np.empty(cap, np.int32)
+    c1 = np.empty(cap, np.int32)
+    n = 0
+    t = thresholds[0]
+    for i in range(h):
+        d = det[i]
+        rh = ring_holes[i]
+        j = 0
+        while j < w:
+            if not (d[j] >= t or (use_ring and rh[j] != 0)):
+                j += 1
+                continue
+            s = j
+            while j < w and (d[j] >= t or (use_ring and rh[j] != 0)):
+                j += 1
+            row[n] = i
+            c0[n] = s
+            c1[n] = j
+            n += 1
+    frac = np.float32(edge_fraction)
+    levels = thresholds.shape[0]
+    for level in range(levels):
+        if n == 0:
+            break
+        lab = np.empty(n, np.int32)
+        k = label_runs_kernel(row, c0, c1, n, True, lab)
+        stats = np.zeros((k + 1, 3), np.int64)
+        component_stats_kernel(row, c0, c1, n, lab, k, stats)
+        keep = np.zeros(k + 1, np.bool_)
+        any_rejected = False
+        for c in range(1, k + 1):
+            keep[c] = stats[c, 1] <= max_len_px and stats[c, 2] <= max_len_px and stats[c, 0] <= max_area_px
+            if not keep[c]:
+                any_rejected = True
+        ring_level = use_ring and level == 0
+        if edge_fraction > 0:
+            peak = np.full(k + 1, -np.inf, np.float32)
+            for x in range(n):
+                c = lab[x]
+                if keep[c]:
+                    d = det[row[x]]
+                    for j in range(c0[x], c1[x]):
+                        if d[j] > peak[c]:
+                            peak[c] = d[j]
+            for x in range(n):
+                c = lab[x]
+                if keep[c]:
+                    i = row[x]
+                    d = det[i]
+                    rh = ring_holes[i]
+                    o = result[i]
+                    cut = frac * peak[c]
+                    for j in range(c0[x], c1[x]):
+                        if d[j] >= cut or (ring_level and rh[j] != 0):
+                            o[j] = 1
+        else:
+            for x in range(n):
+                if keep[lab[x]]:
+                    o = result[row[x]]
+                    for j in range(c0[x], c1[x]):
+                        o[j] = 1
+        if not any_rejected or level + 1 >= levels:
+            break
+        # Next level: the pixels of rejected components at or above the next threshold.
+        t = thresholds[level + 1]
+        cap = 0
+        for x in range(n):
+            if not keep[lab[x]]:
+                cap += (c1[x] - c0[x] + 1) // 2
+        nrow = np.empty(cap, np.int32)
+        n0 = np.empty(cap, np.int32)
+        n1 = np.empty(cap, np.int32)
+        m = 0
+        for x in range(n):
+            if keep[lab[x]]:
+                continue
+            i = row[x]
+            d = det[i]
+            j = c0[x]
+            e = c1[x]
+            while j < e:
+                if not d[j] >= t:
+                    j += 1
+                    continue
+                s = j
+                while j < e and d[j] >= t:
+                    j += 1
+                nrow[m] = i
+                n0[m] = s
+                n1[m] = j
+                m += 1
+        row, c0, c1, n = nrow, n0, n1, m

@@ -40,12 +40,19 @@ import numpy as np
 from scipy import ndimage
 
 from cleihc._cell_kernels import (
-    bbox_size_kernel,
+    cascade_kernel,
     chamfer_distance_kernel,
+    component_stats_kernel,
     expand_labels_kernel,
     extreme_filter_kernel,
-    label_max_kernel,
+    gaussian_axis0_kernel,
+    gaussian_axis1_kernel,
+    hole_runs_kernel,
+    label_runs_kernel,
     measure_kernel,
+    merge_runs_kernel,
+    paint_runs_kernel,
+    runs_of_u8_kernel,
     watershed_kernel,
 )
 from cleihc.errors import ProtocolError
@@ -279,10 +286,27 @@ def _square_filter(image: np.ndarray, radius_px: int, *, is_max: bool) -> np.nda
     return out
 
 
+def _gaussian_weights(sigma_px: float) -> np.ndarray:
+    """Half of scipy's Gaussian kernel (``weights[k]`` at offset ±k), computed with scipy's own formula."""
+    radius = int(_TRUNCATE * float(sigma_px) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma_px * sigma_px) * x**2)
+    phi = phi / phi.sum()
+    return np.ascontiguousarray(phi[::-1][radius:])
+
+
 def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    if sigma_px <= 0.0:
+    """Float32 Gaussian, bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest",
+    truncate=4, output=np.float32)`` (axis 0 then axis 1, float64 accumulation, float32 in between) at a
+    fraction of its cost."""
+    if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
         return np.array(image, dtype=np.float32, copy=True)
-    return ndimage.gaussian_filter(image, sigma_px, mode="nearest", truncate=_TRUNCATE, output=np.float32)
+    weights = _gaussian_weights(sigma_px)
+    tmp = np.empty(image.shape, dtype=np.float32)
+    gaussian_axis0_kernel(np.ascontiguousarray(image, dtype=np.float32), weights, tmp)
+    out = np.empty(image.shape, dtype=np.float32)
+    gaussian_axis1_kernel(tmp, weights, out)
+    return out
 
 
 def detect_pigment(
@@ -362,94 +386,98 @@ def _check_thresholds(positive_od: float, bins_od: tuple[float, ...]) -> np.ndar
     return bins
 
 
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    return runs_of_u8_kernel(mask.view(np.uint8) if mask.dtype == bool else mask)
+
+
+def _keep_components(
+    runs: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    *,
+    min_area_px: float,
+    max_area_px: float,
+    max_len_px: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Runs of the 8-connected components with ``min_area_px <= area <= max_area_px`` and a box at most
+    ``max_len_px`` in both directions."""
+    row, c0, c1, n = runs
+    lab = np.empty(n, dtype=np.int32)
+    k = label_runs_kernel(row, c0, c1, n, True, lab)
+    stats = np.zeros((k + 1, 3), dtype=np.int64)
+    component_stats_kernel(row, c0, c1, n, lab, k, stats)
+    area, height, width = stats.T
+    keep = (area >= min_area_px) & (area <= max_area_px) & (height <= max_len_px) & (width <= max_len_px)
+    sel = keep[lab[:n]]
+    return row[:n][sel], c0[:n][sel], c1[:n][sel], int(sel.sum())
+
+
+def _ring_holes(ring: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
+    """Small holes of the target ring mask (uint8 image): pale nuclei enclosed by a membranous ring.
+
+    Holes are background components (4-connected) not touching the array border; only 8-connected groups of them
+    no longer than the nucleus length bound and no larger than its area count: whether a large region is
+    enclosed depends on pixels far away (a tile may cut the enclosing ring open), whether a small one is does not.
+    """
+    h, w = ring.shape
+    row, c0, c1, n = _runs(ring)
+    holes = hole_runs_kernel(row, c0, c1, n, h, w)
+    small = _keep_components(
+        holes,
+        min_area_px=0.0,
+        max_area_px=params.max_nucleus_area_um2 / (mpp_um * mpp_um),
+        max_len_px=params.max_nucleus_length_um / mpp_um,
+    )
+    out = np.zeros(ring.shape, dtype=np.uint8)
+    paint_runs_kernel(*small, np.uint8(1), out)
+    return out
+
+
 def _nucleus_mask(
     det: np.ndarray, ring_holes: np.ndarray | None, params: CellParams, mpp_um: float
-) -> np.ndarray:
-    """Nucleus clumps: a cascade of thresholds, long objects discarded, edges at half maximum, holes filled.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Nucleus clumps (as runs): a cascade of thresholds, long objects discarded, edges at half maximum, holes
+    filled, areas checked.
 
-    Level ``k`` thresholds the detection image at ``nucleus_threshold_od * threshold_step**k``. A component is accepted at the
-    first level where it is at most ``max_nucleus_length_um`` wide and tall and at most ``max_nucleus_area_um2``;
-    a component inside one accepted at a lower level is skipped. Packed nuclei (epidermis) that merge into a long
-    network at the base threshold thus separate at a higher one, and every accepted object is small, so whether it
-    is accepted depends only on pixels near it (a component cut by the array border lies within the length
-    bound of that border, outside the tile's core).
+    Level ``k`` thresholds the detection image at ``nucleus_threshold_od * threshold_step**k``. A component is
+    accepted at the first level where it is at most ``max_nucleus_length_um`` wide and tall and at most
+    ``max_nucleus_area_um2``; a component inside one accepted at a lower level is skipped. Packed nuclei
+    (epidermis) that merge into a long network at the base threshold thus separate at a higher one, and every
+    accepted object is small, so whether it is accepted depends only on pixels near it (a component cut by the
+    array border lies within the length bound of that border, outside the tile's core). Half-maximum edge: a
+    blurred nucleus is wider at the threshold than it is; cutting each object at a fraction of its own peak puts
+    the edge back where it was (the 50% point of a blurred step) and keeps the membrane ring out of the nucleus.
+    Holes are filled only among accepted (small) objects: a hole then lies inside one small object's box, so
+    whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
     """
-    eight = np.ones((3, 3), dtype=bool)
     px_area_um2 = mpp_um * mpp_um
-    max_len_px = params.max_nucleus_length_um / mpp_um
     max_area_px = params.max_nucleus_area_um2 / px_area_um2
-    accepted = np.zeros(det.shape, dtype=bool)
-    result = np.zeros(det.shape, dtype=bool)
-    for level in range(params.threshold_levels):
-        mask = det >= np.float32(params.nucleus_threshold_od * params.threshold_step**level)
-        if level == 0 and ring_holes is not None:
-            mask |= ring_holes
-        if level > 0:
-            mask &= ~accepted  # components inside an accepted one vanish whole (thresholds are nested)
-        lab, n = ndimage.label(mask, structure=eight)
-        if n == 0:
-            break
-        area = np.bincount(lab.ravel(), minlength=n + 1)
-        boxes = np.zeros((n + 1, 2), dtype=np.int64)
-        bbox_size_kernel(lab, n, boxes)
-        keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px) & (area <= max_area_px)
-        keep[0] = False
-        if not keep.any():
-            continue
-        region = keep[lab]
-        accepted |= region
-        if params.nucleus_edge_fraction > 0:
-            # Half-maximum edge: a blurred nucleus is wider at the threshold than it is; cutting each object at a
-            # fraction of its own peak puts the edge back where it was (the 50% point of a blurred step) and
-            # keeps the membrane ring out of the nucleus. The peak is the object's own: local, not per tile.
-            peak = np.full(n + 1, -np.inf, dtype=np.float32)
-            label_max_kernel(lab, det, peak)
-            edge = det >= np.float32(params.nucleus_edge_fraction) * peak[lab]
-            region &= edge if ring_holes is None or level > 0 else edge | ring_holes
-        result |= region
-        if keep[1:].all():  # nothing was too long: higher levels would find only pieces of accepted objects
-            break
-    # Holes are filled only among accepted (small) objects: a hole then lies inside one small object's box, so
-    # whether it is filled never depends on pixels far away (a hole in a tissue-wide network would).
-    mask = _fill_holes(result)
-    lab, n = ndimage.label(mask, structure=eight)
-    area = np.bincount(lab.ravel(), minlength=n + 1)
-    keep = (area >= params.min_nucleus_area_um2 / px_area_um2) & (area <= max_area_px)
-    keep[0] = False
-    return keep[lab]
-
-
-def _small_objects(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
-    """Components of ``mask`` (8-connected) no longer than the nucleus length bound and no larger than its area.
-
-    Only such holes of a target ring count as nuclei: whether a large region is enclosed depends on pixels far
-    away (a tile may cut the enclosing ring open), whether a small one is does not.
-    """
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if n == 0:
-        return mask
-    area = np.bincount(lab.ravel(), minlength=n + 1)
-    boxes = np.zeros((n + 1, 2), dtype=np.int64)
-    bbox_size_kernel(lab, n, boxes)
-    max_len_px = params.max_nucleus_length_um / mpp_um
-    keep = (boxes[:, 0] <= max_len_px) & (boxes[:, 1] <= max_len_px)
-    keep &= area <= params.max_nucleus_area_um2 / (mpp_um * mpp_um)
-    keep[0] = False
-    return keep[lab]
-
-
-def _fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill background components (4-connected) that do not touch the array border: faster than
-    :func:`scipy.ndimage.binary_fill_holes` (one labelling instead of an iterated dilation), same result."""
-    background, n = ndimage.label(~mask)
-    if n == 0:
-        return mask.copy()
-    outside = np.zeros(n + 1, dtype=bool)
-    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
-        outside[edge] = True
-    hole = ~outside
-    hole[0] = False
-    return mask | hole[background]
+    thresholds = np.array(
+        [
+            np.float32(params.nucleus_threshold_od * params.threshold_step**level)
+            for level in range(params.threshold_levels)
+        ],
+        dtype=np.float32,
+    )
+    use_ring = ring_holes is not None
+    result = np.zeros(det.shape, dtype=np.uint8)
+    cascade_kernel(
+        det,
+        ring_holes if use_ring else np.zeros((det.shape[0], 1), dtype=np.uint8),
+        use_ring,
+        thresholds,
+        params.max_nucleus_length_um / mpp_um,
+        max_area_px,
+        params.nucleus_edge_fraction,
+        result,
+    )
+    h, w = det.shape
+    runs = _runs(result)
+    filled = merge_runs_kernel(*runs, *hole_runs_kernel(*runs, h, w))
+    return _keep_components(
+        filled,
+        min_area_px=params.min_nucleus_area_um2 / px_area_um2,
+        max_area_px=max_area_px,
+        max_len_px=np.inf,
+    )
 
 
 def _split(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
@@ -562,8 +590,11 @@ def detect_cells(
     ring_holes = None
     if params.ring_threshold_od > 0:
         ring = _smooth(target_od, params.smoothing_sigma_um / mpp_um) >= np.float32(params.ring_threshold_od)
-        ring_holes = _small_objects(_fill_holes(ring) & ~ring, params, mpp_um)
-    mask = _nucleus_mask(det, ring_holes, params, mpp_um)
+        ring_holes = _ring_holes(ring, params, mpp_um)
+    clump_runs = _nucleus_mask(det, ring_holes, params, mpp_um)
+    mask = np.zeros(det.shape, dtype=np.uint8)
+    paint_runs_kernel(*clump_runs, np.uint8(1), mask)
+    mask = mask.view(bool)
     nuclei = _split(mask, params, mpp_um)
     # Split pieces too small to be nuclei are dropped rather than merged: merging would need a second rule.
     piece_area = np.bincount(nuclei.ravel())
