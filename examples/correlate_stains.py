@@ -30,44 +30,13 @@ References: Spearman C (1904) Am J Psychol 15:72–101. Benjamini Y, Hochberg Y 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-HEADLINE_METRICS = ("positive_area_percent", "positive_cells_per_mm2")
-REQUIRED = ("subject", "stain", "region", "metric", "value")
-
-
-def read_study(path: str | Path) -> pd.DataFrame:
-    """Read the tidy study table (.csv or .parquet) and check its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(
-            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
-        )
-    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {', '.join(missing)}; make it with `cleihc tables`")
-    if "timepoint" not in df.columns:
-        df["timepoint"] = "all"
-    return df
-
-
-def headline_metrics(study: pd.DataFrame) -> dict[str, str]:
-    """Percent positive area when a stain has it, else positive cells per mm²."""
-    out = {}
-    for stain, g in study.groupby("stain"):
-        present = set(g.loc[g["value"].notna(), "metric"])
-        m = next((m for m in HEADLINE_METRICS if m in present), None)
-        if m:
-            out[str(stain)] = m
-    return out
+from study import headline_metrics, print_results, read_study, study_parser, with_q_values, write_tables
 
 
 def stain_matrix(study: pd.DataFrame, metric_of: dict[str, str], *, pool: bool = False) -> pd.DataFrame:
@@ -104,8 +73,6 @@ def correlate(
     pool: bool = False,
 ) -> pd.DataFrame:
     """Spearman ρ for every pair of stains (or the one pair x, y), per timepoint and region, with BH q-values."""
-    from statsmodels.stats.multitest import multipletests
-
     metric_of = headline_metrics(study)
     if metric_x and x:
         metric_of[x] = metric_x
@@ -130,20 +97,11 @@ def correlate(
                     **spearman(g[a].to_numpy(), g[b].to_numpy()),
                 }
             )
-    res = pd.DataFrame(rows)
-    if res.empty:
-        return res
-    res["q_value"] = np.nan
-    ok = res["p_value"].notna()
-    if ok.any():
-        res.loc[ok, "q_value"] = multipletests(res.loc[ok, "p_value"], method="fdr_bh")[1]
-    return res
+    return with_q_values(pd.DataFrame(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
-    p.add_argument("--out", default="stats", help="output folder (default ./stats)")
+    p = study_parser(__doc__)
     p.add_argument("--x", help="first stain (protocol name, e.g. cd8)")
     p.add_argument("--y", help="second stain (e.g. cxcl10)")
     p.add_argument("--metric-x", help="metric of the first stain (default: its headline metric)")
@@ -154,18 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.x) != bool(args.y):
         p.error("give both --x and --y, or neither")
-    study = read_study(args.study)
+    study = read_study(args.study, timepoint_required=False)
     res = correlate(study, x=args.x, y=args.y, metric_x=args.metric_x, metric_y=args.metric_y, pool=args.pool)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res.to_csv(out / "stain_correlations.csv", index=False)
-    if res.empty:
-        print("no pair of stains measured on the same subjects and timepoints")
-        return 1
-    with pd.option_context("display.width", 200, "display.max_rows", 300):
-        print(res.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"written: {out / 'stain_correlations.csv'}")
-    return 0
+    written = write_tables(args.out, {"stain_correlations.csv": res})
+    return print_results(res, written, empty="no pair of stains measured on the same subjects and timepoints")
 
 
 if __name__ == "__main__":

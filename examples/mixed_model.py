@@ -31,43 +31,21 @@ Science Conf.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-HEADLINE_METRICS = ("positive_area_percent", "positive_cells_per_mm2")
-REQUIRED = ("subject", "timepoint", "stain", "region", "metric", "value")
-
-
-def read_study(path: str | Path) -> pd.DataFrame:
-    """Read the tidy study table (.csv or .parquet) and check its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(
-            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
-        )
-    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {', '.join(missing)}; make it with `cleihc tables`")
-    df["subject"] = df["subject"].astype(str)
-    df["timepoint"] = df["timepoint"].astype(str)
-    return df
-
-
-def _select(study: pd.DataFrame, metrics: list[str] | None) -> pd.DataFrame:
-    if metrics:
-        return study[study["metric"].isin(metrics)]
-    head = {}
-    for stain, g in study.groupby("stain"):
-        present = set(g.loc[g["value"].notna(), "metric"])
-        head[stain] = next((m for m in HEADLINE_METRICS if m in present), None)
-    return study[study["metric"] == study["stain"].map(head)]
+from study import (
+    add_metric_option,
+    print_results,
+    read_study,
+    select_metrics,
+    study_parser,
+    with_q_values,
+    write_tables,
+)
 
 
 def fit_change(data: pd.DataFrame, *, baseline: str, log: bool = False) -> pd.DataFrame:
@@ -132,12 +110,9 @@ def change_over_time(
     study: pd.DataFrame, *, baseline: str = "pre", log: bool = False, metrics: list[str] | None = None
 ) -> pd.DataFrame:
     """:func:`fit_change` for every stain × region × metric, with Benjamini–Hochberg q-values."""
-    from statsmodels.stats.multitest import multipletests
-
     parts = []
-    for (stain, region, metric), g in _select(study, metrics).groupby(
-        ["stain", "region", "metric"], sort=True
-    ):
+    chosen = study[select_metrics(study, metrics)]
+    for (stain, region, metric), g in chosen.groupby(["stain", "region", "metric"], sort=True):
         res = fit_change(g, baseline=baseline, log=log)
         if len(res):
             res.insert(0, "metric", metric)
@@ -146,36 +121,20 @@ def change_over_time(
             parts.append(res)
     if not parts:
         return pd.DataFrame()
-    out = pd.concat(parts, ignore_index=True)
-    out["q_value"] = np.nan
-    if "p_value" in out:
-        ok = out["p_value"].notna()
-        if ok.any():
-            out.loc[ok, "q_value"] = multipletests(out.loc[ok, "p_value"], method="fdr_bh")[1]
-    return out
+    return with_q_values(pd.concat(parts, ignore_index=True))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
-    p.add_argument("--out", default="stats", help="output folder (default ./stats)")
+    p = study_parser(__doc__)
     p.add_argument("--baseline", default="pre", help="reference timepoint (default pre)")
     p.add_argument("--log", action="store_true", help="model log(value + 1); report ratios")
-    p.add_argument(
-        "--metric", action="append", help="metric(s) to model (default: each stain's headline metric)"
-    )
+    add_metric_option(p, verb="model")
     args = p.parse_args(argv)
     res = change_over_time(read_study(args.study), baseline=args.baseline, log=args.log, metrics=args.metric)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    res.to_csv(out / "mixed_model.csv", index=False)
-    if res.empty:
-        print("nothing to model (no stain with a baseline and a later timepoint)")
-        return 1
-    with pd.option_context("display.width", 200, "display.max_rows", 300):
-        print(res.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"written: {out / 'mixed_model.csv'}")
-    return 0
+    written = write_tables(args.out, {"mixed_model.csv": res})
+    return print_results(
+        res, written, empty="nothing to model (no stain with a baseline and a later timepoint)"
+    )
 
 
 if __name__ == "__main__":

@@ -40,86 +40,22 @@ J R Stat Soc B 57:289–300.
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
-
-HEADLINE_METRICS = ("positive_area_percent", "positive_cells_per_mm2")
-REQUIRED = ("subject", "timepoint", "stain", "region", "metric", "value")
-
-
-def read_study(path: str | Path) -> pd.DataFrame:
-    """Read the tidy study table (.csv or .parquet) and check its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(
-            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
-        )
-    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SystemExit(
-            f"{path}: missing column(s) {', '.join(missing)}; make the table with `cleihc tables` from results "
-            "quantified with --name-pattern or --samples giving subject and timepoint"
-        )
-    return df
-
-
-def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tuple[str, str]:
-    """The baseline and follow-up labels: as given, else "pre"/"post", else the table's only two timepoints."""
-    present = sorted(set(study["timepoint"].dropna().astype(str)))
-    if pre and post:
-        return pre, post
-    if {"pre", "post"} <= set(present):
-        return pre or "pre", post or "post"
-    if len(present) == 2:
-        early = ("screening", "baseline", "pre", "before", "w0", "week0", "day0", "d0", "v1")
-        a, b = present
-        if b.lower() in early or a.lower() in ("post", "after", "end"):
-            a, b = b, a
-        return pre or a, post or b
-    raise SystemExit(f"timepoints in the table: {', '.join(present)}; choose two with --pre and --post")
-
-
-def headline_metrics(study: pd.DataFrame) -> dict[str, str]:
-    """The headline metric of each stain: percent positive area when measured (area stains such as CXCL10 or
-    mucin), else positive cells per mm² (cell stains such as CD3, CD8)."""
-    out = {}
-    for stain, g in study.groupby("stain"):
-        present = set(g.loc[g["value"].notna(), "metric"])
-        for m in HEADLINE_METRICS:
-            if m in present:
-                out[str(stain)] = m
-                break
-    return out
-
-
-def paired_table(
-    study: pd.DataFrame, *, metrics: list[str] | None = None, pre: str = "pre", post: str = "post"
-) -> pd.DataFrame:
-    """One row per subject × stain × region × metric with the pre and post values and the change (post − pre).
-
-    Subjects lacking either timepoint are left out of that comparison. Replicate slides are averaged.
-    """
-    sel = study["timepoint"].astype(str).isin([pre, post])
-    if metrics:
-        sel &= study["metric"].isin(metrics)
-    else:
-        head = headline_metrics(study)
-        sel &= study["metric"] == study["stain"].astype(str).map(head)
-    d = study[sel].dropna(subset=["value"])
-    keys = ["subject", "stain", "region", "metric"]
-    wide = d.pivot_table(index=keys, columns=d["timepoint"].astype(str), values="value", aggfunc="mean")
-    if pre not in wide.columns or post not in wide.columns:
-        return pd.DataFrame(columns=[*keys, "pre", "post", "change"])
-    wide = wide[[pre, post]].dropna().rename(columns={pre: "pre", post: "post"})
-    wide.columns.name = None
-    wide["change"] = wide["post"] - wide["pre"]
-    return wide.reset_index()
+from study import (
+    add_metric_option,
+    add_timepoint_options,
+    paired_table,
+    print_results,
+    read_study,
+    study_parser,
+    two_timepoints,
+    with_q_values,
+    write_tables,
+)
 
 
 def rank_biserial_paired(change: np.ndarray) -> float:
@@ -186,50 +122,28 @@ def compare_pre_post(
     study: pd.DataFrame, *, metrics: list[str] | None = None, pre: str = "pre", post: str = "post"
 ) -> pd.DataFrame:
     """Wilcoxon test per stain × region × metric, with Benjamini–Hochberg q-values across all of them."""
-    from statsmodels.stats.multitest import multipletests
-
     pairs = paired_table(study, metrics=metrics, pre=pre, post=post)
     rows = []
     for (stain, region, metric), g in pairs.groupby(["stain", "region", "metric"], sort=True):
         rows.append(
             {"stain": stain, "region": region, "metric": metric, **wilcoxon_paired(g["pre"], g["post"])}
         )
-    res = pd.DataFrame(rows)
-    if res.empty:
-        return res
-    ok = res["p_value"].notna()
-    res["q_value"] = np.nan
-    if ok.any():
-        res.loc[ok, "q_value"] = multipletests(res.loc[ok, "p_value"], method="fdr_bh")[1]
-    return res
+    return with_q_values(pd.DataFrame(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
-    p.add_argument("--out", default="stats", help="output folder (default ./stats)")
-    p.add_argument("--pre", help="label of the baseline timepoint (default pre, or the earlier of two)")
-    p.add_argument("--post", help="label of the follow-up timepoint (default post, or the later of two)")
-    p.add_argument(
-        "--metric", action="append", help="metric(s) to compare (default: each stain's headline metric)"
-    )
+    p = study_parser(__doc__)
+    add_timepoint_options(p)
+    add_metric_option(p)
     args = p.parse_args(argv)
     study = read_study(args.study)
     args.pre, args.post = two_timepoints(study, args.pre, args.post)
     res = compare_pre_post(study, metrics=args.metric, pre=args.pre, post=args.post)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     pairs = paired_table(study, metrics=args.metric, pre=args.pre, post=args.post)
-    pairs.to_csv(out / "paired_values.csv", index=False)
-    res.to_csv(out / "paired_pre_post.csv", index=False)
-    if res.empty:
-        print(f"no subject has both {args.pre!r} and {args.post!r} values; see {out / 'paired_values.csv'}")
-        return 1
+    written = write_tables(args.out, {"paired_pre_post.csv": res, "paired_values.csv": pairs})
     cols = ["stain", "region", "metric", "n_pairs", "median_change", "rank_biserial_r", "p_value", "q_value"]
-    with pd.option_context("display.width", 160, "display.max_rows", 200):
-        print(res[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"written: {out / 'paired_pre_post.csv'}, {out / 'paired_values.csv'}")
-    return 0
+    empty = f"no subject has both {args.pre!r} and {args.post!r} values; see {written[1]}"
+    return print_results(res, written, empty=empty, columns=cols)
 
 
 if __name__ == "__main__":

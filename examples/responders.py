@@ -41,73 +41,26 @@ Benjamini Y, Hochberg Y (1995) J R Stat Soc B 57:289–300.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+from study import (
+    add_metric_option,
+    add_timepoint_options,
+    paired_table,
+    print_results,
+    read_study,
+    study_parser,
+    two_timepoints,
+    with_q_values,
+    write_tables,
+)
 
-HEADLINE_METRICS = ("positive_area_percent", "positive_cells_per_mm2")
-REQUIRED = ("subject", "timepoint", "stain", "region", "metric", "value")
 _YES = {"yes", "y", "true", "1", "responder", "r", "response"}
 _NO = {"no", "n", "false", "0", "non-responder", "nonresponder", "non_responder", "nr", "no response"}
-
-
-def read_study(path: str | Path) -> pd.DataFrame:
-    """Read the tidy study table (.csv or .parquet) and check its columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(
-            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
-        )
-    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {', '.join(missing)}; make it with `cleihc tables`")
-    df["subject"] = df["subject"].astype(str)
-    return df
-
-
-def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tuple[str, str]:
-    """The baseline and follow-up labels: as given, else "pre"/"post", else the table's only two timepoints."""
-    present = sorted(set(study["timepoint"].dropna().astype(str)))
-    if pre and post:
-        return pre, post
-    if {"pre", "post"} <= set(present):
-        return pre or "pre", post or "post"
-    if len(present) == 2:
-        early = ("screening", "baseline", "pre", "before", "w0", "week0", "day0", "d0", "v1")
-        a, b = present
-        if b.lower() in early or a.lower() in ("post", "after", "end"):
-            a, b = b, a
-        return pre or a, post or b
-    raise SystemExit(f"timepoints in the table: {', '.join(present)}; choose two with --pre and --post")
-
-
-def changes(
-    study: pd.DataFrame, *, metrics: list[str] | None = None, pre: str = "pre", post: str = "post"
-) -> pd.DataFrame:
-    """Per subject × stain × region × metric: pre, post and change (post − pre); headline metrics by default."""
-    sel = study["timepoint"].astype(str).isin([pre, post])
-    if metrics:
-        sel &= study["metric"].isin(metrics)
-    else:
-        head = {}
-        for stain, g in study.groupby("stain"):
-            present = set(g.loc[g["value"].notna(), "metric"])
-            head[stain] = next((m for m in HEADLINE_METRICS if m in present), None)
-        sel &= study["metric"] == study["stain"].map(head)
-    d = study[sel].dropna(subset=["value"])
-    keys = ["subject", "stain", "region", "metric"]
-    wide = d.pivot_table(index=keys, columns=d["timepoint"].astype(str), values="value", aggfunc="mean")
-    if pre not in wide.columns or post not in wide.columns:
-        return pd.DataFrame(columns=[*keys, "pre", "post", "change"])
-    wide = wide[[pre, post]].dropna().rename(columns={pre: "pre", post: "post"})
-    wide.columns.name = None
-    wide["change"] = wide["post"] - wide["pre"]
-    return wide.reset_index()
 
 
 def _as_bool(values: pd.Series, source: str) -> pd.Series:
@@ -145,7 +98,7 @@ def responders_from_rule(
         raise SystemExit(
             f"--rule {rule!r}: expected STAIN:REGION:METRIC:PERCENT, e.g. cd8:dermis:positive_cells_per_mm2:-50"
         ) from None
-    ch = changes(
+    ch = paired_table(
         study[(study["stain"] == stain) & (study["region"] == region)], metrics=[metric], pre=pre, post=post
     )
     if ch.empty:
@@ -211,9 +164,8 @@ def compare_responders(
     exclude : (stain, region), optional
         Left out (the stain and region that define responders under a rule).
     """
-    from statsmodels.stats.multitest import multipletests
 
-    ch = changes(study, metrics=metrics, pre=pre, post=post)
+    ch = paired_table(study, metrics=metrics, pre=pre, post=post)
     ch = ch[ch["subject"].isin(responder.index)]
     rows = []
     for (stain, region, metric), g in ch.groupby(["stain", "region", "metric"], sort=True):
@@ -228,30 +180,18 @@ def compare_responders(
                 **mann_whitney(g["change"][is_r], g["change"][~is_r]),
             }
         )
-    res = pd.DataFrame(rows)
-    if res.empty:
-        return res
-    res["q_value"] = np.nan
-    ok = res["p_value"].notna()
-    if ok.any():
-        res.loc[ok, "q_value"] = multipletests(res.loc[ok, "p_value"], method="fdr_bh")[1]
-    return res
+    return with_q_values(pd.DataFrame(rows))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
-    p.add_argument("--out", default="stats", help="output folder (default ./stats)")
+    p = study_parser(__doc__)
     who = p.add_mutually_exclusive_group()
     who.add_argument("--responders", metavar="CSV", help="CSV with columns subject, responder")
     who.add_argument(
         "--rule", metavar="STAIN:REGION:METRIC:PERCENT", help="histological responder rule (see above)"
     )
-    p.add_argument("--pre", help="baseline timepoint (default pre, or the earlier of two)")
-    p.add_argument("--post", help="follow-up timepoint (default post, or the later of two)")
-    p.add_argument(
-        "--metric", action="append", help="metric(s) to compare (default: each stain's headline metric)"
-    )
+    add_timepoint_options(p)
+    add_metric_option(p)
     args = p.parse_args(argv)
     study = read_study(args.study)
     args.pre, args.post = two_timepoints(study, args.pre, args.post)
@@ -266,14 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     res = compare_responders(
         study, responder, metrics=args.metric, pre=args.pre, post=args.post, exclude=exclude
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    responder.rename_axis("subject").reset_index().to_csv(out / "responder_status.csv", index=False)
-    res.to_csv(out / "responders.csv", index=False)
+    status = responder.rename_axis("subject").reset_index()
+    written = write_tables(args.out, {"responders.csv": res, "responder_status.csv": status})
     print(f"{int(responder.sum())} responders, {int((~responder).sum())} non-responders")
-    if res.empty:
-        print("nothing to compare (no stain with pre and post values for subjects of known status)")
-        return 1
     cols = [
         "stain",
         "region",
@@ -286,10 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         "p_value",
         "q_value",
     ]
-    with pd.option_context("display.width", 200, "display.max_rows", 200):
-        print(res[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"written: {out / 'responders.csv'}, {out / 'responder_status.csv'}")
-    return 0
+    empty = "nothing to compare (no stain with pre and post values for subjects of known status)"
+    return print_results(res, written, empty=empty, columns=cols)
 
 
 if __name__ == "__main__":
