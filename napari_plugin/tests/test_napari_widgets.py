@@ -242,6 +242,8 @@ def test_save_and_reload_round_trip(make_napari_viewer, results_dir):
     cells.selected_data = {1}
     widget.class_combo.setCurrentText("3+")
     widget.reclassify_selected()
+    reclassified_yx = cells.data[1].copy()
+    assert cells.features["class"].iat[1] == "3+"
     widget.class_combo.setCurrentText("2+")
     widget.add_cells()
     y, x = cells.data[5] + 12.0
@@ -267,6 +269,9 @@ def test_save_and_reload_round_trip(make_napari_viewer, results_dir):
     widget.author_edit.setText("reviewer-1")
     made = widget.corrections()
     assert [e.action for e in made.cell_edits] == ["delete", "reclassify", "add"]
+    assert (made.cell_edits[1].y_px, made.cell_edits[1].x_px) == tuple(reclassified_yx)
+    assert (made.cell_edits[1].positive, made.cell_edits[1].intensity_class) == (True, 3)
+    assert (made.cell_edits[2].positive, made.cell_edits[2].intensity_class) == (True, 2)
     assert len(made.exclusions) == 2 and list(made.regions) == ["epidermis"]
     path = widget.save()
     assert path == corrections_path(results_dir, slide)

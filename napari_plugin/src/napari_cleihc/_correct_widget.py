@@ -296,8 +296,9 @@ class CorrectWidget(QWidget):
             return
         idx = np.fromiter(layer.selected_data, dtype=np.int64)
         features = layer.features.copy()
-        features.loc[idx, "class"] = self.class_combo.currentText()
-        features.loc[idx, "manual"] = True
+        # Positions, not labels: the selection is by position whatever the table's index became.
+        features.iloc[idx, features.columns.get_loc("class")] = self.class_combo.currentText()
+        features.iloc[idx, features.columns.get_loc("manual")] = True
         layer.features = features
         layer.refresh_colors(update_color_mapping=False)
 
