@@ -28,7 +28,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
 from cleihc.geometry import polygonal, region_color
-from cleihc.slide import AnalysisResolution, Slide, open_slide
+from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 
 __all__ = [
     "CLASS_COLORS",
@@ -181,7 +181,7 @@ def slide_layer(
     sy, sx = world_per_px(slide)
     meta = {
         "role": "slide",
-        "slide": _stem(path),
+        "slide": slide_stem(path),
         "slide_path": str(Path(path).resolve()),
         "dimensions": tuple(slide.dimensions),
         "world_per_px": (sy, sx),
@@ -198,12 +198,6 @@ def slide_layer(
         "metadata": {META_KEY: meta},
     }
     return (levels if len(levels) > 1 else levels[0], kwargs, "image")
-
-
-def _stem(path: str | os.PathLike[str]) -> str:
-    from cleihc.pipeline import slide_stem
-
-    return slide_stem(path)
 
 
 # -- shapes ---------------------------------------------------------------------------------------------------
