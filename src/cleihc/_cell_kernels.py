@@ -9,21 +9,24 @@ visited in row-major order, so a cell's sums are accumulated in the same order w
 
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 from numba import njit
 
 __all__ = [
-    "bbox_size_kernel",
+    "cascade_kernel",
     "chamfer_distance_kernel",
+    "component_stats_kernel",
     "expand_labels_kernel",
     "extreme_filter_kernel",
     "gaussian_axis0_kernel",
     "gaussian_axis1_kernel",
-    "label_max_kernel",
+    "hole_runs_kernel",
+    "label_runs_kernel",
     "measure_kernel",
-    "watershed_kernel",
+    "merge_runs_kernel",
+    "paint_runs_kernel",
+    "runs_of_u8_kernel",
+    "split_kernel",
 ]
 
 
@@ -264,94 +267,6 @@ def extreme_filter_kernel(src, radius, axis, is_max, out):  # pragma: no cover -
                     a = s[lo, j]
                     b = g[r, j]
                     out[i, j] = sign * (a if a >= b else b)
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def bbox_size_kernel(labels, n, out):  # pragma: no cover - compiled
-    """``out[k] = (height, width)`` of label ``k``'s bounding box (int64, shape (n + 1, 2)); zero if absent."""
-    h, w = labels.shape
-    lo_i = np.full(n + 1, h, np.int64)
-    hi_i = np.full(n + 1, -1, np.int64)
-    lo_j = np.full(n + 1, w, np.int64)
-    hi_j = np.full(n + 1, -1, np.int64)
-    for i in range(h):
-        for j in range(w):
-            a = labels[i, j]
-            if a > 0:
-                if i < lo_i[a]:
-                    lo_i[a] = i
-                if i > hi_i[a]:
-                    hi_i[a] = i
-                if j < lo_j[a]:
-                    lo_j[a] = j
-                if j > hi_j[a]:
-                    hi_j[a] = j
-    for a in range(1, n + 1):
-        if hi_i[a] >= 0:
-            out[a, 0] = hi_i[a] - lo_i[a] + 1
-            out[a, 1] = hi_j[a] - lo_j[a] + 1
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def label_max_kernel(labels, image, out):  # pragma: no cover - compiled
-    """``out[k]`` = maximum of ``image`` over label ``k`` (``out`` initialised by the caller, e.g. to -inf)."""
-    h, w = labels.shape
-    for i in range(h):
-        for j in range(w):
-            a = labels[i, j]
-            if a > 0 and image[i, j] > out[a]:
-                out[a] = image[i, j]
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def watershed_kernel(image, markers, mask, out):  # pragma: no cover - compiled
-    """Marker watershed (Meyer's priority flood) of ``image`` inside ``mask``, 8-connected.
-
-    ``out`` starts as ``markers`` inside the mask. Each unlabelled mask pixel is queued once, by the first
-    labelled neighbour to reach it, with that neighbour's label; pixels leave the queue in order of (image value,
-    time of queueing) and pass their label on. Ties are broken by queueing order, so the result is deterministic
-    and, within one connected component of the mask, independent of anything outside it.
-    """
-    h, w = image.shape
-    heap = [(np.float32(0.0), np.int64(0), np.int64(0), np.int32(0))]
-    heap.pop()
-    age = np.int64(0)
-    queued = np.zeros((h, w), np.bool_)
-    for i in range(h):
-        for j in range(w):
-            out[i, j] = markers[i, j] if mask[i, j] else 0
-    for i in range(h):
-        for j in range(w):
-            lab = out[i, j]
-            if lab == 0:
-                continue
-            for di in range(-1, 2):
-                for dj in range(-1, 2):
-                    ni = i + di
-                    nj = j + dj
-                    if (
-                        0 <= ni < h
-                        and 0 <= nj < w
-                        and mask[ni, nj]
-                        and out[ni, nj] == 0
-                        and not queued[ni, nj]
-                    ):
-                        queued[ni, nj] = True
-                        heapq.heappush(heap, (image[ni, nj], age, np.int64(ni * w + nj), lab))
-                        age += 1
-    while len(heap) > 0:
-        _, _, idx, lab = heapq.heappop(heap)
-        i = idx // w
-        j = idx - i * w
-        out[i, j] = lab
-        for di in range(-1, 2):
-            for dj in range(-1, 2):
-                ni = i + di
-                nj = j + dj
-                if 0 <= ni < h and 0 <= nj < w and mask[ni, nj] and out[ni, nj] == 0 and not queued[ni, nj]:
-                    queued[ni, nj] = True
-                    heapq.heappush(heap, (image[ni, nj], age, np.int64(ni * w + nj), lab))
-                    age += 1
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -710,3 +625,303 @@ def cascade_kernel(
                 n1[m] = j
                 m += 1
         row, c0, c1, n = nrow, n0, n1, m
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _heap_push(keys, size, key):  # pragma: no cover - compiled
+    i = size
+    keys[i] = key
+    while i > 0:
+        p = (i - 1) >> 1
+        if keys[p] <= key:
+            break
+        keys[i] = keys[p]
+        i = p
+    keys[i] = key
+    return size + 1
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _heap_pop(keys, size):  # pragma: no cover - compiled
+    top = keys[0]
+    size -= 1
+    last = keys[size]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= size:
+            break
+        if c + 1 < size and keys[c + 1] < keys[c]:
+            c += 1
+        if keys[c] >= last:
+            break
+        keys[i] = keys[c]
+        i = c
+    if size > 0:
+        keys[i] = last
+    return top, size
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _watershed_crop(dbits, markers, mask, out):  # pragma: no cover - compiled
+    """:func:`watershed_kernel` on ``-dist`` (given as the float32 bits of ``dist > 0``) in one clump's box.
+
+    The priority (value, time of queueing) is packed in one int64 key; ``dist`` descending is its bits
+    descending. Within one clump this pops pixels in the same order as the whole-array flood.
+    """
+    h, w = mask.shape
+    cap = h * w
+    keys = np.empty(cap, np.int64)
+    pos_of_age = np.empty(cap, np.int64)
+    lab_of_age = np.empty(cap, np.int32)
+    queued = np.zeros((h, w), np.bool_)
+    size = 0
+    age = 0
+    top_bits = np.int64(0x7F800000)
+    for i in range(h):
+        for j in range(w):
+            out[i, j] = markers[i, j] if mask[i, j] else 0
+    for i in range(h):
+        for j in range(w):
+            lab = out[i, j]
+            if lab == 0:
+                continue
+            for di in range(-1, 2):
+                for dj in range(-1, 2):
+                    ni = i + di
+                    nj = j + dj
+                    if (
+                        0 <= ni < h
+                        and 0 <= nj < w
+                        and mask[ni, nj]
+                        and out[ni, nj] == 0
+                        and not queued[ni, nj]
+                    ):
+                        queued[ni, nj] = True
+                        pos_of_age[age] = ni * w + nj
+                        lab_of_age[age] = lab
+                        size = _heap_push(keys, size, ((top_bits - dbits[ni, nj]) << 32) | age)
+                        age += 1
+    while size > 0:
+        key, size = _heap_pop(keys, size)
+        a = key & 0xFFFFFFFF
+        idx = pos_of_age[a]
+        lab = lab_of_age[a]
+        i = idx // w
+        j = idx - i * w
+        out[i, j] = lab
+        for di in range(-1, 2):
+            for dj in range(-1, 2):
+                ni = i + di
+                nj = j + dj
+                if 0 <= ni < h and 0 <= nj < w and mask[ni, nj] and out[ni, nj] == 0 and not queued[ni, nj]:
+                    queued[ni, nj] = True
+                    pos_of_age[age] = ni * w + nj
+                    lab_of_age[age] = lab
+                    size = _heap_push(keys, size, ((top_bits - dbits[ni, nj]) << 32) | age)
+                    age += 1
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cover - compiled
+    """Nucleus labels from clump runs: :func:`cleihc.cells._split` and the small-piece relabelling, on runs.
+
+    Clumps (8-connected, raster order) are split by a marker watershed on their chamfer distance transform when
+    they hold two or more markers (maxima of the distance within a ``2 md + 1`` square, grown by ``md // 2``
+    within the clump and labelled 8-connected, raster order); pieces below ``min_area_px`` are dropped. Labels
+    1..k follow the order of the array code: whole clumps by clump number, then pieces by marker number.
+    ``out`` (int32, zeros) receives the labels; returns k. Everything is computed on the clumps' pixels and
+    their boxes only.
+    """
+    h, w = out.shape
+    lab = np.empty(n, np.int32)
+    k = label_runs_kernel(row, c0, c1, n, True, lab)
+    area = np.zeros(k + 1, np.int64)
+    for x in range(n):
+        area[lab[x]] += c1[x] - c0[x]
+    if k == 0 or not split:
+        lut = np.zeros(k + 1, np.int32)
+        m = 0
+        for c in range(1, k + 1):
+            if area[c] >= min_area_px:
+                m += 1
+                lut[c] = m
+        for x in range(n):
+            o = out[row[x]]
+            v = lut[lab[x]]
+            for j in range(c0[x], c1[x]):
+                o[j] = v
+        return m
+    # Chamfer distance (weights 1, sqrt 2), two raster passes over the clump pixels only: background is 0.
+    dist = np.zeros((h, w), np.float32)
+    big = np.float32(1e30)
+    d1 = np.float32(1.0)
+    d2 = np.float32(_SQRT2)
+    for x in range(n):
+        i = row[x]
+        for j in range(c0[x], c1[x]):
+            v = big
+            if i > 0:
+                if dist[i - 1, j] + d1 < v:
+                    v = dist[i - 1, j] + d1
+                if j > 0 and dist[i - 1, j - 1] + d2 < v:
+                    v = dist[i - 1, j - 1] + d2
+                if j + 1 < w and dist[i - 1, j + 1] + d2 < v:
+                    v = dist[i - 1, j + 1] + d2
+            if j > 0 and dist[i, j - 1] + d1 < v:
+                v = dist[i, j - 1] + d1
+            dist[i, j] = v
+    for x in range(n - 1, -1, -1):
+        i = row[x]
+        for j in range(c1[x] - 1, c0[x] - 1, -1):
+            v = dist[i, j]
+            if i + 1 < h:
+                if dist[i + 1, j] + d1 < v:
+                    v = dist[i + 1, j] + d1
+                if j + 1 < w and dist[i + 1, j + 1] + d2 < v:
+                    v = dist[i + 1, j + 1] + d2
+                if j > 0 and dist[i + 1, j - 1] + d2 < v:
+                    v = dist[i + 1, j - 1] + d2
+            if j + 1 < w and dist[i, j + 1] + d1 < v:
+                v = dist[i, j + 1] + d1
+            dist[i, j] = v
+    # Peaks: dist equal to the maximum of its (2 md + 1)² window (clipped at the border, as mode="nearest");
+    # only 3x3 maxima can be, so the large window is looked at for those alone. Markers: peaks grown by md // 2.
+    near = np.zeros((h, w), np.uint8)
+    r2 = md // 2
+    for x in range(n):
+        i = row[x]
+        for j in range(c0[x], c1[x]):
+            v = dist[i, j]
+            is_peak = True
+            for ii in range(max(i - 1, 0), min(i + 2, h)):
+                for jj in range(max(j - 1, 0), min(j + 2, w)):
+                    if dist[ii, jj] > v:
+                        is_peak = False
+            if not is_peak:
+                continue
+            for ii in range(max(i - md, 0), min(i + md + 1, h)):
+                for jj in range(max(j - md, 0), min(j + md + 1, w)):
+                    if dist[ii, jj] > v:
+                        is_peak = False
+                        break
+                if not is_peak:
+                    break
+            if not is_peak:
+                continue
+            for ii in range(max(i - r2, 0), min(i + r2 + 1, h)):
+                for jj in range(max(j - r2, 0), min(j + r2 + 1, w)):
+                    if dist[ii, jj] > 0:
+                        near[ii, jj] = 1
+    # Marker runs (inside clump runs, so in raster order), their clump, and their 8-connected labels.
+    cap = 0
+    for x in range(n):
+        cap += (c1[x] - c0[x] + 1) // 2
+    mrow = np.empty(cap, np.int32)
+    m0 = np.empty(cap, np.int32)
+    m1 = np.empty(cap, np.int32)
+    mclump = np.empty(cap, np.int32)
+    nm = 0
+    for x in range(n):
+        i = row[x]
+        j = c0[x]
+        e = c1[x]
+        while j < e:
+            if near[i, j] == 0:
+                j += 1
+                continue
+            s = j
+            while j < e and near[i, j] != 0:
+                j += 1
+            mrow[nm] = i
+            m0[nm] = s
+            m1[nm] = j
+            mclump[nm] = lab[x]
+            nm += 1
+    mlab = np.empty(nm, np.int32)
+    n_markers = label_runs_kernel(mrow, m0, m1, nm, True, mlab)
+    clump_of_marker = np.zeros(n_markers + 1, np.int32)
+    for y in range(nm):
+        clump_of_marker[mlab[y]] = mclump[y]
+    count = np.zeros(k + 1, np.int32)
+    for mk in range(1, n_markers + 1):
+        count[clump_of_marker[mk]] += 1
+    # Boxes of the clumps, and their runs and marker runs grouped by clump (stable: raster order kept).
+    lo_i = np.full(k + 1, h, np.int64)
+    hi_i = np.full(k + 1, -1, np.int64)
+    lo_j = np.full(k + 1, w, np.int64)
+    hi_j = np.full(k + 1, -1, np.int64)
+    for x in range(n):
+        c = lab[x]
+        lo_i[c] = min(lo_i[c], row[x])
+        hi_i[c] = max(hi_i[c], row[x])
+        lo_j[c] = min(lo_j[c], c0[x])
+        hi_j[c] = max(hi_j[c], c1[x] - 1)
+    first = np.zeros(k + 2, np.int64)
+    for x in range(n):
+        first[lab[x] + 1] += 1
+    for c in range(k):
+        first[c + 1] += first[c]
+    order = np.empty(n, np.int64)
+    fill = first.copy()
+    for x in range(n):
+        order[fill[lab[x]]] = x
+        fill[lab[x]] += 1
+    mfirst = np.zeros(k + 2, np.int64)
+    for y in range(nm):
+        mfirst[mclump[y] + 1] += 1
+    for c in range(k):
+        mfirst[c + 1] += mfirst[c]
+    morder = np.empty(nm, np.int64)
+    mfill = mfirst.copy()
+    for y in range(nm):
+        morder[mfill[mclump[y]]] = y
+        mfill[mclump[y]] += 1
+    # Watershed of each clump with two or more markers, in its box; piece = marker number (stored as k + marker).
+    dbits = dist.view(np.int32)
+    piece_area = np.zeros(n_markers + 1, np.int64)
+    for c in range(1, k + 1):
+        if count[c] < 2:
+            continue
+        y0 = lo_i[c]
+        x0 = lo_j[c]
+        bh = hi_i[c] - y0 + 1
+        bw = hi_j[c] - x0 + 1
+        cmask = np.zeros((bh, bw), np.bool_)
+        for t in range(first[c], first[c + 1]):
+            x = order[t]
+            for j in range(c0[x], c1[x]):
+                cmask[row[x] - y0, j - x0] = True
+        cmark = np.zeros((bh, bw), np.int32)
+        for t in range(mfirst[c], mfirst[c + 1]):
+            y = morder[t]
+            for j in range(m0[y], m1[y]):
+                cmark[mrow[y] - y0, j - x0] = mlab[y]
+        cout = np.empty((bh, bw), np.int32)
+        _watershed_crop(dbits[y0 : y0 + bh, x0 : x0 + bw], cmark, cmask, cout)
+        for ii in range(bh):
+            for jj in range(bw):
+                if cmask[ii, jj]:
+                    piece_area[cout[ii, jj]] += 1
+                    out[y0 + ii, x0 + jj] = k + cout[ii, jj]
+    # Final numbering: whole clumps in clump order, then pieces in marker order; small pieces dropped.
+    lut = np.zeros(k + n_markers + 1, np.int32)
+    m = 0
+    for c in range(1, k + 1):
+        if count[c] < 2 and area[c] >= min_area_px:
+            m += 1
+            lut[c] = m
+    for mk in range(1, n_markers + 1):
+        if count[clump_of_marker[mk]] >= 2 and piece_area[mk] >= min_area_px:
+            m += 1
+            lut[k + mk] = m
+    for x in range(n):
+        o = out[row[x]]
+        if count[lab[x]] < 2:
+            v = lut[lab[x]]
+            for j in range(c0[x], c1[x]):
+                o[j] = v
+        else:
+            for j in range(c0[x], c1[x]):
+                o[j] = lut[o[j]]
+    return m

@@ -37,11 +37,9 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 import numpy as np
-from scipy import ndimage
 
 from cleihc._cell_kernels import (
     cascade_kernel,
-    chamfer_distance_kernel,
     component_stats_kernel,
     expand_labels_kernel,
     extreme_filter_kernel,
@@ -53,7 +51,7 @@ from cleihc._cell_kernels import (
     merge_runs_kernel,
     paint_runs_kernel,
     runs_of_u8_kernel,
-    watershed_kernel,
+    split_kernel,
 )
 from cleihc.errors import ProtocolError
 
@@ -480,42 +478,24 @@ def _nucleus_mask(
     )
 
 
-def _split(mask: np.ndarray, params: CellParams, mpp_um: float) -> np.ndarray:
-    """Nucleus labels: each clump split by a watershed on its distance transform (markers = its maxima)."""
-    eight = np.ones((3, 3), dtype=bool)
-    clumps, n = ndimage.label(mask, structure=eight)
-    if n == 0 or not params.split:
-        return clumps.astype(np.int32, copy=False)
-    dist = np.empty(mask.shape, dtype=np.float32)
-    chamfer_distance_kernel(mask, dist)
+def _split(
+    clump_runs: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+    shape: tuple[int, int],
+    params: CellParams,
+    mpp_um: float,
+) -> np.ndarray:
+    """Nucleus labels: each clump split by a watershed on its distance transform (markers = its maxima).
+
+    Markers are the maxima of the chamfer distance within a ``2 md + 1`` square (``md`` = split_min_distance_um
+    in pixels), grown by ``md // 2`` so that a plateau or equal maxima closer than ``md`` become one marker; a
+    clump with two or more markers is flooded from them (priority flood on the negated distance), the others
+    stay whole. Split pieces too small to be nuclei are dropped rather than merged: merging would need a second
+    rule. Labels: whole clumps first (raster order), then pieces (raster order of their markers).
+    """
+    out = np.zeros(shape, dtype=np.int32)
     md_px = max(1, round(params.split_min_distance_um / mpp_um))
-    # Maxima within a (2 md + 1) square; a plateau or equal maxima closer than md (ties) become one marker.
-    peaks = ((dist == _square_filter(dist, md_px, is_max=True)) & mask).astype(np.float32)
-    near = (_square_filter(peaks, md_px // 2, is_max=True) > 0) & mask
-    markers, n_markers = ndimage.label(near, structure=eight)
-    # A marker lies inside one clump; clumps with two or more markers are flooded, the others stay whole.
-    on = markers > 0
-    clump_of_marker = np.zeros(n_markers + 1, dtype=np.int64)
-    clump_of_marker[markers[on]] = clumps[on]
-    multi = np.bincount(clump_of_marker[1:], minlength=n + 1) >= 2
-    multi[0] = False
-    labels = clumps.astype(np.int32)
-    if not multi.any():
-        return labels
-    region = multi[clumps]
-    flooded = np.empty_like(labels)
-    # Marker ids are offset by n so that split pieces never collide with the ids of whole clumps.
-    watershed_kernel(-dist, np.where(on, markers + n, 0).astype(np.int32), region, flooded)
-    return np.where(region, flooded, labels)
-
-
-def _relabel(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..k in increasing order of the old label, dropping those where ``keep`` is False."""
-    lut = np.zeros(keep.shape[0], dtype=np.int32)
-    keep = keep.copy()
-    keep[0] = False
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lut[labels]
+    split_kernel(*clump_runs, params.split, md_px, params.min_nucleus_area_um2 / (mpp_um * mpp_um), out)
+    return out
 
 
 def detect_cells(
@@ -592,13 +572,7 @@ def detect_cells(
         ring = _smooth(target_od, params.smoothing_sigma_um / mpp_um) >= np.float32(params.ring_threshold_od)
         ring_holes = _ring_holes(ring, params, mpp_um)
     clump_runs = _nucleus_mask(det, ring_holes, params, mpp_um)
-    mask = np.zeros(det.shape, dtype=np.uint8)
-    paint_runs_kernel(*clump_runs, np.uint8(1), mask)
-    mask = mask.view(bool)
-    nuclei = _split(mask, params, mpp_um)
-    # Split pieces too small to be nuclei are dropped rather than merged: merging would need a second rule.
-    piece_area = np.bincount(nuclei.ravel())
-    nuclei = _relabel(nuclei, piece_area >= params.min_nucleus_area_um2 / (mpp_um * mpp_um))
+    nuclei = _split(clump_runs, det.shape, params, mpp_um)
     cells = np.empty_like(nuclei)
     scratch = np.empty(nuclei.shape, dtype=np.float32)
     expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), scratch, cells)
