@@ -224,7 +224,10 @@ def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):
     feats = [
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[160, 160], [2560, 160], [2560, 360], [160, 360], [160, 160]]]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[160, 160], [2560, 160], [2560, 360], [160, 360], [160, 160]]],
+            },
             "properties": {"classification": {"name": name}},
         }
         for name in ("epidermis",)
@@ -232,7 +235,10 @@ def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):
     feats.append(
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[160, 160], [2560, 160], [2560, 1760], [160, 1760], [160, 160]]]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[160, 160], [2560, 160], [2560, 1760], [160, 1760], [160, 160]]],
+            },
             "properties": {"classification": {"name": "tissue"}},
         }
     )
@@ -244,3 +250,21 @@ def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):
     assert rows.loc["dermis", "region_area_mm2"] == pytest.approx(2400 * 1400 * px_mm2, rel=1e-12)
     # papillary band: 0-150 µm = 300 px below the drawn junction at y = 360
     assert rows.loc["papillary_dermis", "region_area_mm2"] == pytest.approx(2400 * 300 * px_mm2, rel=0.02)
+
+
+def test_roi_restricts_measurement_but_not_compartments(cd3_slide):
+    """A region of interest limits areas and cells to it, and never changes what counts as epidermis."""
+    from shapely.geometry import box
+
+    path, _ = cd3_slide
+    whole = quantify(path, "cd3")
+    roi = box(400, 0, 900, 1300)
+    part = quantify(path, "cd3", roi=roi)
+    assert len(part.cells) and part.cells["x_px"].between(400, 900).all()
+    w, p = whole.regions.set_index("region"), part.regions.set_index("region")
+    assert 0 < p.loc["tissue", "region_area_mm2"] < w.loc["tissue", "region_area_mm2"]
+    assert p.loc["epidermis", "region_area_mm2"] > 0
+    # the ROI's epidermis is the whole run's epidermis clipped to the ROI: same raster cells
+    np.testing.assert_array_equal(
+        part.region_masks["epidermis"], whole.region_masks["epidermis"] & part.region_masks["tissue"]
+    )

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import shapely
 from scipy import ndimage
 
 from cleihc import __version__
@@ -212,12 +213,6 @@ def plan_slide(
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
         tissue = tissue_mask_for_slide(slide, params=proto.tissue)
-        if roi is not None:
-            h_t, w_t = tissue.mask.shape
-            inside = rasterize(roi, shape=(w_t, h_t), downsample=tissue.downsample)
-            # Keep tissue cells the ROI touches at all; the raster masks clip to the ROI exactly.
-            inside |= ndimage.binary_dilation(inside)
-            tissue = dataclasses.replace(tissue, mask=tissue.mask & inside)
         if not tissue.mask.any():
             raise NoTissueError(
                 "no tissue found; check the slide is a brightfield section, or lower the protocol's "
@@ -264,6 +259,18 @@ def plan_slide(
         if compartments is not None:
             warnings.extend(compartments.warnings)
         timings["overview_s"] = time.perf_counter() - t1
+
+    if roi is not None:
+        # Compartments were found on the whole tissue, so an ROI never changes what counts as epidermis; only
+        # the tiles (and, on the raster, every region) are restricted to it.
+        h_t, w_t = tissue.mask.shape
+        inside = rasterize(roi, shape=(w_t, h_t), downsample=tissue.downsample)
+        inside |= ndimage.binary_dilation(inside)  # keep tissue pixels the ROI touches at all
+        tissue = dataclasses.replace(tissue, mask=tissue.mask & inside)
+        if not tissue.mask.any():
+            raise NoTissueError(
+                "no tissue inside the region of interest; draw it over the section", path=slide_path
+            )
 
     auto = compartments.to_regions() if compartments is not None else []
     merged = merge_regions(auto, user_regions)
@@ -510,6 +517,10 @@ def finalize(
             cell_parts.append(res.cells)
     masks = region_masks_on_raster(plan)
     cells = pd.concat(cell_parts, ignore_index=True) if cell_parts else _empty_cells()
+    if plan.roi is not None and len(cells):
+        # Tiles reach past the ROI; their cells there were never asked for.
+        inside = shapely.contains_xy(plan.roi, cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float))
+        cells = cells.loc[inside].reset_index(drop=True)
     if "cells" in plan.protocol.measure:
         # A fixed order (by position) gives every cell the same id whatever the tiling.
         cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
