@@ -189,84 +189,105 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
                 out[i, j] = 0
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _shift_max(src, dst, span, m):  # pragma: no cover - compiled
+    """``dst[j] = max(src[j], src[j + span])`` for ``j < m``; slices (not ``src[j + span]``) so that it
+    vectorises, and ``src`` is not ``dst`` (an overlap would make LLVM fall back to scalar code)."""
+    lo = src[:m]
+    hi = src[span : span + m]
+    out = dst[:m]
+    for j in range(m):
+        x = lo[j]
+        y = hi[j]
+        out[j] = x if x >= y else y
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def extreme_filter_kernel(src, radius, axis, is_max, out):  # pragma: no cover - compiled
     """Running maximum (or minimum) over a window of ``2 radius + 1`` pixels along one axis, clamped at the border.
 
-    Van Herk / Gil-Werman: per-block prefix and suffix maxima, then one comparison per pixel, so the cost does
-    not depend on the radius. Clamping the window equals scipy's ``mode="nearest"`` for a maximum or minimum.
-    A minimum is the negated maximum of the negated values (exact in floating point). A square filter is this
+    Doubling: after level ``l`` a buffer holds the maximum of ``2**l`` consecutive values, and the window is the
+    maximum of two overlapping power-of-two spans; each level is one vectorised pass, so the cost grows with
+    log(radius). Along axis 1 a row is padded (clamped) in a buffer; along axis 0 bands of rows are processed in
+    column strips that stay in cache. Clamping equals scipy's ``mode="nearest"`` for a maximum or minimum. A
+    minimum is the negated maximum of the negated values (exact in floating point). A square filter is this
     kernel along axis 1, then along axis 0. ``out`` must not be ``src``.
     """
     h, w = src.shape
     k = 2 * radius + 1
     sign = src.dtype.type(1) if is_max else src.dtype.type(-1)
+    nlev = 0
+    span = 1
+    while 2 * span <= k:
+        span *= 2
+        nlev += 1
     if axis == 1:
-        x = np.empty(w, src.dtype)
-        g = np.empty(w, src.dtype)
-        s = np.empty(w, src.dtype)
-        last_block = (w - 1) // k
+        n = w + 2 * radius
+        a = np.empty(n, src.dtype)
+        b = np.empty(n, src.dtype)
         for i in range(h):
+            row = src[i]
             for j in range(w):
-                x[j] = sign * src[i, j]
-            for b0 in range(0, w, k):
-                b1 = min(b0 + k, w)
-                g[b0] = x[b0]
-                for j in range(b0 + 1, b1):
-                    g[j] = g[j - 1] if g[j - 1] >= x[j] else x[j]
-                s[b1 - 1] = x[b1 - 1]
-                for j in range(b1 - 2, b0 - 1, -1):
-                    s[j] = s[j + 1] if s[j + 1] >= x[j] else x[j]
-            for j in range(w):
-                lo = j - radius
-                hi = j + radius
-                if lo <= 0:
-                    v = g[min(hi, w - 1)]
-                elif hi >= w - 1:
-                    a = s[lo]
-                    b = g[w - 1]
-                    v = a if lo // k == last_block or a >= b else b
+                a[j + radius] = sign * row[j]
+            for j in range(radius):
+                a[j] = a[radius]
+                a[w + radius + j] = a[w + radius - 1]
+            sp = 1
+            for lev in range(nlev):
+                if lev % 2 == 0:
+                    _shift_max(a, b, sp, n - sp)
                 else:
-                    a = s[lo]
-                    b = g[hi]
-                    v = a if a >= b else b
-                out[i, j] = sign * v
-    else:
-        g = np.empty((h, w), src.dtype)
-        s = np.empty((h, w), src.dtype)
-        last_block = (h - 1) // k
-        for i in range(h):
-            if i % k == 0:
-                for j in range(w):
-                    g[i, j] = sign * src[i, j]
-            else:
-                for j in range(w):
-                    v = sign * src[i, j]
-                    g[i, j] = g[i - 1, j] if g[i - 1, j] >= v else v
-        for i in range(h - 1, -1, -1):
-            if i % k == k - 1 or i == h - 1:
-                for j in range(w):
-                    s[i, j] = sign * src[i, j]
-            else:
-                for j in range(w):
-                    v = sign * src[i, j]
-                    s[i, j] = s[i + 1, j] if s[i + 1, j] >= v else v
-        for i in range(h):
-            lo = i - radius
-            hi = i + radius
-            if lo <= 0:
-                r = min(hi, h - 1)
-                for j in range(w):
-                    out[i, j] = sign * g[r, j]
-            elif hi >= h - 1 and lo // k == last_block:
-                for j in range(w):
-                    out[i, j] = sign * s[lo, j]
-            else:
-                r = min(hi, h - 1)
-                for j in range(w):
-                    a = s[lo, j]
-                    b = g[r, j]
-                    out[i, j] = sign * (a if a >= b else b)
+                    _shift_max(b, a, sp, n - sp)
+                sp *= 2
+            fin = b if nlev % 2 == 1 else a
+            lo = fin[:w]
+            hi = fin[k - span : k - span + w]
+            dst = out[i]
+            for j in range(w):
+                x = lo[j]
+                y = hi[j]
+                dst[j] = sign * (x if x >= y else y)
+        return
+    band = 64
+    strip = 512
+    rows = band + 2 * radius
+    a2 = np.empty((rows, strip), src.dtype)
+    b2 = np.empty((rows, strip), src.dtype)
+    for b0 in range(0, h, band):
+        nb = min(band, h - b0)
+        nr = nb + 2 * radius
+        for s0 in range(0, w, strip):
+            m = min(strip, w - s0)
+            for p in range(nr):
+                srow = src[min(max(b0 - radius + p, 0), h - 1), s0 : s0 + m]
+                arow = a2[p]
+                for j in range(m):
+                    arow[j] = sign * srow[j]
+            sp = 1
+            for lev in range(nlev):
+                for p in range(nr - sp):
+                    if lev % 2 == 0:
+                        lo2 = a2[p, :m]
+                        hi2 = a2[p + sp, :m]
+                        dd = b2[p, :m]
+                    else:
+                        lo2 = b2[p, :m]
+                        hi2 = b2[p + sp, :m]
+                        dd = a2[p, :m]
+                    for j in range(m):
+                        x = lo2[j]
+                        y = hi2[j]
+                        dd[j] = x if x >= y else y
+                sp *= 2
+            fin2 = b2 if nlev % 2 == 1 else a2
+            for i in range(nb):
+                lo2 = fin2[i, :m]
+                hi2 = fin2[i + k - span, :m]
+                dst = out[b0 + i, s0 : s0 + m]
+                for j in range(m):
+                    x = lo2[j]
+                    y = hi2[j]
+                    dst[j] = sign * (x if x >= y else y)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
