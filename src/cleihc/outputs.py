@@ -19,7 +19,6 @@ as done only when its record exists, so a run killed at any moment leaves a cons
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cleihc.geometry import feature_collection, to_feature
-from cleihc.io import atomic_path, atomic_write
+from cleihc.io import atomic_path, atomic_write, jsonable
 
 __all__ = [
     "SLIDE_RECORD_VERSION",
@@ -50,26 +49,10 @@ _REGION_COLOURS = {
 }
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None  # JSON has no NaN
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write JSON atomically (NaN becomes null)."""
     with atomic_write(path, mode="w") as f:
-        json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+        json.dump(jsonable(data), f, indent=2, sort_keys=False)
         f.write("\n")
 
 

@@ -42,7 +42,7 @@ from scipy import ndimage
 
 from cleihc._tiffwrite import write_ome_tiff, write_svs, write_svs_tiles
 from cleihc.errors import CleihcError
-from cleihc.io import atomic_write
+from cleihc.io import atomic_write, jsonable
 from cleihc.stains import StainMatrix, preset
 
 __all__ = [
@@ -1194,22 +1194,6 @@ def _int_coords(obj: Any) -> Any:
     return obj
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
-
-
 def render_skin(
     *,
     stain: str,
@@ -1452,7 +1436,7 @@ def _truth(
             "note": "melanin is rendered with its own OD vector and is never part of target_conc",
         },
     }
-    truth = _jsonable(truth)
+    truth = jsonable(truth)
     # already plain Python: skip the recursive conversion of the two big members
     truth["cells"] = cell_list
     truth["regions"]["features"] = features
