@@ -55,7 +55,8 @@ _SLIDE_SUFFIXES = frozenset(
 
 @dataclass(frozen=True)
 class Event:
-    """Something a progress display may show: ``kind`` in slide_start, tile, slide_done."""
+    """Something a progress display may show: ``kind`` in batch_start (with the number of slides in ``total``),
+    slide_start, tile (``done`` of ``total`` tiles), slide_done (with ``status`` and ``message``)."""
 
     kind: str
     slide: str = ""
@@ -287,6 +288,7 @@ def run_batch(
     slides, failures = discover_slides(inputs)
     summary = BatchSummary(out)
     summary.outcomes.extend(failures)
+    emit(Event("batch_start", total=len(slides)))
     existing = {rec["slide"]: rec for rec in read_slide_records(out)}
     seen_stems: dict[str, Path] = {}
     inputs_record = []

@@ -160,7 +160,9 @@ class _Display:
         if self.quiet:
             return
         if self._progress is not None:
-            if e.kind == "slide_start":
+            if e.kind == "batch_start":
+                self._progress.update(self._slides_task, total=e.total)
+            elif e.kind == "slide_start":
                 if self._tile_task is not None:
                     self._progress.remove_task(self._tile_task)
                 self._tile_task = self._progress.add_task(f"  {e.slide}", total=None)
