@@ -76,7 +76,8 @@ class TissueParams:
         loose connective tissue and smooths ragged edges; gaps between fragments narrower than twice this stay
         joined. 0 disables it.
     min_object_um2 : float
-        Tissue objects smaller than this area are removed (dust, debris).
+        Tissue objects smaller than this area are removed (dust, debris); an object covering at least half the
+        image is kept whatever its area (a crop smaller than a tissue fragment).
     min_hole_um2 : float
         Holes in tissue smaller than this area are filled (nuclei-free lumens, tears); larger holes stay.
     reject_pen : bool
@@ -103,8 +104,7 @@ class TissueParams:
     min_glass_fraction : float
         The image shows glass only if at least this fraction of its pixels is unsaturated and within
         `min_threshold_od` of the estimated glass colour. Otherwise (a crop filled with tissue) the OD is taken
-        against the reference I0 with the fixed threshold `min_threshold_od`, and the minimum object size is
-        capped at half the image (a crop smaller than a tissue fragment is still tissue).
+        against the reference I0 with the fixed threshold `min_threshold_od`.
 
     References
     ----------
@@ -563,12 +563,11 @@ def detect_tissue(
 
     valid = ~artefact
     method: str = p.method
-    min_obj = _area_px(p.min_object_um2, mpp_um)
+    # An object covering half the image is not dust, whatever its area: a crop may be smaller than a fragment.
+    min_obj = min(_area_px(p.min_object_um2, mpp_um), image.shape[0] * image.shape[1] // 2)
     if not glass_seen:
-        # Nothing to compare with: everything denser than the palest tissue of real sections is tissue, and the
-        # crop may be smaller than a tissue fragment.
+        # Nothing to compare with: everything denser than the palest tissue of real sections is tissue.
         method, threshold = "no_glass", p.min_threshold_od
-        min_obj = min(min_obj, image.shape[0] * image.shape[1] // 2)
         log.info(
             "tissue: the image shows no glass; optical density against %s, threshold %.3f", bg, threshold
         )
