@@ -268,3 +268,19 @@ def test_roi_restricts_measurement_but_not_compartments(cd3_slide):
     np.testing.assert_array_equal(
         part.region_masks["epidermis"], whole.region_masks["epidermis"] & part.region_masks["tissue"]
     )
+
+
+def test_large_slides_use_a_bounded_grid(block_slide, tmp_path, monkeypatch):
+    """Whole-slide grids never exceed MAX_GRID_CELLS: a big scan is measured on a coarser raster, and says so."""
+    import cleihc.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MAX_GRID_CELLS", 100_000)
+    regions = _tissue_polygon_geojson(tmp_path / "r.geojson", 160, 160, 2560, 1760)
+    res = quantify(block_slide, "cxcl10", regions=regions)
+    w, h = res.raster.shape_r
+    assert w * h <= 100_000 * 1.2
+    assert any("large slide" in m for m in res.provenance["warnings"])
+    tissue = res.regions.set_index("region").loc["tissue"]
+    px_mm2 = (MPP * MPP) / 1e6
+    assert tissue["region_area_mm2"] == pytest.approx(2400 * 1600 * px_mm2, rel=0.02)
+    assert tissue["positive_area_mm2"] == pytest.approx(400 * 200 * px_mm2, rel=1e-12)  # pixels, not cells

@@ -159,6 +159,17 @@ class Result:
     provenance: dict[str, Any] = field(repr=False)
 
 
+#: Cells of the largest whole-slide grid (overview, totals raster): about 8 million (e.g. 2800 x 2800).
+MAX_GRID_CELLS = 8_000_000
+
+
+def _coarsest_grid_um(slide: Slide) -> float:
+    """The finest µm/px at which the whole slide fits in :data:`MAX_GRID_CELLS` cells."""
+    w0, h0 = slide.dimensions
+    mx, my = slide.mpp
+    return float(np.sqrt(w0 * mx * h0 * my / MAX_GRID_CELLS))
+
+
 def _lowres_overview(slide: Slide, mpp_um: float) -> tuple[np.ndarray, float, float]:
     """The whole slide on the exact analysis grid nearest `mpp_um`: (rgb, level-0 downsample, µm/px)."""
     res = slide.analysis_resolution(mpp_um)
@@ -222,7 +233,17 @@ def plan_slide(
         timings["tissue_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        overview, overview_ds, overview_mpp = _lowres_overview(slide, proto.compartments.mpp_um)
+        # Whole-slide grids (overview, totals raster) are kept under a fixed size, so memory does not grow with
+        # the slide: a very large scan is measured on a coarser grid, and provenance says so.
+        coarse_um = _coarsest_grid_um(slide)
+        overview_um = max(proto.compartments.mpp_um, coarse_um)
+        raster_um = max(proto.analysis.raster_mpp_um, coarse_um)
+        if coarse_um > min(proto.compartments.mpp_um, proto.analysis.raster_mpp_um):
+            warnings.append(
+                f"large slide: compartments found at {overview_um:.2f} um/px and totals kept at {raster_um:.2f} "
+                "um/px to bound memory"
+            )
+        overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
         tissue_ov = map_mask(
             tissue.mask,
             mask_downsample=tissue.downsample,
@@ -290,7 +311,7 @@ def plan_slide(
         downsample=resolution.downsample,
     )
     tiles = tuple(grid.tiles(tissue=tissue))
-    raster_factor = max(1, round(proto.analysis.raster_mpp_um / resolution.mpp_um[0]))
+    raster_factor = max(1, round(raster_um / resolution.mpp_um[0]))
     wa, ha = resolution.dimensions_a
     raster_shape = (-(-wa // raster_factor), -(-ha // raster_factor))
     timings["plan_s"] = time.perf_counter() - t0
