@@ -131,62 +131,117 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
     the label found first is kept. Labels never overwrite one another, so cells do not overlap (a Voronoi-like
     partition limited by ``max_dist``, as :func:`skimage.segmentation.expand_labels` but in linear time).
     ``dist`` (float32) is scratch; ``out`` (int32) receives the result.
+
+    Per pixel the candidates are compared in a fixed order (itself, then the previous row: straight, left
+    diagonal, right diagonal; then the previous pixel of the row). The previous-row part of a whole row is
+    computed first (vectorised), then the within-row part in one sequential sweep: the same comparisons in the
+    same order. A pixel farther than ``max_dist`` is cleared as soon as its distance is final: a neighbour that
+    would read its label then gets a distance beyond ``max_dist`` too and is cleared as well.
     """
     h, w = labels.shape
     big = np.float32(1e30)
     d1 = np.float32(1.0)
     d2 = np.float32(_SQRT2)
+    tv = np.empty(w, np.float32)
+    tl = np.empty(w, np.int32)
     for i in range(h):
+        lrow = labels[i]
         for j in range(w):
-            lab = labels[i, j]
-            out[i, j] = lab
-            dist[i, j] = 0.0 if lab > 0 else big
-    for i in range(h):
-        for j in range(w):
-            v = dist[i, j]
-            if v == 0.0:
-                continue
-            lab = out[i, j]
-            if i > 0:
-                if dist[i - 1, j] + d1 < v:
-                    v = dist[i - 1, j] + d1
-                    lab = out[i - 1, j]
-                if j > 0 and dist[i - 1, j - 1] + d2 < v:
-                    v = dist[i - 1, j - 1] + d2
-                    lab = out[i - 1, j - 1]
-                if j + 1 < w and dist[i - 1, j + 1] + d2 < v:
-                    v = dist[i - 1, j + 1] + d2
-                    lab = out[i - 1, j + 1]
-            if j > 0 and dist[i, j - 1] + d1 < v:
-                v = dist[i, j - 1] + d1
-                lab = out[i, j - 1]
-            dist[i, j] = v
-            out[i, j] = lab
+            lab = lrow[j]
+            tl[j] = lab
+            tv[j] = 0.0 if lab > 0 else big
+        if i > 0:
+            _best_of_row(dist[i - 1], out[i - 1], tv, tl, d1, d2)
+        drow = dist[i]
+        orow = out[i]
+        v = tv[0]
+        lab = tl[0]
+        drow[0] = v
+        orow[0] = lab
+        for j in range(1, w):
+            v2 = tv[j]
+            lab2 = tl[j]
+            c = v + d1
+            if c < v2:
+                v2 = c
+                lab2 = lab
+            v = v2
+            lab = lab2
+            drow[j] = v
+            orow[j] = lab
     for i in range(h - 1, -1, -1):
-        for j in range(w - 1, -1, -1):
-            v = dist[i, j]
-            if v == 0.0:
-                continue
-            lab = out[i, j]
-            if i + 1 < h:
-                if dist[i + 1, j] + d1 < v:
-                    v = dist[i + 1, j] + d1
-                    lab = out[i + 1, j]
-                if j + 1 < w and dist[i + 1, j + 1] + d2 < v:
-                    v = dist[i + 1, j + 1] + d2
-                    lab = out[i + 1, j + 1]
-                if j > 0 and dist[i + 1, j - 1] + d2 < v:
-                    v = dist[i + 1, j - 1] + d2
-                    lab = out[i + 1, j - 1]
-            if j + 1 < w and dist[i, j + 1] + d1 < v:
-                v = dist[i, j + 1] + d1
-                lab = out[i, j + 1]
-            dist[i, j] = v
-            out[i, j] = lab
-    for i in range(h):
+        drow = dist[i]
+        orow = out[i]
         for j in range(w):
-            if dist[i, j] > max_dist:
-                out[i, j] = 0
+            tv[j] = drow[j]
+            tl[j] = orow[j]
+        if i + 1 < h:
+            _best_of_row_backward(dist[i + 1], out[i + 1], tv, tl, d1, d2)
+        v = tv[w - 1]
+        lab = tl[w - 1]
+        drow[w - 1] = v
+        orow[w - 1] = lab if v <= max_dist else 0
+        for j in range(w - 2, -1, -1):
+            v2 = tv[j]
+            lab2 = tl[j]
+            c = v + d1
+            if c < v2:
+                v2 = c
+                lab2 = lab
+            v = v2
+            lab = lab2
+            drow[j] = v
+            orow[j] = lab if v <= max_dist else 0
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _best_of_row(dprev, lprev, tv, tl, d1, d2):  # pragma: no cover - compiled
+    """Forward pass: candidates straight above, above-left, above-right, in that order (first minimum kept)."""
+    w = tv.shape[0]
+    for j in range(w):
+        v = tv[j]
+        lab = tl[j]
+        c = dprev[j] + d1
+        if c < v:
+            v = c
+            lab = lprev[j]
+        if j > 0:
+            c = dprev[j - 1] + d2
+            if c < v:
+                v = c
+                lab = lprev[j - 1]
+        if j + 1 < w:
+            c = dprev[j + 1] + d2
+            if c < v:
+                v = c
+                lab = lprev[j + 1]
+        tv[j] = v
+        tl[j] = lab
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def _best_of_row_backward(dnext, lnext, tv, tl, d1, d2):  # pragma: no cover - compiled
+    """Backward pass: candidates straight below, below-right, below-left, in that order (first minimum kept)."""
+    w = tv.shape[0]
+    for j in range(w):
+        v = tv[j]
+        lab = tl[j]
+        c = dnext[j] + d1
+        if c < v:
+            v = c
+            lab = lnext[j]
+        if j + 1 < w:
+            c = dnext[j + 1] + d2
+            if c < v:
+                v = c
+                lab = lnext[j + 1]
+        if j > 0:
+            c = dnext[j - 1] + d2
+            if c < v:
+                v = c
+                lab = lnext[j - 1]
+        tv[j] = v
+        tl[j] = lab
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
@@ -946,3 +1001,17 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
             for j in range(c0[x], c1[x]):
                 o[j] = lut[o[j]]
     return m
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def split_channels_kernel(conc, ci, ti, weight, counter, target, det):  # pragma: no cover - compiled
+    """One pass over ``conc``: float32 counterstain and target channels, and ``det = counter + weight * target``
+    in float32 (the numpy expression's rounding)."""
+    h, w = counter.shape
+    for i in range(h):
+        for j in range(w):
+            c = np.float32(conc[i, j, ci])
+            t = np.float32(conc[i, j, ti])
+            counter[i, j] = c
+            target[i, j] = t
+            det[i, j] = c + weight * t

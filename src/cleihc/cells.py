@@ -51,6 +51,7 @@ from cleihc._cell_kernels import (
     merge_runs_kernel,
     paint_runs_kernel,
     runs_of_u8_kernel,
+    split_channels_kernel,
     split_kernel,
 )
 from cleihc.errors import ProtocolError
@@ -557,10 +558,13 @@ def detect_cells(
     ti = _channel(names, target, "target")
     bins = _check_thresholds(positive_od, bins_od)
     mpp_um = float(mpp_um)
-    counter_od = np.ascontiguousarray(conc[..., ci], dtype=np.float32)
-    target_od = np.ascontiguousarray(conc[..., ti], dtype=np.float32)
+    counter_od = np.empty(conc.shape[:2], dtype=np.float32)
+    target_od = np.empty(conc.shape[:2], dtype=np.float32)
+    det = np.empty(conc.shape[:2], dtype=np.float32)
+    # numba takes float32/float64 base arrays (a view of conc, never a copy of all its channels, when it can)
+    src = np.asarray(conc) if conc.dtype in (np.float32, np.float64) else conc.astype(np.float32)
+    split_channels_kernel(src, ci, ti, np.float32(params.nucleus_target_weight), counter_od, target_od, det)
 
-    det = counter_od + np.float32(params.nucleus_target_weight) * target_od
     det = _smooth(det, params.smoothing_sigma_um / mpp_um)
     r_px = round(params.background_radius_um / mpp_um)
     if r_px > 0:
