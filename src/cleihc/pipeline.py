@@ -223,7 +223,10 @@ def plan_slide(
     warnings: list[str] = []
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
-        tissue = tissue_mask_for_slide(slide, params=proto.tissue)
+        fixed_bg = proto.background.rgb if proto.background.mode == "fixed" else None
+        tissue = tissue_mask_for_slide(
+            slide, params=proto.tissue, reference_rgb=proto.background.rgb, background_rgb=fixed_bg
+        )
         if not tissue.mask.any():
             raise NoTissueError(
                 "no tissue found; check the slide is a brightfield section, or lower the protocol's "
@@ -250,7 +253,7 @@ def plan_slide(
             shape=(overview.shape[1], overview.shape[0]),
             downsample=overview_ds,
         )
-        stains = _resolve_stains(proto, overview, tissue_ov, warnings)
+        stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
         user_regions = _user_regions(regions, slide_path)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         compartments = None
@@ -348,13 +351,17 @@ def _resolve_stains(
     overview: np.ndarray,
     tissue_ov: np.ndarray,
     warnings: list[str],
+    *,
+    glass_seen: bool = True,
 ) -> StainMatrix:
     """The protocol's stains with this slide's background (I0) and, if asked, its own vectors."""
     reference = proto.stains.matrix
-    if proto.background.mode == "estimate":
-        # Fallback I0 for a slide whose overview shows no glass (a crop filled with tissue).
+    if proto.background.mode == "estimate" and glass_seen:
+        # Fallback I0 for a slide whose overview shows too little glass.
         background = estimate_background(overview, tissue_mask=tissue_ov, fallback=proto.background.rgb)
     else:
+        if proto.background.mode == "estimate":
+            warnings.append(f"no glass seen: background I0 = the protocol's rgb {list(proto.background.rgb)}")
         background = np.asarray(proto.background.rgb, dtype=float)
     stains = reference.with_background(background)
     if proto.stains.estimate == "macenko":
