@@ -739,18 +739,13 @@ def _heap_pop(keys, size):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _watershed_crop(dbits, markers, mask, out):  # pragma: no cover - compiled
+def _watershed_crop(dbits, markers, mask, out, keys, pos_of_age, lab_of_age, queued):  # pragma: no cover
     """:func:`watershed_kernel` on ``-dist`` (given as the float32 bits of ``dist > 0``) in one clump's box.
 
     The priority (value, time of queueing) is packed in one int64 key; ``dist`` descending is its bits
     descending. Within one clump this pops pixels in the same order as the whole-array flood.
     """
     h, w = mask.shape
-    cap = h * w
-    keys = np.empty(cap, np.int64)
-    pos_of_age = np.empty(cap, np.int64)
-    lab_of_age = np.empty(cap, np.int32)
-    queued = np.zeros((h, w), np.bool_)
     size = 0
     age = 0
     top_bits = np.int64(0x7F800000)
@@ -956,6 +951,18 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
     # Watershed of each clump with two or more markers, in its box; piece = marker number (stored as k + marker).
     dbits = dist.view(np.int32)
     piece_area = np.zeros(n_markers + 1, np.int64)
+    # Scratch for the largest box, reused (views of the first bh * bw elements) for every clump.
+    cap = 1
+    for c in range(1, k + 1):
+        if count[c] >= 2:
+            cap = max(cap, (hi_i[c] - lo_i[c] + 1) * (hi_j[c] - lo_j[c] + 1))
+    keys = np.empty(cap, np.int64)
+    pos_of_age = np.empty(cap, np.int64)
+    lab_of_age = np.empty(cap, np.int32)
+    queued_buf = np.empty(cap, np.bool_)
+    mask_buf = np.empty(cap, np.bool_)
+    mark_buf = np.empty(cap, np.int32)
+    out_buf = np.empty(cap, np.int32)
     for c in range(1, k + 1):
         if count[c] < 2:
             continue
@@ -963,18 +970,31 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
         x0 = lo_j[c]
         bh = hi_i[c] - y0 + 1
         bw = hi_j[c] - x0 + 1
-        cmask = np.zeros((bh, bw), np.bool_)
+        a = bh * bw
+        queued_buf[:a] = False
+        mask_buf[:a] = False
+        mark_buf[:a] = 0
+        cmask = mask_buf[:a].reshape((bh, bw))
         for t in range(first[c], first[c + 1]):
             x = order[t]
             for j in range(c0[x], c1[x]):
                 cmask[row[x] - y0, j - x0] = True
-        cmark = np.zeros((bh, bw), np.int32)
+        cmark = mark_buf[:a].reshape((bh, bw))
         for t in range(mfirst[c], mfirst[c + 1]):
             y = morder[t]
             for j in range(m0[y], m1[y]):
                 cmark[mrow[y] - y0, j - x0] = mlab[y]
-        cout = np.empty((bh, bw), np.int32)
-        _watershed_crop(dbits[y0 : y0 + bh, x0 : x0 + bw], cmark, cmask, cout)
+        cout = out_buf[:a].reshape((bh, bw))
+        _watershed_crop(
+            dbits[y0 : y0 + bh, x0 : x0 + bw],
+            cmark,
+            cmask,
+            cout,
+            keys,
+            pos_of_age,
+            lab_of_age,
+            queued_buf[:a].reshape((bh, bw)),
+        )
         for ii in range(bh):
             for jj in range(bw):
                 if cmask[ii, jj]:
