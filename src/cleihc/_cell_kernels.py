@@ -194,54 +194,38 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
             orow[j] = lab if v <= max_dist else 0
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _take_smaller(tv, tl, dn, ln, step):  # pragma: no cover - compiled
+    """``(tv, tl) = (dn + step, ln)`` where ``dn + step < tv`` (strictly: on a tie the earlier candidate stays),
+    as selects so that it vectorises."""
+    for j in range(tv.shape[0]):
+        v = tv[j]
+        c = dn[j] + step
+        lt = c < v
+        tv[j] = c if lt else v
+        tl[j] = ln[j] if lt else tl[j]
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def _best_of_row(dprev, lprev, tv, tl, d1, d2):  # pragma: no cover - compiled
-    """Forward pass: candidates straight above, above-left, above-right, in that order (first minimum kept)."""
+    """Forward pass: candidates straight above, above-left, above-right, in that order (first minimum kept).
+
+    One sweep per candidate over the whole row: each pixel still compares them in this order."""
     w = tv.shape[0]
-    for j in range(w):
-        v = tv[j]
-        lab = tl[j]
-        c = dprev[j] + d1
-        if c < v:
-            v = c
-            lab = lprev[j]
-        if j > 0:
-            c = dprev[j - 1] + d2
-            if c < v:
-                v = c
-                lab = lprev[j - 1]
-        if j + 1 < w:
-            c = dprev[j + 1] + d2
-            if c < v:
-                v = c
-                lab = lprev[j + 1]
-        tv[j] = v
-        tl[j] = lab
+    _take_smaller(tv, tl, dprev, lprev, d1)
+    if w > 1:
+        _take_smaller(tv[1:], tl[1:], dprev[: w - 1], lprev[: w - 1], d2)
+        _take_smaller(tv[: w - 1], tl[: w - 1], dprev[1:], lprev[1:], d2)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
 def _best_of_row_backward(dnext, lnext, tv, tl, d1, d2):  # pragma: no cover - compiled
     """Backward pass: candidates straight below, below-right, below-left, in that order (first minimum kept)."""
     w = tv.shape[0]
-    for j in range(w):
-        v = tv[j]
-        lab = tl[j]
-        c = dnext[j] + d1
-        if c < v:
-            v = c
-            lab = lnext[j]
-        if j + 1 < w:
-            c = dnext[j + 1] + d2
-            if c < v:
-                v = c
-                lab = lnext[j + 1]
-        if j > 0:
-            c = dnext[j - 1] + d2
-            if c < v:
-                v = c
-                lab = lnext[j - 1]
-        tv[j] = v
-        tl[j] = lab
+    _take_smaller(tv, tl, dnext, lnext, d1)
+    if w > 1:
+        _take_smaller(tv[: w - 1], tl[: w - 1], dnext[1:], lnext[1:], d2)
+        _take_smaller(tv[1:], tl[1:], dnext[: w - 1], lnext[: w - 1], d2)
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
