@@ -597,16 +597,25 @@ def cascade_kernel(
     c1 = np.empty(cap, np.int32)
     n = 0
     t = thresholds[0]
+    on = np.empty(w + 1, np.uint8)
+    on[w] = 0  # sentinel: every run ends
     for i in range(h):
         d = det[i]
-        rh = ring_holes[i]
+        # the row's mask first (vectorised), then its runs
+        if use_ring:
+            rh = ring_holes[i]
+            for j in range(w):
+                on[j] = (d[j] >= t) | (rh[j] != 0)
+        else:
+            for j in range(w):
+                on[j] = d[j] >= t
         j = 0
         while j < w:
-            if not (d[j] >= t or (use_ring and rh[j] != 0)):
+            if on[j] == 0:
                 j += 1
                 continue
             s = j
-            while j < w and (d[j] >= t or (use_ring and rh[j] != 0)):
+            while on[j] != 0:
                 j += 1
             row[n] = i
             c0[n] = s
@@ -848,13 +857,15 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
         i = row[x]
         for j in range(c0[x], c1[x]):
             v = dist[i, j]
-            is_peak = True
-            for ii in range(max(i - 1, 0), min(i + 2, h)):
-                for jj in range(max(j - 1, 0), min(j + 2, w)):
-                    if dist[ii, jj] > v:
-                        is_peak = False
-            if not is_peak:
+            # 4-neighbours first: most pixels have a larger one, and leave here
+            if (
+                (j + 1 < w and dist[i, j + 1] > v)
+                or (j > 0 and dist[i, j - 1] > v)
+                or (i + 1 < h and dist[i + 1, j] > v)
+                or (i > 0 and dist[i - 1, j] > v)
+            ):
                 continue
+            is_peak = True
             for ii in range(max(i - md, 0), min(i + md + 1, h)):
                 for jj in range(max(j - md, 0), min(j + md + 1, w)):
                     if dist[ii, jj] > v:
