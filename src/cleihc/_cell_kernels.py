@@ -144,6 +144,7 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
     d2 = np.float32(_SQRT2)
     tv = np.empty(w, np.float32)
     tl = np.empty(w, np.int32)
+    mask = np.empty(w, np.int32)
     for i in range(h):
         lrow = labels[i]
         for j in range(w):
@@ -151,7 +152,7 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
             tl[j] = lab
             tv[j] = 0.0 if lab > 0 else big
         if i > 0:
-            _best_of_row(dist[i - 1], out[i - 1], tv, tl, d1, d2)
+            _best_of_row(dist[i - 1], out[i - 1], tv, tl, d1, d2, mask)
         drow = dist[i]
         orow = out[i]
         v = tv[0]
@@ -176,7 +177,7 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
             tv[j] = drow[j]
             tl[j] = orow[j]
         if i + 1 < h:
-            _best_of_row_backward(dist[i + 1], out[i + 1], tv, tl, d1, d2)
+            _best_of_row_backward(dist[i + 1], out[i + 1], tv, tl, d1, d2, mask)
         v = tv[w - 1]
         lab = tl[w - 1]
         drow[w - 1] = v
@@ -195,37 +196,44 @@ def expand_labels_kernel(labels, max_dist, dist, out):  # pragma: no cover - com
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
-def _take_smaller(tv, tl, dn, ln, step):  # pragma: no cover - compiled
-    """``(tv, tl) = (dn + step, ln)`` where ``dn + step < tv`` (strictly: on a tie the earlier candidate stays),
-    as selects so that it vectorises."""
-    for j in range(tv.shape[0]):
-        v = tv[j]
-        c = dn[j] + step
-        lt = c < v
-        tv[j] = c if lt else v
-        tl[j] = ln[j] if lt else tl[j]
+def _take_smaller(tv, tl, dn, ln, step, a, b, m, mask):  # pragma: no cover - compiled
+    """For ``j < m``: ``(tv, tl)[a + j] = (dn[b + j] + step, ln[b + j])`` where that sum is strictly smaller (on
+    a tie the earlier candidate stays). Two loops, the label chosen with an integer bit mask: this form
+    vectorises (a float compare selecting an integer does not). ``min`` equals the strict select here: the
+    values are non-negative and never NaN."""
+    t = tv[a : a + m]
+    u = tl[a : a + m]
+    d = dn[b : b + m]
+    e = ln[b : b + m]
+    k = mask[:m]
+    for j in range(m):
+        v = t[j]
+        c = d[j] + step
+        k[j] = np.int32(-1) if c < v else np.int32(0)
+        t[j] = min(c, v)
+    for j in range(m):
+        km = k[j]
+        u[j] = (e[j] & km) | (u[j] & ~km)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _best_of_row(dprev, lprev, tv, tl, d1, d2):  # pragma: no cover - compiled
+def _best_of_row(dprev, lprev, tv, tl, d1, d2, mask):  # pragma: no cover - compiled
     """Forward pass: candidates straight above, above-left, above-right, in that order (first minimum kept).
 
     One sweep per candidate over the whole row: each pixel still compares them in this order."""
     w = tv.shape[0]
-    _take_smaller(tv, tl, dprev, lprev, d1)
-    if w > 1:
-        _take_smaller(tv[1:], tl[1:], dprev[: w - 1], lprev[: w - 1], d2)
-        _take_smaller(tv[: w - 1], tl[: w - 1], dprev[1:], lprev[1:], d2)
+    _take_smaller(tv, tl, dprev, lprev, d1, 0, 0, w, mask)
+    _take_smaller(tv, tl, dprev, lprev, d2, 1, 0, w - 1, mask)
+    _take_smaller(tv, tl, dprev, lprev, d2, 0, 1, w - 1, mask)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def _best_of_row_backward(dnext, lnext, tv, tl, d1, d2):  # pragma: no cover - compiled
+def _best_of_row_backward(dnext, lnext, tv, tl, d1, d2, mask):  # pragma: no cover - compiled
     """Backward pass: candidates straight below, below-right, below-left, in that order (first minimum kept)."""
     w = tv.shape[0]
-    _take_smaller(tv, tl, dnext, lnext, d1)
-    if w > 1:
-        _take_smaller(tv[: w - 1], tl[: w - 1], dnext[1:], lnext[1:], d2)
-        _take_smaller(tv[1:], tl[1:], dnext[: w - 1], lnext[: w - 1], d2)
+    _take_smaller(tv, tl, dnext, lnext, d1, 0, 0, w, mask)
+    _take_smaller(tv, tl, dnext, lnext, d2, 0, 1, w - 1, mask)
+    _take_smaller(tv, tl, dnext, lnext, d2, 1, 0, w - 1, mask)
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
