@@ -343,22 +343,35 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
 
     ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
     ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype; whole rows
-    are accumulated at a time so that the loop vectorises.
+    are accumulated at a time so that the loop vectorises, from a ring of the last ``2 r + 1`` input rows
+    converted to float64 once each.
     """
     h, w = src.shape
     r = weights.shape[0] - 1
+    nb = 2 * r + 1
+    ring = np.empty((nb, w), np.float64)  # (clamped) input row p lives in slot p mod nb
     acc = np.empty(w, np.float64)
-    for i in range(h):
-        w0 = weights[0]
-        row = src[i]
+    for p in range(-r, r):
+        s = src[min(max(p, 0), h - 1)]
+        d = ring[(p + nb) % nb]
         for j in range(w):
-            acc[j] = np.float64(row[j]) * w0
+            d[j] = s[j]
+    for i in range(h):
+        p = i + r
+        s = src[min(p, h - 1)]
+        d = ring[p % nb]
+        for j in range(w):
+            d[j] = s[j]
+        mid = ring[i % nb]
+        w0 = weights[0]
+        for j in range(w):
+            acc[j] = mid[j] * w0
         for k in range(r, 0, -1):
-            lo = src[max(i - k, 0)]
-            hi = src[min(i + k, h - 1)]
+            lo = ring[(i - k + nb) % nb]
+            hi = ring[(i + k) % nb]
             wk = weights[k]
             for j in range(w):
-                acc[j] += (np.float64(lo[j]) + np.float64(hi[j])) * wk
+                acc[j] += (lo[j] + hi[j]) * wk
         dst = out[i]
         for j in range(w):
             dst[j] = acc[j]
