@@ -10,6 +10,7 @@ worker: shared storage such as NFS or a mounted bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -104,8 +105,10 @@ class DaskRunner(AbstractContextManager):
 
         if not plan.tiles:
             return []
-        # Ship the plan (masks, regions, protocol) to every worker once, not with every task.
-        [plan_future] = self.client.scatter([plan], broadcast=True)
+        # Ship the plan to every worker once, not with every task; tiles never need the compartment masks (the
+        # bulk of a plan), only finalize does.
+        tile_plan = dataclasses.replace(plan, compartment_masks={}, regions=())
+        [plan_future] = self.client.scatter([tile_plan], broadcast=True)
         futures = [
             self.client.submit(
                 _run_tile, plan_future, i, key=f"tile-{os.getpid()}-{id(plan)}-{i}", pure=False
