@@ -475,3 +475,68 @@ def test_run_labelling_and_holes_equal_scipy():
         holes = np.zeros(shape, np.uint8)
         paint_runs_kernel(*hole_runs_kernel(row, c0, c1, n, *shape), np.uint8(1), holes)
         assert np.array_equal(holes.view(bool), ndimage.binary_fill_holes(mask) & ~mask), density
+
+
+def _reference_split(mask, md_px, min_area_px):
+    """The array form of the split (scipy labels and filters, a heapq priority flood over the whole array)."""
+    import heapq
+
+    eight = np.ones((3, 3), dtype=bool)
+    clumps, n = ndimage.label(mask, structure=eight)
+    dist = np.empty(mask.shape, np.float32)
+    chamfer_distance_kernel(mask, dist)
+    peaks = (dist == ndimage.maximum_filter(dist, size=2 * md_px + 1, mode="nearest")) & mask
+    near = (
+        ndimage.maximum_filter(peaks.astype(np.float32), size=2 * (md_px // 2) + 1, mode="nearest") > 0
+    ) & mask
+    markers, n_markers = ndimage.label(near, structure=eight)
+    clump_of_marker = np.zeros(n_markers + 1, np.int64)
+    clump_of_marker[markers[near]] = clumps[near]
+    multi = np.bincount(clump_of_marker[1:], minlength=n + 1) >= 2
+    multi[0] = False
+    region = multi[clumps]
+    h, w = mask.shape
+    out = np.where(region & near, markers + n, 0)
+    queued = np.zeros(mask.shape, bool)
+    heap, age = [], 0
+
+    def push_neighbours(i, j, lab):
+        nonlocal age
+        for ni in range(max(i - 1, 0), min(i + 2, h)):
+            for nj in range(max(j - 1, 0), min(j + 2, w)):
+                if region[ni, nj] and out[ni, nj] == 0 and not queued[ni, nj]:
+                    queued[ni, nj] = True
+                    heapq.heappush(heap, (-dist[ni, nj], age, ni, nj, lab))
+                    age += 1
+
+    for i, j in zip(*np.nonzero(out), strict=True):
+        push_neighbours(i, j, out[i, j])
+    while heap:
+        _, _, i, j, lab = heapq.heappop(heap)
+        out[i, j] = lab
+        push_neighbours(i, j, lab)
+    labels = np.where(region, out, clumps)
+    keep = np.bincount(labels.ravel()) >= min_area_px
+    keep[0] = False
+    lut = np.zeros(keep.size, np.int32)
+    lut[keep] = np.arange(1, keep.sum() + 1)
+    return lut[labels]
+
+
+def test_run_split_equals_array_split():
+    from cleihc._cell_kernels import runs_of_u8_kernel, split_kernel
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:160, 0:210]
+    mask = np.zeros(yy.shape, bool)
+    for _ in range(70):  # overlapping discs and ellipses: touching pairs, chains, plateaus
+        x, y = rng.uniform(0, 210), rng.uniform(0, 160)
+        a, b = rng.uniform(3, 9), rng.uniform(3, 9)
+        mask |= ((xx - x) / a) ** 2 + ((yy - y) / b) ** 2 <= 1
+    mask[40:48, 20:60] = True  # a flat bar: a ridge of equal maxima
+    for md_px, min_area in [(6, 20.0), (3, 5.0), (1, 40.0)]:
+        ref = _reference_split(mask, md_px, min_area)
+        out = np.zeros(mask.shape, np.int32)
+        k = split_kernel(*runs_of_u8_kernel(mask.view(np.uint8)), True, md_px, min_area, out)
+        assert k == ref.max() and np.array_equal(out, ref), md_px
+        assert k > 40
