@@ -1,10 +1,13 @@
-"""Numba kernels for per-cell measurement.
+"""Numba kernels of cell detection: filters, run-length labelling, threshold cascade, split, expansion, measures.
 
-Private: call them through :func:`cleihc.cells.detect_cells`, which checks shapes and dtypes. One pass over the
-image accumulates every per-label sum, count and maximum the cell table needs, so measuring costs the same
-whatever the number of cells (no Python loop over cells, no temporary per statistic). Single core, ``nogil``,
-no ``fastmath``: the pipeline parallelises per tile and results must be reproducible bit for bit. Pixels are
-visited in row-major order, so a cell's sums are accumulated in the same order whatever tile it is read in.
+Private: call them through :func:`cleihc.cells.detect_cells`, which checks shapes and dtypes. Full-array work
+(Gaussian, top-hat, expansion, measurement) is written as vectorisable row passes; everything about objects
+(labelling, hole filling, the threshold cascade, the split) works on run lengths of the foreground and on the
+boxes of single clumps, so its cost follows the foreground, not the array. Each kernel gives bit for bit what its
+array form (scipy.ndimage filters and labels, a whole-array priority flood) gives; the tests check this. Single
+core, ``nogil``, no ``fastmath``: the pipeline parallelises per tile and results must be reproducible bit for bit.
+Pixels are visited in row-major order, so a cell's sums are accumulated in the same order whatever tile it is
+read in.
 """
 
 from __future__ import annotations
