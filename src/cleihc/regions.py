@@ -618,7 +618,7 @@ class CompartmentParams:
     """
 
     enabled: bool = True  # find skin compartments automatically
-    mpp_um: float = 2.0  # working resolution, µm per pixel
+    mpp_um: float = 4.0  # working resolution, µm per pixel (as accurate as 2 on the samples, 4x faster)
     papillary_um: float = 150.0  # papillary dermis: [0, papillary_um) below the DEJ
     superficial_um: float = 500.0  # superficial dermis: [papillary_um, superficial_um); deep dermis below
     nuclear_sigma_um: float = 10.0  # Gaussian sigma of the nuclear-density smoothing, µm
