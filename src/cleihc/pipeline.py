@@ -45,6 +45,7 @@ from cleihc.measure import (
 )
 from cleihc.protocol import Protocol, load_protocol
 from cleihc.regions import (
+    COMPARTMENT_NAMES,
     Region,
     compartments_from_epidermis,
     merge_regions,
@@ -82,7 +83,7 @@ log = logging.getLogger(__name__)
 EXCLUDE_NAMES = frozenset({"exclude", "exclusion", "ignore", "ignore*", "artefact", "artifact"})
 
 #: The most specific region wins when a cell is labelled with one region name.
-_SPECIFICITY = ("tissue", "dermis", "epidermis", "papillary_dermis", "superficial_dermis", "deep_dermis")
+_SPECIFICITY = ("tissue", *COMPARTMENT_NAMES)  # epidermis, dermis, then the depth bands
 
 
 @dataclass(frozen=True)

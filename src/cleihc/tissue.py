@@ -42,7 +42,6 @@ _BLUE_INK_HUE_DEG = (195.0, 250.0)
 # Saturation of a glass pixel relative to the glass colour (as cleihc.stains.estimate_background's default).
 _GLASS_MAX_SATURATION = 0.12
 # Level-0 pixels read per band when building the low-resolution image from a slide (bounds memory).
-_BAND_LEVEL_PIXELS = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -695,7 +694,7 @@ def tissue_mask_for_slide(
         Empty when the slide shows no tissue (the pipeline raises ``NoTissueError``).
     """
     res = slide.analysis_resolution(params.mpp_um)
-    rgb = _read_whole(slide, res)
+    rgb = slide.read_analysis_image(res)  # banded: a single-level giant is never read whole
     # The slide's recorded background colour is what the scanner writes where it did not scan, not the glass:
     # the glass colour is estimated from the image, leaving out pixels of exactly that fill colour.
     return detect_tissue(
@@ -707,25 +706,6 @@ def tissue_mask_for_slide(
         reference_rgb=reference_rgb,
         downsample=res.downsample,
     )
-
-
-def _read_whole(slide: Slide, res: Any) -> NDArray[np.uint8]:
-    """The whole slide at an analysis resolution, read in horizontal bands."""
-    w, h = (int(v) for v in res.dimensions_a)
-    if w < 1 or h < 1:
-        from cleihc.errors import SlideError
-
-        raise SlideError(
-            f"slide is smaller than one pixel at {_mean_mpp(res):.3g} µm/px; use a smaller tissue.mpp_um",
-            path=getattr(slide, "path", None),
-        )
-    level_px_per_row = w * int(res.factor) ** 2
-    band = max(1, _BAND_LEVEL_PIXELS // max(1, level_px_per_row))
-    out = np.empty((h, w, 3), dtype=np.uint8)
-    for y in range(0, h, band):
-        bh = min(band, h - y)
-        out[y : y + bh] = slide.read_analysis_rect(res, (0, y), (w, bh))
-    return out
 
 
 def _mean_mpp(res: Any) -> float:
