@@ -21,12 +21,15 @@ import numba
 import numpy as np
 import pandas as pd
 
+from cleihc.stains import StainMatrix, od_lut
+
 __all__ = [
     "BIN_NAMES",
     "AreaTotals",
     "RasterWindow",
     "TotalsRaster",
     "accumulate_area",
+    "accumulate_area_rgb",
     "area_metrics",
     "cell_metrics",
     "map_mask",
@@ -60,36 +63,147 @@ class RasterWindow:
     pigment_px: np.ndarray
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add_row(vals, pig_row, has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap):
+    # Per pixel column, counts of pixels reaching each threshold and the positive OD sum over the rows of one
+    # raster row: contiguous, branch-free, so the compiler vectorises it. (A counter per raster cell per pixel
+    # stalls on store-to-load forwarding, since neighbouring pixels share a cell: 4-8x slower.)
+    w = vals.shape[0]
+    one = np.int32(1)
+    zero = np.int32(0)
+    if has_pigment:
+        for j in range(w):
+            if pig_row[j]:
+                ap[j] += one
+                continue
+            v = vals[j]
+            an[j] += one
+            a1[j] += one if v >= t1 else zero
+            a2[j] += one if v >= t2 else zero
+            a3[j] += one if v >= t3 else zero
+            sp[j] += np.float64(v) if v >= t1 else 0.0
+    else:
+        for j in range(w):
+            v = vals[j]
+            an[j] += one
+            a1[j] += one if v >= t1 else zero
+            a2[j] += one if v >= t2 else zero
+            a3[j] += one if v >= t3 else zero
+            sp[j] += np.float64(v) if v >= t1 else 0.0
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _flush(x0_a, r, an, a1, a2, a3, sp, ap, b_row, s_row, p_row):
+    # Column totals into raster cells (runs of r columns; the first may be cut by the tile edge), then reset.
+    # OD sums are float64 sums of float32 values of similar magnitude, exact whatever their grouping, so totals
+    # do not depend on how pixels were split into tiles.
+    w = an.shape[0]
+    rx = 0
+    j = 0
+    stop = min(w, (x0_a // r + 1) * r - x0_a)
+    while j < w:
+        n = 0
+        g1 = 0
+        g2 = 0
+        g3 = 0
+        p = 0
+        s = 0.0
+        for k in range(j, stop):
+            n += an[k]
+            g1 += a1[k]
+            g2 += a2[k]
+            g3 += a3[k]
+            p += ap[k]
+            s += sp[k]
+        b_row[rx, 0] += n - g1
+        b_row[rx, 1] += g1 - g2
+        b_row[rx, 2] += g2 - g3
+        b_row[rx, 3] += g3
+        s_row[rx] += s
+        p_row[rx] += p
+        rx += 1
+        j = stop
+        stop = min(w, stop + r)
+    an[:] = 0
+    a1[:] = 0
+    a2[:] = 0
+    a3[:] = 0
+    ap[:] = 0
+    sp[:] = 0.0
+
+
 @numba.njit(cache=True, nogil=True)
-def _accumulate(target_od, pigment, has_pigment, x0_a, y0_a, r, wx0, wy0, t1, t2, t3, bins, od_sum, pig):
-    # bins is (h, w, 4): the four counters of a raster cell share a cache line. Branch-free binning keeps the
-    # loop fast on any mix of intensities (mispredicted branches cost more than the arithmetic).
+def _accumulate(target_od, pigment, has_pigment, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum, pig):
+    # bins is (h, w, 4): the four counters of a raster cell share a cache line. Thresholds are float32 values
+    # chosen so that ``v >= t`` in float32 equals the float64 comparison with the protocol's threshold.
     h, w = target_od.shape
-    cols = np.empty(w, np.int64)  # raster column of each pixel column: no division in the inner loop
-    for j in range(w):
-        cols[j] = (x0_a + j) // r - wx0
+    an = np.zeros(w, np.int32)
+    a1 = np.zeros(w, np.int32)
+    a2 = np.zeros(w, np.int32)
+    a3 = np.zeros(w, np.int32)
+    ap = np.zeros(w, np.int32)
+    sp = np.zeros(w, np.float64)
+    cur = -1
     for i in range(h):
         ry = (y0_a + i) // r - wy0
-        row = target_od[i]
-        b_row = bins[ry]
-        s_row = od_sum[ry]
-        if has_pigment:
-            p_row = pig[ry]
-            m_row = pigment[i]
-            for j in range(w):
-                rx = cols[j]
-                if m_row[j]:
-                    p_row[rx] += 1
-                    continue
-                v = row[j]
-                b_row[rx, (v >= t1) + (v >= t2) + (v >= t3)] += 1
-                s_row[rx] += v * (v >= t1)
-        else:
-            for j in range(w):
-                rx = cols[j]
-                v = row[j]
-                b_row[rx, (v >= t1) + (v >= t2) + (v >= t3)] += 1
-                s_row[rx] += v * (v >= t1)
+        if ry != cur and cur >= 0:
+            _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
+        cur = ry
+        _add_row(target_od[i], pigment[i if has_pigment else 0], has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap)
+    if cur >= 0:
+        _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
+
+
+@numba.njit(cache=True, nogil=True)
+def _accumulate_rgb(rgb, lut, col, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum, pig):
+    # Fused colour deconvolution and binning: one stain's OD is made a row at a time in a small buffer (the same
+    # float32 formula as cleihc.stains.concentration, so results are bit-identical) and never stored as an image.
+    h, w = rgb.shape[0], rgb.shape[1]
+    c0, c1, c2 = col[0], col[1], col[2]
+    lr, lg, lb = lut[0], lut[1], lut[2]
+    buf = np.empty(w, np.float32)
+    nopig = np.zeros(1, np.bool_)
+    an = np.zeros(w, np.int32)
+    a1 = np.zeros(w, np.int32)
+    a2 = np.zeros(w, np.int32)
+    a3 = np.zeros(w, np.int32)
+    ap = np.zeros(w, np.int32)
+    sp = np.zeros(w, np.float64)
+    cur = -1
+    for i in range(h):
+        ry = (y0_a + i) // r - wy0
+        if ry != cur and cur >= 0:
+            _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
+        cur = ry
+        for j in range(w):
+            buf[j] = lr[rgb[i, j, 0]] * c0 + lg[rgb[i, j, 1]] * c1 + lb[rgb[i, j, 2]] * c2
+        _add_row(buf, nopig, False, t1, t2, t3, an, a1, a2, a3, sp, ap)
+    if cur >= 0:
+        _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
+
+
+def _float32_thresholds(bins_od: tuple[float, float, float]) -> tuple[np.float32, ...]:
+    """The smallest float32 at or above each threshold: ``float32 v >= t32`` iff ``float64(v) >= t``."""
+    out = []
+    for t in bins_od:
+        t = float(t)
+        t32 = np.float32(t)
+        if float(t32) < t:
+            t32 = np.nextafter(t32, np.float32(np.inf))
+        out.append(t32)
+    return tuple(out)
+
+
+def _window(location_a: tuple[int, int], shape: tuple[int, int], raster_factor: int):
+    h, w = shape
+    x0, y0 = (int(v) for v in location_a)
+    r = int(raster_factor)
+    if r < 1:
+        raise ValueError(f"raster_factor must be >= 1, got {raster_factor}")
+    wx0, wy0 = x0 // r, y0 // r
+    ww = (x0 + w - 1) // r - wx0 + 1 if w else 0
+    wh = (y0 + h - 1) // r - wy0 + 1 if h else 0
+    return x0, y0, r, wx0, wy0, np.zeros((wh, ww, N_BINS), np.int32), np.zeros((wh, ww)), np.zeros((wh, ww), np.int32)
 
 
 def accumulate_area(
@@ -121,34 +235,54 @@ def accumulate_area(
     """
     if target_od.ndim != 2:
         raise ValueError("target_od must be 2-D")
-    h, w = target_od.shape
-    x0, y0 = (int(v) for v in location_a)
-    r = int(raster_factor)
-    wx0, wy0 = x0 // r, y0 // r
-    ww = (x0 + w - 1) // r - wx0 + 1 if w else 0
-    wh = (y0 + h - 1) // r - wy0 + 1 if h else 0
-    bins = np.zeros((wh, ww, N_BINS), np.int32)
-    od_sum = np.zeros((wh, ww), np.float64)
-    pig = np.zeros((wh, ww), np.int32)
+    x0, y0, r, wx0, wy0, bins, od_sum, pig = _window(location_a, target_od.shape, raster_factor)
     has_pigment = pigment is not None
+    if has_pigment and np.shape(pigment) != target_od.shape:
+        raise ValueError(f"pigment must have the shape of target_od {target_od.shape}, got {np.shape(pigment)}")
     pigment_arr = np.asarray(pigment, dtype=np.bool_) if has_pigment else np.zeros((1, 1), np.bool_)
-    t1, t2, t3 = (float(t) for t in bins_od)
-    _accumulate(
-        np.ascontiguousarray(target_od, dtype=np.float32),
-        pigment_arr,
-        has_pigment,
-        x0,
-        y0,
-        r,
-        wx0,
-        wy0,
-        t1,
-        t2,
-        t3,
-        bins,
-        od_sum,
-        pig,
-    )
+    t1, t2, t3 = _float32_thresholds(bins_od)
+    od = np.ascontiguousarray(target_od, dtype=np.float32)
+    _accumulate(od, pigment_arr, has_pigment, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
+    return RasterWindow(wx0, wy0, np.ascontiguousarray(bins.transpose(2, 0, 1)), od_sum, pig)
+
+
+def accumulate_area_rgb(
+    rgb: np.ndarray,
+    stains: StainMatrix,
+    *,
+    stain: str,
+    location_a: tuple[int, int],
+    raster_factor: int,
+    bins_od: tuple[float, float, float],
+) -> RasterWindow:
+    """:func:`accumulate_area` of one stain's concentration, computed from RGB in the same pass.
+
+    Equal to ``accumulate_area(concentration(rgb, stains, stain=stain), ...)`` bit for bit, without the
+    intermediate image: the engine's path for area protocols, where reading the slide is the only other cost.
+
+    Parameters
+    ----------
+    rgb : ndarray of uint8, shape (H, W, 3)
+        The tile core.
+    stains : StainMatrix
+        Stain vectors and background (I0).
+    stain : str
+        The measured stain, e.g. ``"alcian_blue"``.
+    location_a, raster_factor, bins_od
+        As in :func:`accumulate_area`.
+
+    Returns
+    -------
+    RasterWindow
+    """
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {getattr(rgb, 'dtype', type(rgb))} "
+                         f"{getattr(rgb, 'shape', '')}")
+    x0, y0, r, wx0, wy0, bins, od_sum, pig = _window(location_a, rgb.shape[:2], raster_factor)
+    lut = od_lut(stains.background_rgb)
+    col = np.ascontiguousarray(stains.conc_from_od[:, stains.index(stain)], dtype=np.float32)
+    t1, t2, t3 = _float32_thresholds(bins_od)
+    _accumulate_rgb(rgb, lut, col, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
     return RasterWindow(wx0, wy0, np.ascontiguousarray(bins.transpose(2, 0, 1)), od_sum, pig)
 
 

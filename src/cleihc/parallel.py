@@ -10,9 +10,11 @@ worker: shared storage such as NFS or a mounted bucket.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -46,12 +48,30 @@ def _worker_slide(path: str, mpp: Any) -> Slide:
     return slide
 
 
+def _tune_malloc() -> None:
+    """Let glibc serve tile-sized buffers from its heap again in a Dask worker.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off glibc's adaptive
+    mmap threshold: every buffer over 128 KiB is then a fresh ``mmap`` whose pages fault in on first touch, and
+    tiles ran 1.3-1.7x slower than in a plain process here. Raising both thresholds restores plain-process speed;
+    per-tile memory is bounded by the tile size, so little is left unreturned.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit systems
+        libc.mallopt(m_trim_threshold, 128 << 20)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to undo
+        pass
+
+
 def _warm_up() -> None:
     """Import the engine and load its compiled kernels in a worker, before any tile waits for it (seconds)."""
+    _tune_malloc()
     import numpy as np
 
     from cleihc.cells import CellParams, detect_cells
-    from cleihc.measure import accumulate_area
+    from cleihc.measure import accumulate_area, accumulate_area_rgb
     from cleihc.stains import concentration, deconvolve, preset
 
     stains = preset("hdab")
@@ -60,6 +80,8 @@ def _warm_up() -> None:
     conc = deconvolve(rgb, stains)
     concentration(rgb, stains, stain="dab")
     accumulate_area(conc[..., 1], location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
+    accumulate_area_rgb(rgb, stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
+    accumulate_area_rgb(rgb[2:, 2:], stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
     detect_cells(
         conc,
         names=stains.names,
@@ -72,10 +94,20 @@ def _warm_up() -> None:
     )
 
 
-def _run_tile(plan: SlidePlan, tile_pos: int) -> TileResult:
-    """Dask task: one tile, with the slide kept open in this worker."""
+def _run_tiles(plan: SlidePlan, tile_positions: list[int]) -> list[TileResult]:
+    """Dask task: a run of neighbouring tiles, with the slide kept open in this worker."""
     slide = _worker_slide(plan.slide_path, plan.mpp_override)
-    return process_tile(slide, plan, plan.tiles[tile_pos])
+    return [process_tile(slide, plan, plan.tiles[i]) for i in tile_positions]
+
+
+def _chunks(n_tiles: int, n_workers: int) -> list[list[int]]:
+    """Tile positions grouped into runs: a few per worker, so load stays balanced, but several tiles per task.
+
+    A task per tile cost about 25 % more time than a plain loop here (scheduling, messages, the event loop
+    competing with the tile), and neighbouring tiles in one task share the reader's decoded-tile cache.
+    """
+    size = max(1, min(16, -(-n_tiles // (4 * max(1, n_workers)))))
+    return [list(range(i, min(i + size, n_tiles))) for i in range(0, n_tiles, size)]
 
 
 class SerialRunner(AbstractContextManager):
@@ -136,19 +168,22 @@ class DaskRunner(AbstractContextManager):
         # Ship the plan to every worker once, not with every task; tiles never need the compartment masks (the
         # bulk of a plan), only finalize does.
         tile_plan = dataclasses.replace(plan, compartment_masks={}, regions=())
-        [plan_future] = self.client.scatter([tile_plan], broadcast=True)
+        # Keys unique per run (never by content or id()): a key reused while the previous run's futures are being
+        # released makes the scheduler drop the new data ("lost dependencies").
+        run_id = uuid.uuid4().hex
+        [plan_future] = self.client.scatter([tile_plan], broadcast=True, hash=False)
+        n_workers = len(self.client.scheduler_info().get("workers", {})) or 1
+        chunks = _chunks(len(plan.tiles), n_workers)
         futures = [
-            self.client.submit(
-                _run_tile, plan_future, i, key=f"tile-{os.getpid()}-{id(plan)}-{i}", pure=False
-            )
-            for i in range(len(plan.tiles))
+            self.client.submit(_run_tiles, plan_future, chunk, key=f"tiles-{run_id}-{k}", pure=False)
+            for k, chunk in enumerate(chunks)
         ]
         out: list[TileResult] = []
         try:
-            for done, fut in enumerate(as_completed(futures), 1):
-                out.append(fut.result())
+            for fut in as_completed(futures):
+                out.extend(fut.result())
                 if progress is not None:
-                    progress(done, len(futures))
+                    progress(len(out), len(plan.tiles))
         finally:
             for fut in futures:
                 fut.release()

@@ -39,6 +39,7 @@ from cleihc.measure import (
     RasterWindow,
     TotalsRaster,
     accumulate_area,
+    accumulate_area_rgb,
     area_metrics,
     cell_metrics,
     map_mask,
@@ -56,7 +57,6 @@ from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 from cleihc.stains import (
     StainMatrix,
     check_drift,
-    concentration,
     deconvolve,
     estimate_background,
     estimate_macenko,
@@ -305,7 +305,8 @@ def plan_slide(
         comp_masks.pop(r.name, None)
 
     cells_params: CellParams | None = proto.cells if "cells" in proto.measure else None
-    halo_um = max(proto.analysis.halo_um, required_halo_um(cells_params) if cells_params else 0.0)
+    # Area measurement is per pixel: only cells (and pigment, found with them) need to see past the tile core.
+    halo_um = max(proto.analysis.halo_um, required_halo_um(cells_params)) if cells_params else 0.0
     halo_a = int(np.ceil(halo_um / min(resolution.mpp_um)))
     grid = TileGrid(
         resolution.dimensions_a,
@@ -400,15 +401,21 @@ def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
     need_cells = "cells" in proto.measure
     pigment_on = proto.cells.exclude_pigment if need_cells else False
     sy, sx = slice(cy - hy, cy - hy + ch), slice(cx - hx, cx - hx + cw)
-    if need_cells or pigment_on:
-        conc = deconvolve(rgb, plan.stains)
-        target = conc[..., plan.stains.index(proto.target)]
-    else:
-        conc = None
-        target = concentration(rgb[sy, sx], plan.stains, stain=proto.target)
-        sy = sx = slice(None)
+    if not need_cells:
+        # Area only: OD made and binned in one pass over the core, no image in between.
+        window = accumulate_area_rgb(
+            rgb[sy, sx],
+            plan.stains,
+            stain=proto.target,
+            location_a=(cx, cy),
+            raster_factor=plan.raster_factor,
+            bins_od=proto.thresholds.bins_od,
+        )
+        return TileResult(tile.index, window, _empty_cells())
+    conc = deconvolve(rgb, plan.stains)
+    target = conc[..., plan.stains.index(proto.target)]
     pigment = None
-    if pigment_on and conc is not None:
+    if pigment_on:
         pigment = detect_pigment(
             conc,
             names=plan.stains.names,
@@ -425,7 +432,7 @@ def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
         pigment=pigment,
     )
     cells = _empty_cells()
-    if need_cells and conc is not None:
+    if need_cells:
         det = detect_cells(
             conc,
             names=plan.stains.names,
