@@ -21,7 +21,7 @@ def test_protocols_lists_builtins(capsys):
     assert "search path:" in out
     assert main(["protocols", "list", "--json"]) == 0
     listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
-    assert listed["cd3"]["version"] == "1.0.0" and listed["cd3"]["path"].endswith("cd3.toml")
+    assert listed["cd3"]["version"] == "1.1.0" and listed["cd3"]["path"].endswith("cd3.toml")
 
 
 def test_protocols_show_prints_resolved_toml_with_sha(capsys, tmp_path):
@@ -94,7 +94,7 @@ def test_stains_estimate_macenko_and_write(tmp_path, capsys):
     assert "method:      macenko" in out
     assert "I0 = RGB 241.0 238.0 246.0" in out
     written = load_protocol(out_path)
-    assert written.version == "1.1.0" and written.name == "cd3"
+    assert written.version == "1.2.0" and written.name == "cd3"
     assert written.stains.estimate == "fixed" and written.background.rgb == (241.0, 238.0, 246.0)
     for name in ("hematoxylin", "dab"):
         assert stains.angle_deg(written.stains.matrix.vector(name), TRUTH.vector(name)) < 2.0
