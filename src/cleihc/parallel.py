@@ -16,7 +16,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -115,13 +115,16 @@ class SerialRunner(AbstractContextManager):
 
     description = "serial"
 
-    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
-        out = []
+    def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
+        """Yield each tile's result as it is made."""
         for i, res in enumerate(iter_tiles(plan), 1):
-            out.append(res)
+            yield res
             if progress is not None:
                 progress(i, len(plan.tiles))
-        return out
+
+    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
+        """Every tile's result, in tile order."""
+        return list(self.iter_results(plan, progress=progress))
 
     def __exit__(self, *exc: object) -> None:
         return None
@@ -160,11 +163,12 @@ class DaskRunner(AbstractContextManager):
         # Once per run, not once per slide: the first tiles would otherwise wait for imports and kernel loading.
         self.client.run(_warm_up)
 
-    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
+    def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
+        """Yield tile results as tasks finish (in no fixed order), so the caller folds them without a backlog."""
         from distributed import as_completed
 
         if not plan.tiles:
-            return []
+            return
         # Ship the plan to every worker once, not with every task; tiles never need the compartment masks (the
         # bulk of a plan), only finalize does.
         tile_plan = dataclasses.replace(plan, compartment_masks={}, regions=())
@@ -178,17 +182,24 @@ class DaskRunner(AbstractContextManager):
             self.client.submit(_run_tiles, plan_future, chunk, key=f"tiles-{run_id}-{k}", pure=False)
             for k, chunk in enumerate(chunks)
         ]
-        out: list[TileResult] = []
+        done = 0
         try:
             for fut in as_completed(futures):
-                out.extend(fut.result())
+                results = fut.result()
+                fut.release()  # the worker may drop it now: results are not kept twice
+                for res in results:
+                    done += 1
+                    yield res
                 if progress is not None:
-                    progress(len(out), len(plan.tiles))
+                    progress(done, len(plan.tiles))
         finally:
             for fut in futures:
                 fut.release()
             plan_future.release()
-        return out
+
+    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
+        """Every tile's result, in tile order."""
+        return sorted(self.iter_results(plan, progress=progress), key=lambda r: (r.index[1], r.index[0]))
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()

@@ -543,14 +543,16 @@ def finalize(
 
     `started` (a ``time.perf_counter()`` value) and `timings_s` (e.g. the tiles' time) go into the provenance.
     """
-    t0 = time.perf_counter()
     raster = TotalsRaster(plan.raster_shape, plan.raster_factor)
     cell_parts: list[pd.DataFrame] = []
-    ordered = sorted(results, key=lambda r: (r.index[1], r.index[0]))  # sums in one fixed order
-    for res in ordered:
+    # Folded as they arrive, so no backlog of windows is held (at 40,000 x 30,000 px they weigh as much as the
+    # raster). Arrival order does not matter: counts are integers, and a raster cell's OD sums are float64 sums of
+    # float32 values at or above the positivity threshold, exact in any order.
+    for res in results:
         raster.add(res.window)
         if len(res.cells):
             cell_parts.append(res.cells)
+    t0 = time.perf_counter()
     masks = region_masks_on_raster(plan)
     cells = pd.concat(cell_parts, ignore_index=True) if cell_parts else _empty_cells()
     if plan.roi is not None and len(cells):
@@ -722,8 +724,8 @@ def quantify(
     progress : callable, optional
         Called as ``progress(done, total)`` after each tile.
     runner : object, optional
-        Where tiles run: a :class:`cleihc.parallel.DaskRunner` (or anything with ``run(plan, progress=)``);
-        default serial, in this process.
+        Where tiles run: a :class:`cleihc.parallel.DaskRunner` (or anything with
+        ``iter_results(plan, progress=)``); default serial, in this process.
     roi : shapely geometry, optional
         Measure only inside this area (level-0 px), e.g. a drawn region or the visible field.
 
@@ -747,13 +749,20 @@ def quantify(
         tile_origin_px=tile_origin_px,
         roi=roi,
     )
-    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(results: Iterable[TileResult]) -> Iterator[TileResult]:
+        t0 = time.perf_counter()
+        yield from results
+        timings["tiles_s"] = time.perf_counter() - t0
+
     if runner is None:
-        results = []
-        for i, res in enumerate(iter_tiles(plan), 1):
-            results.append(res)
-            if progress is not None:
-                progress(i, len(plan.tiles))
-    else:
-        results = runner.run(plan, progress=progress)
-    return finalize(plan, results, started=started, timings_s={"tiles_s": time.perf_counter() - t0})
+        runner = _serial_runner()
+    results = runner.iter_results(plan, progress=progress)
+    return finalize(plan, timed(results), started=started, timings_s=timings)
+
+
+def _serial_runner() -> Any:
+    from cleihc.parallel import SerialRunner  # parallel imports this module
+
+    return SerialRunner()
