@@ -28,13 +28,20 @@ def _run(stem: str, stain: str, tmp_path):
     return validate(out, read_truth(truth_file))
 
 
-def test_cd3_cells(tmp_path):
-    res = _run("S01_pre_cd3", "cd3", tmp_path)
+@pytest.mark.parametrize(("stem", "stain"), [("S01_pre_cd3", "cd3"), ("S01_post_cd3", "cd3"), ("S01_pre_cd8", "cd8")])
+def test_t_cell_counts(stem, stain, tmp_path):
+    res = _run(stem, stain, tmp_path)
     det = res.detection[res.detection["slide"] == "ALL"].set_index("label")
     assert det.loc["positive", "f1"] >= 0.95
     assert det.loc["negative", "f1"] >= 0.95
-    pos = res.pairs[(res.pairs["metric"] == "cells_positive") & (res.pairs["region"] == "tissue")].iloc[0]
-    assert abs(pos["difference"]) / pos["reference"] <= 0.03
+    pos = res.pairs[res.pairs["metric"] == "cells_positive"]
+    tissue = pos[pos["region"] == "tissue"].iloc[0]
+    assert abs(tissue["difference"]) / tissue["reference"] <= 0.03
+    # every region with enough positive cells for a percentage to mean something (S01_post_cd3 has pairs of
+    # lymphocytes 5 µm apart, which merged at the protocols' former 1 µm smoothing: 4.8 % lost)
+    big = pos[pos["reference"] >= 30]
+    assert len(big) >= 2
+    assert (big["difference"].abs() / big["reference"]).max() <= 0.03
 
 
 @pytest.mark.parametrize(

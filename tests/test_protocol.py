@@ -126,7 +126,7 @@ mode = "estimate"
 superficial_um = 500
 papillary_um = 150
 [cells]
-smoothing_sigma_um = 0.750
+smoothing_sigma_um = 0.50
 measure = "mean"
 compartment = "membrane"
 [stains]
