@@ -112,19 +112,20 @@ def test_deepliif_mask_components_on_a_drawn_mask():
 
 def test_nuclick_lyon19_cd3_cd8_recall(tmp_path: Path):
     """NuClick LYON19 CD3/CD8 (masks not exhaustive): an annotated lymphocyte is found when a positive cell's
-    centroid lies in its mask component or within 3 px. Target recall >= 0.85: met by one cell with the cell
-    detector of commit 066007c (106/124 = 0.855); 105/124 = 0.847 with the cell-kernel rewrite in progress
-    (ROI_343_2 loses one of its two annotated cells). Asserted as a floor just below both."""
+    centroid lies in its mask component or within 3 px. Target recall >= 0.85: met, 106/124 = 0.855. (The run-length
+    split lost the raster-last clump of an image when it held two nuclei, ROI_343_2's second cell among them:
+    105/124 until that was fixed.)"""
     root = shared_file("nuclick_ihc_lyon19_minitest")
     r = acc.evaluate_nuclick(root, protocol=_as_toml_file(acc.cd3_crop_protocol(), tmp_path))
     assert r.total == 124
-    assert r.recall >= 0.84, (r.found, r.total)
+    assert r.recall >= 0.85, (r.found, r.total)
 
 
 def test_alcian_blue_matches_the_authors_qupath_recipe():
     """The authors' QuPath pixel classifier (their vectors, BA >= 0.2, I0 = 255, 0.912 µm/px) as a cleihc protocol
     through quantify: BA-positive pixels of the KI_POST 315-50 image vs the sum of their storeBAraw profile
-    (15493 px). Target: within 1 percentage point of the tissue area. Met: 15163 px, -0.28 pp."""
+    (15493 px). Target: within 1 percentage point of the tissue area. Met: 15163 px, -0.28 pp of 117045 px of tissue
+    (the leaflets, 22 % of the image: the grey glass is not tissue although the recipe fixes I0 at white)."""
     root = shared_file("alcian_blue_mouse_mitral_valve")
     classifier = json.loads(
         (root / "reference_analysis" / "ThresholdBA_qupath_pixel_classifier.json").read_text(encoding="utf-8")
@@ -138,3 +139,4 @@ def test_alcian_blue_matches_the_authors_qupath_recipe():
     assert a.reference_px == 15493
     assert abs(a.difference_pp) <= 1.0, a
     assert abs(a.positive_px / a.reference_px - 1) <= 0.05, a
+    assert 0.15 <= a.tissue_px / (1088 * 496) <= 0.30, a

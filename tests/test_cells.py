@@ -534,6 +534,11 @@ def test_run_split_equals_array_split():
         a, b = rng.uniform(3, 9), rng.uniform(3, 9)
         mask |= ((xx - x) / a) ** 2 + ((yy - y) / b) ** 2 <= 1
     mask[40:48, 20:60] = True  # a flat bar: a ridge of equal maxima
+    # Regression: the raster-last clump, when it held two nuclei, lost every pixel (a prefix sum stopped one
+    # clump short). A touching pair alone in the bottom rows is the last clump here.
+    mask[140:, :] = False
+    mask |= ((xx - 100) / 8.0) ** 2 + ((yy - 152) / 6.0) ** 2 <= 1
+    mask |= ((xx - 113) / 8.0) ** 2 + ((yy - 152) / 6.0) ** 2 <= 1
     for md_px, min_area in [(6, 20.0), (3, 5.0), (1, 40.0)]:
         ref = _reference_split(mask, md_px, min_area)
         out = np.zeros(mask.shape, np.int32)

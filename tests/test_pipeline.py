@@ -12,7 +12,7 @@ import tifffile
 from cleihc.errors import MissingMppError, NoTissueError
 from cleihc.outputs import rebuild_tables, write_slide_outputs
 from cleihc.pipeline import quantify, slide_stem
-from cleihc.protocol import load_protocol
+from cleihc.protocol import Protocol, load_protocol
 from cleihc.stains import recompose
 from cleihc.synthetic import render_skin, write_svs
 
@@ -284,3 +284,22 @@ def test_large_slides_use_a_bounded_grid(block_slide, tmp_path, monkeypatch):
     px_mm2 = (MPP * MPP) / 1e6
     assert tissue["region_area_mm2"] == pytest.approx(2400 * 1600 * px_mm2, rel=0.02)
     assert tissue["positive_area_mm2"] == pytest.approx(400 * 200 * px_mm2, rel=1e-12)  # pixels, not cells
+
+
+def test_fixed_white_background_still_finds_grey_glass(tmp_path):
+    # Regression: a protocol fixing I0 = white for its stain arithmetic (as the Alcian blue authors' QuPath
+    # recipe does) made tissue detection measure grey glass (RGB 228) against white too, so every pixel was
+    # tissue. Tissue must come out as the 1200 x 800 px block, whatever the stain I0.
+    proto_d = load_protocol("cxcl10").to_dict()
+    proto_d["background"] = {"mode": "fixed", "rgb": [255.0, 255.0, 255.0]}
+    proto = Protocol.from_dict(proto_d)
+    stains = proto.stains.matrix
+    h, w = 1600, 2400
+    conc = np.zeros((h, w, 3), np.float32)
+    conc[400:1200, 600:1800, stains.index(proto.counterstain)] = 0.35
+    rgb = recompose(conc, stains.with_background((228, 229, 231)))
+    path = tmp_path / "grey_glass.tif"
+    _write_tiff(path, rgb, mpp_um=MPP)
+    res = quantify(path, proto)
+    tissue_mm2 = res.regions.set_index("region").loc["tissue", "region_area_mm2"]
+    assert tissue_mm2 == pytest.approx(1200 * 800 * MPP * MPP / 1e6, rel=0.03)

@@ -950,7 +950,7 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
     first = np.zeros(k + 2, np.int64)
     for x in range(n):
         first[lab[x] + 1] += 1
-    for c in range(k):
+    for c in range(k + 1):  # through first[k + 1]: the last clump's runs end there
         first[c + 1] += first[c]
     order = np.empty(n, np.int64)
     fill = first.copy()
@@ -960,7 +960,7 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
     mfirst = np.zeros(k + 2, np.int64)
     for y in range(nm):
         mfirst[mclump[y] + 1] += 1
-    for c in range(k):
+    for c in range(k + 1):
         mfirst[c + 1] += mfirst[c]
     morder = np.empty(nm, np.int64)
     mfill = mfirst.copy()

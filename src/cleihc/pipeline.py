@@ -224,10 +224,10 @@ def plan_slide(
     warnings: list[str] = []
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
-        fixed_bg = proto.background.rgb if proto.background.mode == "fixed" else None
-        tissue = tissue_mask_for_slide(
-            slide, params=proto.tissue, reference_rgb=proto.background.rgb, background_rgb=fixed_bg
-        )
+        # Tissue is told from the glass as it looks on this slide, even when the protocol fixes I0 for the stain
+        # arithmetic: a fixed white I0 against grey glass (OD sum 0.1-0.2) would make every pixel tissue.
+        # The protocol's colour is used where the slide shows no glass.
+        tissue = tissue_mask_for_slide(slide, params=proto.tissue, reference_rgb=proto.background.rgb)
         if not tissue.mask.any():
             raise NoTissueError(
                 "no tissue found; check the slide is a brightfield section, or lower the protocol's "
