@@ -19,7 +19,7 @@ from napari_cleihc._correct_widget import CorrectWidget
 from napari_cleihc._edits import corrections_equal
 from napari_cleihc._quantify_widget import QuantifyWidget
 from napari_cleihc._review_widget import ReviewWidget
-from napari_cleihc._viewer import find_layer, layers_with_role
+from napari_cleihc._viewer import find_layer, layers_with_role, viewer_camera
 
 PLUGIN = "napari-cleihc"
 
@@ -89,8 +89,9 @@ def test_quantify_a_drawn_region_and_the_visible_field(make_napari_viewer, qtbot
     w, h = slide.metadata["cleihc"]["dimensions"]
     mpp_y, mpp_x = slide.metadata["cleihc"]["world_per_px"]
     # The visible field: the camera's extent as a level-0 box.
-    viewer.camera.center = (0, h / 2 * mpp_y, w / 4 * mpp_x)
-    viewer.camera.zoom = viewer.canvas.size[1] / (w / 2 * mpp_x)  # half the slide's width across the canvas
+    camera = viewer_camera(viewer)
+    camera.center = (0, h / 2 * mpp_y, w / 4 * mpp_x)
+    camera.zoom = viewer.canvas.size[1] / (w / 2 * mpp_x)  # half the slide's width across the canvas
     field = widget.roi("visible field")
     x0, y0, x1, y1 = field.bounds
     assert x0 == 0 and x1 == pytest.approx(w / 2, abs=2)

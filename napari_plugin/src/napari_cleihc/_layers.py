@@ -527,9 +527,9 @@ def visible_rect_px(
     Parameters
     ----------
     center_world_yx : (y, x)
-        ``viewer.camera.center`` (its last two values).
+        the camera's ``center`` (its last two values).
     zoom : float
-        ``viewer.camera.zoom``: screen pixels per world unit.
+        the camera's ``zoom``: screen pixels per world unit.
     canvas_hw : (height, width)
         ``viewer.canvas.size``.
     world_per_px : (y, x)

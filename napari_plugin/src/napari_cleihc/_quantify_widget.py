@@ -48,7 +48,14 @@ from napari_cleihc._layers import (
     visible_rect_px,
 )
 from napari_cleihc._table import MetricsTable
-from napari_cleihc._viewer import RESULT_ROLES, add_layer_tuples, cleihc_meta, find_layer, remove_layers
+from napari_cleihc._viewer import (
+    RESULT_ROLES,
+    add_layer_tuples,
+    cleihc_meta,
+    find_layer,
+    remove_layers,
+    viewer_camera,
+)
 
 __all__ = ["SCOPES", "QuantifyCancelled", "QuantifyWidget", "protocol_with_threshold"]
 
@@ -140,8 +147,9 @@ class QuantifyWidget(QWidget):
         self._camera_timer.setSingleShot(True)
         self._camera_timer.setInterval(250)
         self._camera_timer.timeout.connect(self.refresh_preview)
-        self.viewer.camera.events.center.connect(self._on_camera)
-        self.viewer.camera.events.zoom.connect(self._on_camera)
+        camera = viewer_camera(self.viewer)
+        camera.events.center.connect(self._on_camera)
+        camera.events.zoom.connect(self._on_camera)
 
         self.table = MetricsTable()
 
@@ -295,9 +303,10 @@ class QuantifyWidget(QWidget):
         """The level-0 rectangle ``(x, y, w, h)`` of the slide the canvas shows."""
         layer = layer or self.slide_layer()
         meta = cleihc_meta(layer)
+        camera = viewer_camera(self.viewer)
         return visible_rect_px(
-            self.viewer.camera.center,
-            self.viewer.camera.zoom,
+            camera.center,
+            camera.zoom,
             self.viewer.canvas.size,
             world_per_px=tuple(meta["world_per_px"]),
             dimensions=tuple(meta["dimensions"]),

@@ -15,10 +15,18 @@ __all__ = [
     "find_layer",
     "layers_with_role",
     "remove_layers",
+    "viewer_camera",
 ]
 
 #: Roles of the layers that show a slide's results (replaced when a slide is re-run or re-opened).
 RESULT_ROLES = ("positive", "tissue", "regions", "exclusions", "cells", "exclusion paint", "preview")
+
+
+def viewer_camera(viewer: Any) -> Any:
+    """The viewer's camera: ``viewer.scene.camera`` from napari 0.9 (``viewer.camera`` is deprecated there),
+    ``viewer.camera`` before."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
 
 
 def cleihc_meta(layer: Any) -> dict[str, Any]:
