@@ -57,6 +57,7 @@ from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 from cleihc.stains import (
     StainMatrix,
     check_drift,
+    concentration,
     deconvolve,
     estimate_background,
     estimate_macenko,
@@ -273,9 +274,8 @@ def plan_slide(
                 params=proto.compartments,
             )
         elif proto.compartments.enabled:
-            conc_ov = deconvolve(overview, stains)
             compartments = skin_compartments(
-                conc_ov[..., stains.index(proto.counterstain)],
+                concentration(overview, stains, stain=proto.counterstain),  # one channel: a third of the memory
                 tissue_ov,
                 mpp_um=overview_mpp,
                 downsample=overview_ds,

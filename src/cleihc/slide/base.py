@@ -34,7 +34,7 @@ __all__ = ["AnalysisResolution", "Slide", "is_slide", "open_slide"]
 # Tolerance of the level choice: a level at 0.499 µm/px serves a request for 0.5 µm/px.
 MPP_TOLERANCE = 1.1
 # Thumbnails are built from bands of at most this many level pixels, so a single-level giant never loads whole.
-_BAND_PIXELS = 16_000_000
+_BAND_PIXELS = 4_000_000  # level pixels read at once by read_analysis_image: bounds its memory (~60 MB)
 # Brightfield glass is bright; a fluorescence slide's background is near black (see Slide.check_brightfield).
 _MIN_BRIGHTFIELD_P95 = 120.0
 _MIN_BRIGHTFIELD_MEDIAN = 40.0
