@@ -17,7 +17,6 @@ from numba import njit
 
 __all__ = [
     "cascade_kernel",
-    "chamfer_distance_kernel",
     "component_stats_kernel",
     "expand_labels_kernel",
     "extreme_filter_kernel",
@@ -80,50 +79,6 @@ def measure_kernel(
 
 
 _SQRT2 = np.sqrt(2.0)
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def chamfer_distance_kernel(mask, out):  # pragma: no cover - compiled
-    """Two-pass 8-neighbour chamfer distance (weights 1 and sqrt 2) from each True pixel to the nearest False one.
-
-    Pixels outside the array count as True (foreground), as in :func:`scipy.ndimage.distance_transform_edt`, so
-    the distance inside an object never depends on how the array is cropped around it. ``out`` is float32.
-    """
-    h, w = mask.shape
-    big = np.float32(1e30)
-    d1 = np.float32(1.0)
-    d2 = np.float32(_SQRT2)
-    for i in range(h):
-        for j in range(w):
-            if not mask[i, j]:
-                out[i, j] = 0.0
-                continue
-            v = big
-            if i > 0:
-                if out[i - 1, j] + d1 < v:
-                    v = out[i - 1, j] + d1
-                if j > 0 and out[i - 1, j - 1] + d2 < v:
-                    v = out[i - 1, j - 1] + d2
-                if j + 1 < w and out[i - 1, j + 1] + d2 < v:
-                    v = out[i - 1, j + 1] + d2
-            if j > 0 and out[i, j - 1] + d1 < v:
-                v = out[i, j - 1] + d1
-            out[i, j] = v
-    for i in range(h - 1, -1, -1):
-        for j in range(w - 1, -1, -1):
-            v = out[i, j]
-            if v == 0.0:
-                continue
-            if i + 1 < h:
-                if out[i + 1, j] + d1 < v:
-                    v = out[i + 1, j] + d1
-                if j + 1 < w and out[i + 1, j + 1] + d2 < v:
-                    v = out[i + 1, j + 1] + d2
-                if j > 0 and out[i + 1, j - 1] + d2 < v:
-                    v = out[i + 1, j - 1] + d2
-            if j + 1 < w and out[i, j + 1] + d1 < v:
-                v = out[i, j + 1] + d1
-            out[i, j] = v
 
 
 @njit(cache=True, nogil=True, fastmath=False)
