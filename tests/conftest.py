@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from cleihc_testdata import SAMPLE_IMAGES, SHARED_DATA
 
 __all__ = ["SAMPLE_IMAGES", "SHARED_DATA"]

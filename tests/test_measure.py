@@ -132,3 +132,32 @@ def test_accumulate_matches_a_per_pixel_reference():
     np.testing.assert_array_equal(win.bin_px, bins)
     np.testing.assert_array_equal(win.pigment_px, npig)
     np.testing.assert_allclose(win.positive_od_sum, pos, rtol=1e-12)
+
+
+def test_windows_are_16_bit_and_the_largest_raster_factor_fits():
+    from cleihc.measure import MAX_RASTER_FACTOR
+
+    r = MAX_RASTER_FACTOR
+    od = np.full((r, r), 2.0, np.float32)  # one full raster cell, every pixel strong
+    win = accumulate_area(od, location_a=(0, 0), raster_factor=r, bins_od=BINS)
+    assert win.bin_px.dtype == np.uint16 and win.pigment_px is None
+    assert win.bin_px[:, 0, 0].tolist() == [0, 0, 0, r * r]
+    raster = TotalsRaster((1, 1), r)
+    raster.add(win)
+    raster.add(win)  # the raster itself counts in 32 bits
+    assert raster.bin_px[3, 0, 0] == 2 * r * r
+    with pytest.raises(ValueError, match="raster_factor"):
+        accumulate_area(od, location_a=(0, 0), raster_factor=r + 1, bins_od=BINS)
+
+
+def test_plan_refuses_a_raster_cell_of_more_than_255_pixels(tmp_path):
+    from cleihc.errors import ProtocolError
+    from cleihc.pipeline import plan_slide
+    from cleihc.protocol import Protocol, load_protocol
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    d = load_protocol("gag-alcian").to_dict()
+    d["analysis"]["mpp_um"] = 0.25
+    d["analysis"]["raster_mpp_um"] = 100.0  # 400 analysis pixels per raster cell
+    with pytest.raises(ProtocolError, match="raster_mpp_um"):
+        plan_slide(SAMPLE_IMAGES / "S01_pre_gag-alcian.svs", Protocol.from_dict(d), mpp=0.25)

@@ -25,6 +25,7 @@ from cleihc.stains import StainMatrix, od_lut
 
 __all__ = [
     "BIN_NAMES",
+    "MAX_RASTER_FACTOR",
     "AreaTotals",
     "RasterWindow",
     "TotalsRaster",
@@ -34,6 +35,9 @@ __all__ = [
     "cell_metrics",
     "map_mask",
 ]
+
+#: Largest raster factor (analysis pixels per raster cell along each axis): a cell's counts then fit 16 bits.
+MAX_RASTER_FACTOR = 255
 
 #: Intensity bins of target optical density, QuPath style: negative < t1 ≤ weak (1+) < t2 ≤ moderate (2+) < t3 ≤ strong (3+).
 BIN_NAMES = ("negative", "weak", "moderate", "strong")
@@ -48,19 +52,21 @@ class RasterWindow:
     ----------
     x_r, y_r : int
         Origin of the window in raster cells.
-    bin_px : ndarray of int32, shape (4, h, w)
+    bin_px : ndarray of uint16, shape (4, h, w)
         Analysis pixels per intensity bin (negative, weak, moderate, strong); pigment pixels are not binned.
+        At most ``raster_factor² <= 65025`` per cell: 16 bits keep what a worker sends small.
     positive_od_sum : ndarray of float64, shape (h, w)
         Sum of target OD over positive pixels (weak, moderate or strong).
-    pigment_px : ndarray of int32, shape (h, w)
-        Pixels flagged as non-DAB pigment (melanin), reported and excluded from the bins.
+    pigment_px : ndarray of uint16, shape (h, w), or None
+        Pixels flagged as non-DAB pigment (melanin), reported and excluded from the bins; None where pigment was
+        not looked for.
     """
 
     x_r: int
     y_r: int
     bin_px: np.ndarray
     positive_od_sum: np.ndarray
-    pigment_px: np.ndarray
+    pigment_px: np.ndarray | None
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -149,7 +155,9 @@ def _accumulate(target_od, pigment, has_pigment, x0_a, y0_a, r, wy0, t1, t2, t3,
         if ry != cur and cur >= 0:
             _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
         cur = ry
-        _add_row(target_od[i], pigment[i if has_pigment else 0], has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap)
+        _add_row(
+            target_od[i], pigment[i if has_pigment else 0], has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap
+        )
     if cur >= 0:
         _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
 
@@ -182,6 +190,20 @@ def _accumulate_rgb(rgb, lut, col, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum,
         _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
 
 
+def _make_window(
+    x_r: int, y_r: int, bins: np.ndarray, od_sum: np.ndarray, pig: np.ndarray | None
+) -> RasterWindow:
+    # Counts fit 16 bits (MAX_RASTER_FACTOR): a tile's window is then 16 rather than 28 bytes per cell, which is
+    # what Dask workers send back (moving results cost more main-process CPU than anything else there).
+    return RasterWindow(
+        x_r,
+        y_r,
+        bins.transpose(2, 0, 1).astype(np.uint16),
+        od_sum,
+        None if pig is None else pig.astype(np.uint16),
+    )
+
+
 def _float32_thresholds(bins_od: tuple[float, float, float]) -> tuple[np.float32, ...]:
     """The smallest float32 at or above each threshold: ``float32 v >= t32`` iff ``float64(v) >= t``."""
     out = []
@@ -198,12 +220,21 @@ def _window(location_a: tuple[int, int], shape: tuple[int, int], raster_factor: 
     h, w = shape
     x0, y0 = (int(v) for v in location_a)
     r = int(raster_factor)
-    if r < 1:
-        raise ValueError(f"raster_factor must be >= 1, got {raster_factor}")
+    if not 1 <= r <= MAX_RASTER_FACTOR:
+        raise ValueError(f"raster_factor must be between 1 and {MAX_RASTER_FACTOR}, got {raster_factor}")
     wx0, wy0 = x0 // r, y0 // r
     ww = (x0 + w - 1) // r - wx0 + 1 if w else 0
     wh = (y0 + h - 1) // r - wy0 + 1 if h else 0
-    return x0, y0, r, wx0, wy0, np.zeros((wh, ww, N_BINS), np.int32), np.zeros((wh, ww)), np.zeros((wh, ww), np.int32)
+    return (
+        x0,
+        y0,
+        r,
+        wx0,
+        wy0,
+        np.zeros((wh, ww, N_BINS), np.int32),
+        np.zeros((wh, ww)),
+        np.zeros((wh, ww), np.int32),
+    )
 
 
 def accumulate_area(
@@ -238,12 +269,14 @@ def accumulate_area(
     x0, y0, r, wx0, wy0, bins, od_sum, pig = _window(location_a, target_od.shape, raster_factor)
     has_pigment = pigment is not None
     if has_pigment and np.shape(pigment) != target_od.shape:
-        raise ValueError(f"pigment must have the shape of target_od {target_od.shape}, got {np.shape(pigment)}")
+        raise ValueError(
+            f"pigment must have the shape of target_od {target_od.shape}, got {np.shape(pigment)}"
+        )
     pigment_arr = np.asarray(pigment, dtype=np.bool_) if has_pigment else np.zeros((1, 1), np.bool_)
     t1, t2, t3 = _float32_thresholds(bins_od)
     od = np.ascontiguousarray(target_od, dtype=np.float32)
     _accumulate(od, pigment_arr, has_pigment, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
-    return RasterWindow(wx0, wy0, np.ascontiguousarray(bins.transpose(2, 0, 1)), od_sum, pig)
+    return _make_window(wx0, wy0, bins, od_sum, pig if has_pigment else None)
 
 
 def accumulate_area_rgb(
@@ -276,14 +309,16 @@ def accumulate_area_rgb(
     RasterWindow
     """
     if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {getattr(rgb, 'dtype', type(rgb))} "
-                         f"{getattr(rgb, 'shape', '')}")
+        raise ValueError(
+            f"expected an (H, W, 3) uint8 RGB image, got {getattr(rgb, 'dtype', type(rgb))} "
+            f"{getattr(rgb, 'shape', '')}"
+        )
     x0, y0, r, wx0, wy0, bins, od_sum, pig = _window(location_a, rgb.shape[:2], raster_factor)
     lut = od_lut(stains.background_rgb)
     col = np.ascontiguousarray(stains.conc_from_od[:, stains.index(stain)], dtype=np.float32)
     t1, t2, t3 = _float32_thresholds(bins_od)
     _accumulate_rgb(rgb, lut, col, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
-    return RasterWindow(wx0, wy0, np.ascontiguousarray(bins.transpose(2, 0, 1)), od_sum, pig)
+    return _make_window(wx0, wy0, bins, od_sum, None)
 
 
 @dataclass
@@ -317,7 +352,8 @@ class TotalsRaster:
         xs = slice(window.x_r, window.x_r + w)
         self.bin_px[:, ys, xs] += window.bin_px
         self.positive_od_sum[ys, xs] += window.positive_od_sum
-        self.pigment_px[ys, xs] += window.pigment_px
+        if window.pigment_px is not None:
+            self.pigment_px[ys, xs] += window.pigment_px
 
     def totals(self, mask_r: np.ndarray) -> AreaTotals:
         """Sum the raster over the cells of a region mask (bool, raster shape)."""

@@ -81,7 +81,9 @@ def _warm_up() -> None:
     concentration(rgb, stains, stain="dab")
     accumulate_area(conc[..., 1], location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
     accumulate_area_rgb(rgb, stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
-    accumulate_area_rgb(rgb[2:, 2:], stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
+    accumulate_area_rgb(
+        rgb[2:, 2:], stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6)
+    )
     detect_cells(
         conc,
         names=stains.names,

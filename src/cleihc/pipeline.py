@@ -32,10 +32,11 @@ from scipy import ndimage
 
 from cleihc import __version__
 from cleihc.cells import CellParams, detect_cells, detect_pigment, required_halo_um
-from cleihc.errors import NoTissueError
+from cleihc.errors import NoTissueError, ProtocolError
 from cleihc.geometry import rasterize
 from cleihc.io import sha256_file
 from cleihc.measure import (
+    MAX_RASTER_FACTOR,
     RasterWindow,
     TotalsRaster,
     accumulate_area,
@@ -275,7 +276,9 @@ def plan_slide(
             )
         elif proto.compartments.enabled:
             compartments = skin_compartments(
-                concentration(overview, stains, stain=proto.counterstain),  # one channel: a third of the memory
+                concentration(
+                    overview, stains, stain=proto.counterstain
+                ),  # one channel: a third of the memory
                 tissue_ov,
                 mpp_um=overview_mpp,
                 downsample=overview_ds,
@@ -317,6 +320,12 @@ def plan_slide(
     )
     tiles = tuple(grid.tiles(tissue=tissue))
     raster_factor = max(1, round(raster_um / resolution.mpp_um[0]))
+    if raster_factor > MAX_RASTER_FACTOR:
+        raise ProtocolError(
+            f"[analysis] raster_mpp_um is {raster_factor} analysis pixels ({raster_um:g} / "
+            f"{resolution.mpp_um[0]:g} um); at most {MAX_RASTER_FACTOR} are allowed: lower raster_mpp_um or raise mpp_um",
+            path=proto.source or None,
+        )
     wa, ha = resolution.dimensions_a
     raster_shape = (-(-wa // raster_factor), -(-ha // raster_factor))
     timings["plan_s"] = time.perf_counter() - t0
