@@ -139,38 +139,17 @@ def _flush(x0_a, r, an, a1, a2, a3, sp, ap, b_row, s_row, p_row):
 
 
 @numba.njit(cache=True, nogil=True)
-def _accumulate(target_od, pigment, has_pigment, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum, pig):
-    # bins is (h, w, 4): the four counters of a raster cell share a cache line. Thresholds are float32 values
-    # chosen so that ``v >= t`` in float32 equals the float64 comparison with the protocol's threshold.
-    h, w = target_od.shape
-    an = np.zeros(w, np.int32)
-    a1 = np.zeros(w, np.int32)
-    a2 = np.zeros(w, np.int32)
-    a3 = np.zeros(w, np.int32)
-    ap = np.zeros(w, np.int32)
-    sp = np.zeros(w, np.float64)
-    cur = -1
-    for i in range(h):
-        ry = (y0_a + i) // r - wy0
-        if ry != cur and cur >= 0:
-            _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
-        cur = ry
-        _add_row(
-            target_od[i], pigment[i if has_pigment else 0], has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap
-        )
-    if cur >= 0:
-        _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
-
-
-@numba.njit(cache=True, nogil=True)
-def _accumulate_rgb(rgb, lut, col, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum, pig):
-    # Fused colour deconvolution and binning: one stain's OD is made a row at a time in a small buffer (the same
-    # float32 formula as cleihc.stains.concentration, so results are bit-identical) and never stored as an image.
-    h, w = rgb.shape[0], rgb.shape[1]
+def _accumulate(
+    od, rgb, lut, col, from_rgb, pigment, has_pigment, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum, pig
+):
+    # One driver for both sources of OD: rows of a target-OD image, or (from_rgb) one stain's OD made from RGB a row
+    # at a time in a small buffer, with the float32 formula of cleihc.stains.concentration (so bit-identical to
+    # binning that image) and never stored as an image. bins is (h, w, 4): a cell's four counters share a line.
+    h = rgb.shape[0] if from_rgb else od.shape[0]
+    w = rgb.shape[1] if from_rgb else od.shape[1]
     c0, c1, c2 = col[0], col[1], col[2]
     lr, lg, lb = lut[0], lut[1], lut[2]
     buf = np.empty(w, np.float32)
-    nopig = np.zeros(1, np.bool_)
     an = np.zeros(w, np.int32)
     a1 = np.zeros(w, np.int32)
     a2 = np.zeros(w, np.int32)
@@ -183,11 +162,23 @@ def _accumulate_rgb(rgb, lut, col, x0_a, y0_a, r, wy0, t1, t2, t3, bins, od_sum,
         if ry != cur and cur >= 0:
             _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
         cur = ry
-        for j in range(w):
-            buf[j] = lr[rgb[i, j, 0]] * c0 + lg[rgb[i, j, 1]] * c1 + lb[rgb[i, j, 2]] * c2
-        _add_row(buf, nopig, False, t1, t2, t3, an, a1, a2, a3, sp, ap)
+        if from_rgb:
+            for j in range(w):
+                buf[j] = lr[rgb[i, j, 0]] * c0 + lg[rgb[i, j, 1]] * c1 + lb[rgb[i, j, 2]] * c2
+            row = buf
+        else:
+            row = od[i]
+        pig_row = pigment[i if has_pigment else 0]
+        _add_row(row, pig_row, has_pigment, t1, t2, t3, an, a1, a2, a3, sp, ap)
     if cur >= 0:
         _flush(x0_a, r, an, a1, a2, a3, sp, ap, bins[cur], od_sum[cur], pig[cur])
+
+
+_NO_RGB = np.zeros((1, 1, 3), np.uint8)
+_NO_OD = np.zeros((1, 1), np.float32)
+_NO_LUT = np.zeros((3, 256), np.float32)
+_NO_COL = np.zeros(3, np.float32)
+_NO_PIGMENT = np.zeros((1, 1), np.bool_)
 
 
 def _make_window(
@@ -272,10 +263,28 @@ def accumulate_area(
         raise ValueError(
             f"pigment must have the shape of target_od {target_od.shape}, got {np.shape(pigment)}"
         )
-    pigment_arr = np.asarray(pigment, dtype=np.bool_) if has_pigment else np.zeros((1, 1), np.bool_)
+    pigment_arr = np.asarray(pigment, dtype=np.bool_) if has_pigment else _NO_PIGMENT
     t1, t2, t3 = _float32_thresholds(bins_od)
     od = np.ascontiguousarray(target_od, dtype=np.float32)
-    _accumulate(od, pigment_arr, has_pigment, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
+    _accumulate(
+        od,
+        _NO_RGB,
+        _NO_LUT,
+        _NO_COL,
+        False,
+        pigment_arr,
+        has_pigment,
+        x0,
+        y0,
+        r,
+        wy0,
+        t1,
+        t2,
+        t3,
+        bins,
+        od_sum,
+        pig,
+    )
     return _make_window(wx0, wy0, bins, od_sum, pig if has_pigment else None)
 
 
@@ -317,7 +326,9 @@ def accumulate_area_rgb(
     lut = od_lut(stains.background_rgb)
     col = np.ascontiguousarray(stains.conc_from_od[:, stains.index(stain)], dtype=np.float32)
     t1, t2, t3 = _float32_thresholds(bins_od)
-    _accumulate_rgb(rgb, lut, col, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig)
+    _accumulate(
+        _NO_OD, rgb, lut, col, True, _NO_PIGMENT, False, x0, y0, r, wy0, t1, t2, t3, bins, od_sum, pig
+    )
     return _make_window(wx0, wy0, bins, od_sum, None)
 
 
