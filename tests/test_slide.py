@@ -358,6 +358,19 @@ def test_bin_mean_rounds_half_up(tmp_path):
         assert tuple(s.read_analysis_rect(res, (0, 0), (1, 1))[0, 0]) == (191, 192, 192)
 
 
+@pytest.mark.parametrize("factor", [1, 2, 3, 5, 16, 65])  # 65: beyond the lookup table, divides
+def test_bin_mean_equals_the_integer_formula(factor):
+    from cleihc.slide.base import _bin_mean
+
+    rng = np.random.default_rng(factor)
+    block = rng.integers(0, 256, size=(factor * 13, factor * 17, 3), dtype=np.uint8)
+    before = block.copy()
+    n = factor * factor
+    sums = block.reshape(13, factor, 17, factor, 3).sum(axis=(1, 3), dtype=np.int64)
+    np.testing.assert_array_equal(_bin_mean(block, factor), (2 * sums + n) // (2 * n))
+    np.testing.assert_array_equal(block, before)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # TIFFs written by the tests
 # ---------------------------------------------------------------------------------------------------------------
