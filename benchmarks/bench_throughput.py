@@ -8,8 +8,8 @@ For a synthetic slide (default 40,000 x 30,000 px at 0.5 µm/px, rendered tile b
 - a cell protocol (cd3) serial, and with ``--jobs 2``;
 
 each as megapixels of tissue per second at analysis resolution, and the peak resident memory of the process
-and its Dask workers together (the sum of each process's own peak, VmHWM: an upper bound). Run at two sizes to show memory does not grow with the
-slide::
+and its Dask workers together (the sum of each process's own peak, VmHWM: an upper bound). Run at two sizes to
+compare memory as the slide grows::
 
     .venv/bin/python benchmarks/bench_throughput.py --width 10000 --height 10000
     .venv/bin/python benchmarks/bench_throughput.py --width 40000 --height 30000
