@@ -22,9 +22,9 @@ def test_chunks_cover_every_tile_once_in_order(n_tiles, n_workers):
 def test_dask_runner_runs_a_plan_twice_and_equals_serial():
     # Regression: task and data keys reused between runs made the second run fail ("lost dependencies").
     plan = plan_slide(SAMPLE_IMAGES / "S01_pre_cd3.svs", "cd3", tile_size=512)
-    serial = finalize(plan, SerialRunner().run(plan))
+    serial = finalize(plan, SerialRunner().iter_results(plan))
     with DaskRunner(jobs=2) as runner:
-        runs = [finalize(plan, runner.run(plan)) for _ in range(2)]
+        runs = [finalize(plan, runner.iter_results(plan)) for _ in range(2)]
     for res in runs:
         assert len(res.cells) == len(serial.cells) > 100
         np.testing.assert_array_equal(res.cells[["x_px", "y_px"]].to_numpy(), serial.cells[["x_px", "y_px"]].to_numpy())

@@ -126,10 +126,6 @@ class SerialRunner(AbstractContextManager):
             if progress is not None:
                 progress(i, len(plan.tiles))
 
-    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
-        """Every tile's result, in tile order."""
-        return list(self.iter_results(plan, progress=progress))
-
     def __exit__(self, *exc: object) -> None:
         return None
 
@@ -200,10 +196,6 @@ class DaskRunner(AbstractContextManager):
             for fut in futures:
                 fut.release()
             plan_future.release()
-
-    def run(self, plan: SlidePlan, *, progress: Progress | None = None) -> list[TileResult]:
-        """Every tile's result, in tile order."""
-        return sorted(self.iter_results(plan, progress=progress), key=lambda r: (r.index[1], r.index[0]))
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
