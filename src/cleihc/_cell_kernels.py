@@ -295,6 +295,25 @@ def extreme_filter_kernel(src, radius, axis, is_max, out):  # pragma: no cover -
                     dst[j] = sign * (x if x >= y else y)
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _scale(acc, mid, w0):  # pragma: no cover - compiled
+    for j in range(acc.shape[0]):
+        acc[j] = mid[j] * w0
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _add_pair(acc, lo, hi, wk):  # pragma: no cover - compiled
+    # (x[-k] + x[+k]) * w[k], in scipy's order: the symmetric Gaussian's two taps at once
+    for j in range(acc.shape[0]):
+        acc[j] += (lo[j] + hi[j]) * wk
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _store(acc, dst):  # pragma: no cover - compiled
+    for j in range(acc.shape[0]):
+        dst[j] = acc[j]
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
     """Symmetric correlation along axis 0 (columns), border clamped; bit-identical to scipy's ``correlate1d``.
@@ -320,19 +339,10 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
         d = ring[p % nb]
         for j in range(w):
             d[j] = s[j]
-        mid = ring[i % nb]
-        w0 = weights[0]
-        for j in range(w):
-            acc[j] = mid[j] * w0
+        _scale(acc, ring[i % nb], weights[0])
         for k in range(r, 0, -1):
-            lo = ring[(i - k + nb) % nb]
-            hi = ring[(i + k) % nb]
-            wk = weights[k]
-            for j in range(w):
-                acc[j] += (lo[j] + hi[j]) * wk
-        dst = out[i]
-        for j in range(w):
-            dst[j] = acc[j]
+            _add_pair(acc, ring[(i - k + nb) % nb], ring[(i + k) % nb], weights[k])
+        _store(acc, out[i])
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -349,20 +359,11 @@ def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
         for j in range(r):
             buf[j] = buf[r]
             buf[w + r + j] = buf[w + r - 1]
-        mid = buf[r : r + w]
-        w0 = weights[0]
-        for j in range(w):
-            acc[j] = mid[j] * w0
+        _scale(acc, buf[r : r + w], weights[0])
         for k in range(r, 0, -1):
             # slices, not buf[j - k]: an index numba cannot prove non-negative stops vectorisation
-            lo = buf[r - k : r - k + w]
-            hi = buf[r + k : r + k + w]
-            wk = weights[k]
-            for j in range(w):
-                acc[j] += (lo[j] + hi[j]) * wk
-        dst = out[i]
-        for j in range(w):
-            dst[j] = acc[j]
+            _add_pair(acc, buf[r - k : r - k + w], buf[r + k : r + k + w], weights[k])
+        _store(acc, out[i])
 
 
 # ------------------------------------------------------------------------------------------------ run lengths
