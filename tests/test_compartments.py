@@ -264,3 +264,31 @@ def test_compartments_from_a_user_epidermis():
     assert c.masks["deep_dermis"].sum() == (380 - 320) * width
     none = compartments_from_epidermis(np.zeros_like(tissue), tissue, mpp_um=MPP, downsample=8.0)
     assert not none.masks["epidermis"].any() and any("does not overlap" in w for w in none.warnings)
+
+
+def test_distance_and_median_helpers_equal_scipy():
+    # The lean helpers (edt's float32 transform, a median over the chosen labels only) stand in for scipy's.
+    from scipy import ndimage as ndi
+
+    from cleihc.regions import _distance_um, _median_by_label
+
+    rng = np.random.default_rng(7)
+    mask = ~ndi.binary_dilation(rng.random((300, 420)) > 0.999, iterations=9)
+    for mpp in (0.5, 4.0, 6.12):
+        d = _distance_um(mask, mpp)
+        assert d.dtype == np.float32
+        np.testing.assert_allclose(d, ndi.distance_transform_edt(mask, sampling=mpp), rtol=1e-6, atol=1e-4)
+    labels, n = ndi.label(ndi.binary_opening(mask))
+    values = rng.random(mask.shape).astype(np.float32)
+    ids = np.arange(1, n + 1)[::2]
+    assert len(ids) >= 1
+    np.testing.assert_allclose(
+        _median_by_label(values, labels, ids), ndi.median(values, labels, ids), rtol=1e-7
+    )
+    single = np.zeros((5, 5), np.int32)
+    single[2, 3], single[0, 0:2] = 1, 2  # one pixel; two pixels (mean of both)
+    np.testing.assert_allclose(
+        _median_by_label(values[:5, :5], single, np.array([1, 2])),
+        [values[2, 3], values[0, :2].mean()],
+        rtol=1e-6,
+    )

@@ -102,7 +102,9 @@ def test_fused_rgb_accumulation_equals_concentration_then_accumulate(origin, r):
     before = view.copy()
     od = concentration(np.ascontiguousarray(view), stains, stain="alcian_blue")
     want = accumulate_area(od, location_a=origin, raster_factor=r, bins_od=BINS)
-    got = accumulate_area_rgb(view, stains, stain="alcian_blue", location_a=origin, raster_factor=r, bins_od=BINS)
+    got = accumulate_area_rgb(
+        view, stains, stain="alcian_blue", location_a=origin, raster_factor=r, bins_od=BINS
+    )
     assert (got.x_r, got.y_r) == (want.x_r, want.y_r)
     np.testing.assert_array_equal(got.bin_px, want.bin_px)
     np.testing.assert_array_equal(got.positive_od_sum, want.positive_od_sum)
@@ -142,10 +144,13 @@ def test_windows_are_16_bit_and_the_largest_raster_factor_fits():
     win = accumulate_area(od, location_a=(0, 0), raster_factor=r, bins_od=BINS)
     assert win.bin_px.dtype == np.uint16 and win.pigment_px is None
     assert win.bin_px[:, 0, 0].tolist() == [0, 0, 0, r * r]
+    # The raster counts in 16 bits too: an analysis pixel lands in exactly one cell, so a cell holds at most r².
     raster = TotalsRaster((1, 1), r)
     raster.add(win)
-    raster.add(win)  # the raster itself counts in 32 bits
-    assert raster.bin_px[3, 0, 0] == 2 * r * r
+    assert raster.bin_px.dtype == np.uint16 and raster.bin_px[3, 0, 0] == r * r
+    assert raster.totals(np.ones((1, 1), bool)).pixels == r * r
+    with pytest.raises(ValueError, match="raster_factor"):
+        TotalsRaster((1, 1), r + 1)
     with pytest.raises(ValueError, match="raster_factor"):
         accumulate_area(od, location_a=(0, 0), raster_factor=r + 1, bins_od=BINS)
 

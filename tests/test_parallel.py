@@ -1,6 +1,9 @@
-"""Dask runner internals: tile chunks, repeated runs on one cluster, equality with the serial engine."""
+"""Dask runner internals: tile chunks, repeated runs on one cluster, equality with the serial engine, what workers
+import."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
@@ -25,8 +28,15 @@ def test_dask_runner_runs_a_plan_twice_and_equals_serial():
     serial = finalize(plan, SerialRunner().iter_results(plan))
     with DaskRunner(jobs=2) as runner:
         runs = [finalize(plan, runner.iter_results(plan)) for _ in range(2)]
+        # Workers run cleihc.tile_engine only: pandas and scikit-image (about 90 MB a process) stay out.
+        heavy = runner.client.run(
+            lambda: sorted(m for m in ("pandas", "pyarrow", "skimage") if m in sys.modules)
+        )
+    assert list(heavy.values()) == [[], []]
     for res in runs:
         assert len(res.cells) == len(serial.cells) > 100
-        np.testing.assert_array_equal(res.cells[["x_px", "y_px"]].to_numpy(), serial.cells[["x_px", "y_px"]].to_numpy())
+        np.testing.assert_array_equal(
+            res.cells[["x_px", "y_px"]].to_numpy(), serial.cells[["x_px", "y_px"]].to_numpy()
+        )
         np.testing.assert_array_equal(res.raster.bin_px, serial.raster.bin_px)
         np.testing.assert_array_equal(res.raster.positive_od_sum, serial.raster.positive_od_sum)

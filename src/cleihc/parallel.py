@@ -10,7 +10,6 @@ worker: shared storage such as NFS or a mounted bucket.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 import os
@@ -20,8 +19,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
-from cleihc.pipeline import SlidePlan, TileResult, iter_tiles, process_tile
+from cleihc._malloc import restore_adaptive_mmap
 from cleihc.slide import Slide, open_slide
+from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
 
 __all__ = ["DaskRunner", "SerialRunner", "make_runner"]
 
@@ -48,26 +48,9 @@ def _worker_slide(path: str, mpp: Any) -> Slide:
     return slide
 
 
-def _tune_malloc() -> None:
-    """Let glibc serve tile-sized buffers from its heap again in a Dask worker.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off glibc's adaptive
-    mmap threshold: every buffer over 128 KiB is then a fresh ``mmap`` whose pages fault in on first touch, and
-    tiles ran 1.3-1.7x slower than in a plain process here. Raising both thresholds restores plain-process speed;
-    per-tile memory is bounded by the tile size, so little is left unreturned.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
-        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit systems
-        libc.mallopt(m_trim_threshold, 128 << 20)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to undo
-        pass
-
-
 def _warm_up() -> None:
     """Import the engine and load its compiled kernels in a worker, before any tile waits for it (seconds)."""
-    _tune_malloc()
+    restore_adaptive_mmap()
     import numpy as np
 
     from cleihc.cells import CellParams, detect_cells

@@ -6,8 +6,9 @@
    background (I0) and, if the protocol asks, the stain vectors; find the skin compartments; read the user's
    regions; choose the analysis resolution and the tile grid. Everything a tile needs goes into a picklable
    :class:`SlidePlan`, so tiles can run in other processes or on a Dask cluster.
-2. **tiles** (:func:`process_tile`): read one tile with its halo, deconvolve, add the core's pixels to the totals
-   raster window, detect cells and keep those whose centroid is in the core.
+2. **tiles** (:func:`cleihc.tile_engine.process_tile`, the part Dask workers run): read one tile with its halo,
+   deconvolve, add the core's pixels to the totals raster window, detect cells and keep those whose centroid is in
+   the core.
 3. **fold** (:func:`finalize`): add the windows into the totals raster in tile order, concatenate the cells, build
    region masks on the raster, and compute every ratio once.
 
@@ -31,16 +32,14 @@ import shapely
 from scipy import ndimage
 
 from cleihc import __version__
-from cleihc.cells import CellParams, detect_cells, detect_pigment, required_halo_um
+from cleihc._malloc import release_free_heap
+from cleihc.cells import CellParams, required_halo_um
 from cleihc.errors import NoTissueError, ProtocolError
 from cleihc.geometry import rasterize
 from cleihc.io import sha256_file
 from cleihc.measure import (
     MAX_RASTER_FACTOR,
-    RasterWindow,
     TotalsRaster,
-    accumulate_area,
-    accumulate_area_rgb,
     area_metrics,
     cell_metrics,
     map_mask,
@@ -54,17 +53,17 @@ from cleihc.regions import (
     regions_for_slide,
     skin_compartments,
 )
-from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
+from cleihc.slide import Slide, open_slide, slide_stem
 from cleihc.stains import (
     StainMatrix,
     check_drift,
     concentration,
-    deconvolve,
     estimate_background,
     estimate_macenko,
 )
-from cleihc.tiling import Tile, TileGrid
-from cleihc.tissue import TissueMask, tissue_mask_for_slide
+from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
+from cleihc.tiling import TileGrid
+from cleihc.tissue import tissue_mask_for_slide
 
 __all__ = [
     "EXCLUDE_NAMES",
@@ -86,47 +85,6 @@ EXCLUDE_NAMES = frozenset({"exclude", "exclusion", "ignore", "ignore*", "artefac
 
 #: The most specific region wins when a cell is labelled with one region name.
 _SPECIFICITY = ("tissue", *COMPARTMENT_NAMES)  # epidermis, dermis, then the depth bands
-
-
-@dataclass(frozen=True)
-class SlidePlan:
-    """Everything the tiles of one slide need; picklable (workers reopen the slide by path)."""
-
-    slide_path: str
-    mpp_override: tuple[float, float] | None
-    protocol: Protocol
-    stains: StainMatrix
-    resolution: AnalysisResolution
-    grid: TileGrid
-    tiles: tuple[Tile, ...]
-    raster_factor: int
-    raster_shape: tuple[int, int]
-    tissue: TissueMask
-    regions: tuple[Region, ...]
-    compartment_masks: dict[str, np.ndarray]
-    compartment_downsample: float
-    warnings: tuple[str, ...]
-    timings_s: dict[str, float]
-    roi: Any = None
-
-    @property
-    def raster_downsample(self) -> float:
-        """Level-0 pixels per totals-raster cell."""
-        return self.resolution.downsample * self.raster_factor
-
-    @property
-    def pixel_area_um2(self) -> float:
-        """Area of one analysis pixel."""
-        return float(self.resolution.mpp_um[0] * self.resolution.mpp_um[1])
-
-
-@dataclass(frozen=True)
-class TileResult:
-    """What one tile adds: its totals-raster window and the cells it owns (level-0 coordinates)."""
-
-    index: tuple[int, int]
-    window: RasterWindow
-    cells: pd.DataFrame
 
 
 @dataclass(frozen=True)
@@ -237,6 +195,7 @@ def plan_slide(
                 path=slide_path,
             )
         timings["tissue_s"] = time.perf_counter() - t0
+        release_free_heap()  # each whole-slide step's temporaries go back before the next one's
 
         t1 = time.perf_counter()
         # Whole-slide grids (overview, totals raster) are kept under a fixed size, so memory does not grow with
@@ -257,6 +216,7 @@ def plan_slide(
             downsample=overview_ds,
         )
         stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
+        release_free_heap()
         user_regions = _user_regions(regions, slide_path)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         compartments = None
@@ -287,6 +247,7 @@ def plan_slide(
         if compartments is not None:
             warnings.extend(compartments.warnings)
         timings["overview_s"] = time.perf_counter() - t1
+        release_free_heap()
 
     if roi is not None:
         # Compartments were found on the whole tissue, so an ROI never changes what counts as epidermis; only
@@ -389,107 +350,6 @@ def _resolve_stains(
     return stains
 
 
-def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
-    """Measure one tile: read it with its halo, add its core to the totals and keep the cells it owns.
-
-    Parameters
-    ----------
-    slide : Slide
-        The open slide (workers keep it open across tiles).
-    plan : SlidePlan
-    tile : Tile
-
-    Returns
-    -------
-    TileResult
-    """
-    proto = plan.protocol
-    hx, hy, hw, hh = tile.halo_a
-    cx, cy, cw, ch = tile.core_a
-    rgb = slide.read_analysis_rect(plan.resolution, (hx, hy), (hw, hh))
-    need_cells = "cells" in proto.measure
-    pigment_on = proto.cells.exclude_pigment if need_cells else False
-    sy, sx = slice(cy - hy, cy - hy + ch), slice(cx - hx, cx - hx + cw)
-    if not need_cells:
-        # Area only: OD made and binned in one pass over the core, no image in between.
-        window = accumulate_area_rgb(
-            rgb[sy, sx],
-            plan.stains,
-            stain=proto.target,
-            location_a=(cx, cy),
-            raster_factor=plan.raster_factor,
-            bins_od=proto.thresholds.bins_od,
-        )
-        return TileResult(tile.index, window, _empty_cells())
-    conc = deconvolve(rgb, plan.stains)
-    target = conc[..., plan.stains.index(proto.target)]
-    pigment = None
-    if pigment_on:
-        pigment = detect_pigment(
-            conc,
-            names=plan.stains.names,
-            counterstain=proto.counterstain,
-            target=proto.target,
-            mpp_um=float(plan.resolution.mpp_um[0]),
-            params=proto.cells,
-        )[sy, sx]
-    window = accumulate_area(
-        target[sy, sx],
-        location_a=(cx, cy),
-        raster_factor=plan.raster_factor,
-        bins_od=proto.thresholds.bins_od,
-        pigment=pigment,
-    )
-    cells = _empty_cells()
-    if need_cells:
-        det = detect_cells(
-            conc,
-            names=plan.stains.names,
-            counterstain=proto.counterstain,
-            target=proto.target,
-            mpp_um=float(plan.resolution.mpp_um[0]),
-            params=proto.cells,
-            positive_od=proto.thresholds.positive_od,
-            bins_od=proto.thresholds.bins_od,
-        )
-        cells = _owned_cells(det.table, tile, plan)
-    return TileResult(tile.index, window, cells)
-
-
-def _empty_cells() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "x_px": pd.Series(dtype="float64"),
-            "y_px": pd.Series(dtype="float64"),
-        }
-    )
-
-
-def _owned_cells(table: Any, tile: Tile, plan: SlidePlan) -> pd.DataFrame:
-    """Cells whose centroid's pixel lies in the tile core, with global level-0 coordinates."""
-    df = pd.DataFrame(table)
-    hx, hy = tile.halo_a[0], tile.halo_a[1]
-    cx, cy, cw, ch = tile.core_a
-    xa = df["x_a"].to_numpy(float) + hx
-    ya = df["y_a"].to_numpy(float) + hy
-    # Pixel i spans [i - 0.5, i + 0.5) in centroid coordinates: the centroid's pixel decides the owner.
-    px, py = np.floor(xa + 0.5), np.floor(ya + 0.5)
-    keep = (px >= cx) & (px < cx + cw) & (py >= cy) & (py < cy + ch)
-    # The tile-local label number means nothing outside the tile.
-    df = df.loc[keep].drop(columns=["x_a", "y_a", "label"], errors="ignore").reset_index(drop=True)
-    ds = plan.resolution.downsample
-    df.insert(0, "y_px", (ya[keep] + 0.5) * ds)
-    df.insert(0, "x_px", (xa[keep] + 0.5) * ds)
-    return df
-
-
-def iter_tiles(plan: SlidePlan, *, tiles: Iterable[Tile] | None = None) -> Iterator[TileResult]:
-    """Yield each tile's result in order, reading the slide in this process (serial engine)."""
-    with open_slide(plan.slide_path, mpp=plan.mpp_override) as slide:
-        for tile in plan.tiles if tiles is None else tiles:
-            yield process_tile(slide, plan, tile)
-
-
 def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
     """Every reported region as a mask on the totals raster: region ∩ tissue, minus exclusions."""
     shape = plan.raster_shape
@@ -553,17 +413,17 @@ def finalize(
     `started` (a ``time.perf_counter()`` value) and `timings_s` (e.g. the tiles' time) go into the provenance.
     """
     raster = TotalsRaster(plan.raster_shape, plan.raster_factor)
-    cell_parts: list[pd.DataFrame] = []
+    cell_parts: list[dict[str, np.ndarray]] = []
     # Folded as they arrive, so no backlog of windows is held (at 40,000 x 30,000 px they weigh as much as the
     # raster). Arrival order does not matter: counts are integers, and a raster cell's OD sums are float64 sums of
     # float32 values at or above the positivity threshold, exact in any order.
     for res in results:
         raster.add(res.window)
-        if len(res.cells):
+        if res.n_cells:
             cell_parts.append(res.cells)
     t0 = time.perf_counter()
     masks = region_masks_on_raster(plan)
-    cells = pd.concat(cell_parts, ignore_index=True) if cell_parts else _empty_cells()
+    cells = _cells_table(cell_parts)
     if plan.roi is not None and len(cells):
         # Tiles reach past the ROI; their cells there were never asked for.
         inside = shapely.contains_xy(plan.roi, cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float))
@@ -593,6 +453,13 @@ def finalize(
         region_masks=masks,
         provenance=prov,
     )
+
+
+def _cells_table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The tiles' cell columns as one table (``x_px`` and ``y_px`` only, empty, without cells)."""
+    if not parts:
+        return pd.DataFrame({"x_px": pd.Series(dtype="float64"), "y_px": pd.Series(dtype="float64")})
+    return pd.DataFrame({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
 
 
 def metrics_table(
