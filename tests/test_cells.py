@@ -31,7 +31,9 @@ MELANIN = np.array([0.52, 0.58, 0.62]) / np.linalg.norm([0.52, 0.58, 0.62])
 
 
 @numba.njit(cache=True)
-def chamfer_distance_kernel(mask, out):  # test oracle: the whole-array chamfer distance the run kernels replaced
+def chamfer_distance_kernel(
+    mask, out
+):  # test oracle: the whole-array chamfer distance the run kernels replaced
     """Two-pass 8-neighbour chamfer distance (weights 1 and sqrt 2) from each True pixel to the nearest False one.
 
     Pixels outside the array count as True (foreground), as in :func:`scipy.ndimage.distance_transform_edt`, so
@@ -72,7 +74,6 @@ def chamfer_distance_kernel(mask, out):  # test oracle: the whole-array chamfer 
             if j + 1 < w and out[i, j + 1] + d1 < v:
                 v = out[i, j + 1] + d1
             out[i, j] = v
-
 
 
 def render(shape, cells, *, seed=0, noise=1.5):
@@ -242,8 +243,50 @@ def test_melanin_flagged_as_pigment_not_dab():
     assert not off["pigment"].any()
 
 
+def test_od_planes_from_rgb_equal_the_deconvolved_channels():
+    # The tile engine makes only the planes it needs (stains.concentration) and calls detect_cells_od: the same
+    # cells, bit for bit, as detect_cells on the full deconvolution, pigment test included.
+    from cleihc.cells import detect_cells_od, detect_pigment_od, residual_channel
+
+    rgb = dense_rgb()
+    params = CellParams(exclude_pigment=True)
+    full = run(stains.deconvolve(rgb, HDAB), params)
+    planes = dict(zip(HDAB.names, stains.concentrations(rgb, HDAB, names=HDAB.names), strict=True))
+    for n in HDAB.names:  # one pass for several planes, each equal to its own
+        np.testing.assert_array_equal(planes[n], stains.concentration(rgb, HDAB, stain=n))
+    assert residual_channel(HDAB.names, "hematoxylin", "dab") == "residual"
+    fused = detect_cells_od(
+        planes["hematoxylin"],
+        planes["dab"],
+        residual_od=planes["residual"],
+        mpp_um=MPP,
+        params=params,
+        positive_od=0.15,
+        bins_od=(0.15, 0.3, 0.5),
+    )
+    assert full.n_cells > 100
+    np.testing.assert_array_equal(fused.labels, full.labels)
+    np.testing.assert_array_equal(fused.cell_labels, full.cell_labels)
+    for name in full.table:
+        np.testing.assert_array_equal(fused.table[name], full.table[name], err_msg=name)
+    assert full.table["pigment"].any()
+    mask = detect_pigment_od(planes["hematoxylin"], planes["dab"], planes["residual"], params=params)
+    conc = stains.deconvolve(rgb, HDAB)
+    np.testing.assert_array_equal(
+        mask,
+        detect_pigment(
+            conc, names=HDAB.names, counterstain="hematoxylin", target="dab", mpp_um=MPP, params=params
+        ),
+    )
+
+
 # ------------------------------------------------------------------------------------------- tile invariance
 def dense_image(shape=(360, 440), seed=7):
+    """Concentrations of :func:`dense_rgb`."""
+    return stains.deconvolve(dense_rgb(shape, seed), HDAB)
+
+
+def dense_rgb(shape=(360, 440), seed=7):
     """Crowded random cells (touching pairs, rings, pale nuclei, pigment) and a hematoxylin-rich band."""
     rng = np.random.default_rng(seed)
     cells = []
@@ -265,7 +308,7 @@ def dense_image(shape=(360, 440), seed=7):
     for x in range(5, shape[1], 11):
         for y in range(130, 180, 11):
             cells.append(dict(x=x + rng.uniform(-1, 1), y=y + rng.uniform(-1, 1), r=6.5, h=0.45))
-    return stains.deconvolve(render(shape, cells, seed=seed), HDAB)
+    return render(shape, cells, seed=seed)
 
 
 def tiled(conc, params, tile, origin, **kw):

@@ -170,6 +170,24 @@ def test_concentration_is_bit_identical_to_deconvolve_channel():
         np.testing.assert_array_equal(stains.concentration(rgb, m, stain=name), full[..., k])
 
 
+def test_concentrations_planes_equal_their_own_concentration():
+    m = stains.preset("hdab")
+    rgb = random_rgb((31, 17), seed=6)[::-1]  # a negative-stride view is read as is
+    full = stains.deconvolve(rgb, m)
+    for names in (
+        ("dab",),
+        ("hematoxylin", "dab"),
+        ("dab", "hematoxylin", "residual"),
+        ("residual", "residual"),
+    ):
+        planes = stains.concentrations(rgb, m, names=names)
+        assert planes.shape == (len(names), 31, 17) and planes.dtype == np.float32
+        for plane, name in zip(planes, names, strict=True):
+            np.testing.assert_array_equal(plane, full[..., m.index(name)])
+    with pytest.raises(ValueError, match="at least one"):
+        stains.concentrations(rgb, m, names=())
+
+
 def test_agrees_with_skimage_separate_stains():
     # skimage: stains = max(0, ln(I/255) / ln(1e-6) @ inv(M_sk)) with unnormalised rows M_sk.
     # ln(x)/ln(1e-6) = OD/6, and scaling row k of M by s_k scales column k of the inverse by 1/s_k, so

@@ -996,17 +996,3 @@ def split_kernel(row, c0, c1, n, split, md, min_area_px, out):  # pragma: no cov
             for j in range(c0[x], c1[x]):
                 o[j] = lut[o[j]]
     return m
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def split_channels_kernel(conc, ci, ti, weight, counter, target, det):  # pragma: no cover - compiled
-    """One pass over ``conc``: float32 counterstain and target channels, and ``det = counter + weight * target``
-    in float32 (the numpy expression's rounding)."""
-    h, w = counter.shape
-    for i in range(h):
-        for j in range(w):
-            c = np.float32(conc[i, j, ci])
-            t = np.float32(conc[i, j, ti])
-            counter[i, j] = c
-            target[i, j] = t
-            det[i, j] = c + weight * t

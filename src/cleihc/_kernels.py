@@ -19,6 +19,7 @@ __all__ = [
     "MAX_THRESHOLDS",
     "area_counts_kernel",
     "concentration_kernel",
+    "concentrations_kernel",
     "deconvolve_kernel",
     "recompose_kernel",
 ]
@@ -51,6 +52,29 @@ def concentration_kernel(rgb, lut, col, out):  # pragma: no cover - compiled
     for i in range(h):
         for j in range(w):
             out[i, j] = lr[rgb[i, j, 0]] * c0 + lg[rgb[i, j, 1]] * c1 + lb[rgb[i, j, 2]] * c2
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def concentrations_kernel(rgb, lut, cols, out):  # pragma: no cover - compiled
+    """out[k, i, j] = sum_c lut[c, rgb[i, j, c]] * cols[c, k]: several stains' planes in one pass, each equal to
+    :func:`concentration_kernel` with that column (same products, same order)."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    n = cols.shape[1]
+    lr, lg, lb = lut[0], lut[1], lut[2]
+    for k0 in range(0, n, 2):
+        # Two planes a pass with their coefficients in registers: a loop over planes inside the pixel loop kept
+        # the compiler from vectorising (3x slower).
+        k1 = min(k0 + 1, n - 1)
+        a0, a1, a2 = cols[0, k0], cols[1, k0], cols[2, k0]
+        b0, b1, b2 = cols[0, k1], cols[1, k1], cols[2, k1]
+        out0, out1 = out[k0], out[k1]
+        for i in range(h):
+            for j in range(w):
+                r = lr[rgb[i, j, 0]]
+                g = lg[rgb[i, j, 1]]
+                b = lb[rgb[i, j, 2]]
+                out0[i, j] = r * a0 + g * a1 + b * a2
+                out1[i, j] = r * b0 + g * b1 + b * b2
 
 
 MAX_THRESHOLDS = 4  # area_counts_kernel keeps one register counter per threshold

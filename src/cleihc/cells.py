@@ -51,7 +51,6 @@ from cleihc._cell_kernels import (
     merge_runs_kernel,
     paint_runs_kernel,
     runs_of_u8_kernel,
-    split_channels_kernel,
     split_kernel,
 )
 from cleihc.errors import ProtocolError
@@ -61,8 +60,11 @@ __all__ = [
     "CellDetection",
     "CellParams",
     "detect_cells",
+    "detect_cells_od",
     "detect_pigment",
+    "detect_pigment_od",
     "required_halo_um",
+    "residual_channel",
 ]
 
 logger = logging.getLogger(__name__)
@@ -355,8 +357,20 @@ def detect_pigment(
     ri = _residual_index(names, ci, ti)
     if ri is None:
         return np.zeros(conc.shape[:2], dtype=bool)
-    total = conc[..., ci].astype(np.float32) + conc[..., ti].astype(np.float32)
-    residual = np.abs(conc[..., ri].astype(np.float32))
+    return detect_pigment_od(conc[..., ci], conc[..., ti], conc[..., ri], params=params)
+
+
+def detect_pigment_od(
+    counterstain_od: np.ndarray, target_od: np.ndarray, residual_od: np.ndarray, *, params: CellParams
+) -> np.ndarray:
+    """:func:`detect_pigment` on the three OD planes (counterstain, target, residual), each (H, W).
+
+    Returns
+    -------
+    ndarray of bool, shape (H, W)
+    """
+    total = np.asarray(counterstain_od, dtype=np.float32) + np.asarray(target_od, dtype=np.float32)
+    residual = np.abs(np.asarray(residual_od, dtype=np.float32))
     return (
         (total >= np.float32(params.pigment_min_od))
         & (total <= np.float32(params.pigment_max_od))
@@ -556,14 +570,63 @@ def detect_cells(
     _check_conc(conc, names, mpp_um)
     ci = _channel(names, counterstain, "counterstain")
     ti = _channel(names, target, "target")
+    ri = _residual_index(names, ci, ti)
+    return detect_cells_od(
+        conc[..., ci],
+        conc[..., ti],
+        residual_od=conc[..., ri] if params.exclude_pigment and ri is not None else None,
+        mpp_um=mpp_um,
+        params=params,
+        positive_od=positive_od,
+        bins_od=bins_od,
+    )
+
+
+def residual_channel(names: tuple[str, ...], counterstain: str, target: str) -> str | None:
+    """Name of the channel that :func:`detect_cells` uses as the residual (pigment test), or None.
+
+    The channel named ``"residual"``, else the one channel that is neither the counterstain nor the target.
+    """
+    names = tuple(names)
+    ri = _residual_index(
+        names, _channel(names, counterstain, "counterstain"), _channel(names, target, "target")
+    )
+    return None if ri is None else names[ri]
+
+
+def detect_cells_od(
+    counterstain_od: np.ndarray,
+    target_od: np.ndarray,
+    *,
+    residual_od: np.ndarray | None = None,
+    mpp_um: float,
+    params: CellParams,
+    positive_od: float,
+    bins_od: tuple[float, ...],
+) -> CellDetection:
+    """:func:`detect_cells` on separate OD planes: the counterstain's, the target's and, for the pigment test,
+    the residual's (each (H, W); none is modified).
+
+    The tile engine makes just these planes from RGB (:func:`cleihc.stains.concentration`, bit-identical to the
+    channels of :func:`cleihc.stains.deconvolve`) rather than all channels and then copies of two of them.
+    Without `residual_od` no cell is flagged as pigment.
+
+    Returns
+    -------
+    CellDetection
+    """
     bins = _check_thresholds(positive_od, bins_od)
+    if not (isinstance(mpp_um, int | float) and math.isfinite(mpp_um) and mpp_um > 0):
+        raise ValueError(f"cells: mpp_um must be a positive number, got {mpp_um!r}")
     mpp_um = float(mpp_um)
-    counter_od = np.empty(conc.shape[:2], dtype=np.float32)
-    target_od = np.empty(conc.shape[:2], dtype=np.float32)
-    det = np.empty(conc.shape[:2], dtype=np.float32)
-    # numba takes float32/float64 base arrays (a view of conc, never a copy of all its channels, when it can)
-    src = np.asarray(conc) if conc.dtype in (np.float32, np.float64) else conc.astype(np.float32)
-    split_channels_kernel(src, ci, ti, np.float32(params.nucleus_target_weight), counter_od, target_od, det)
+    counter_od = _od_plane(counterstain_od, "counterstain_od")
+    target_od = _od_plane(target_od, "target_od")
+    if target_od.shape != counter_od.shape:
+        raise ValueError(
+            f"cells: target_od {target_od.shape} and counterstain_od {counter_od.shape} differ in shape"
+        )
+    det = np.multiply(target_od, np.float32(params.nucleus_target_weight))
+    det += counter_od
 
     det = _smooth(det, params.smoothing_sigma_um / mpp_um)
     r_px = round(params.background_radius_um / mpp_um)
@@ -581,9 +644,10 @@ def detect_cells(
     scratch = np.empty(nuclei.shape, dtype=np.float32)
     expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), scratch, cells)
 
-    ri = _residual_index(names, ci, ti)
-    if params.exclude_pigment and ri is not None:
-        residual_od = np.ascontiguousarray(conc[..., ri], dtype=np.float32)
+    if params.exclude_pigment and residual_od is not None:
+        residual_od = _od_plane(residual_od, "residual_od")
+        if residual_od.shape != counter_od.shape:
+            raise ValueError(f"cells: residual_od {residual_od.shape} and counterstain_od differ in shape")
         pigment_od = (
             np.float32(params.pigment_min_od),
             np.float32(params.pigment_max_od),
@@ -595,6 +659,13 @@ def detect_cells(
         nuclei, cells, target_od, counter_od, residual_od, pigment_od, params, mpp_um, positive_od, bins
     )
     return CellDetection(labels=nuclei, cell_labels=cells, table=table)
+
+
+def _od_plane(a: np.ndarray, what: str) -> np.ndarray:
+    """A 2-D float32 C-contiguous plane (the kernels' input), copied only when it is not one already."""
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"cells: {what} must be a 2-D float array, got {getattr(a, 'shape', None)}")
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 def _measure(

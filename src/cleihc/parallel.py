@@ -56,7 +56,7 @@ def _warm_up() -> None:
     from cleihc.cells import CellParams, detect_cells
     from cleihc.measure import accumulate_area, accumulate_area_rgb
     from cleihc.slide.base import _bin_mean
-    from cleihc.stains import concentration, deconvolve, preset
+    from cleihc.stains import concentration, concentrations, deconvolve, preset
 
     stains = preset("hdab")
     rgb = np.full((64, 64, 3), 200, np.uint8)
@@ -64,6 +64,7 @@ def _warm_up() -> None:
     rgb[20:30, 20:30] = (90, 70, 140)
     conc = deconvolve(rgb, stains)
     concentration(rgb, stains, stain="dab")
+    concentrations(rgb, stains, names=("hematoxylin", "dab"))
     accumulate_area(conc[..., 1], location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
     accumulate_area_rgb(rgb, stains, stain="dab", location_a=(0, 0), raster_factor=4, bins_od=(0.2, 0.4, 0.6))
     accumulate_area_rgb(

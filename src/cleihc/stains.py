@@ -44,6 +44,7 @@ __all__ = [
     "available_presets",
     "check_drift",
     "concentration",
+    "concentrations",
     "deconvolve",
     "drift_angles",
     "estimate_background",
@@ -465,6 +466,43 @@ def concentration(
     lut = od_lut(_background_of(stains, background))
     col = np.ascontiguousarray(stains.conc_from_od[:, k], dtype=np.float32)
     _kernels.concentration_kernel(rgb, lut, col, out)
+    return out
+
+
+def concentrations(
+    rgb: np.ndarray,
+    stains: StainMatrix,
+    *,
+    names: Sequence[str],
+    background: Sequence[float] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Several stains' concentrations (OD units) in one pass: plane ``k`` is :func:`concentration` of
+    ``names[k]``, bit for bit.
+
+    For callers that need some channels but not all (cell detection: counterstain and target): one read of the
+    image and no channel it does not use.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape (H, W, 3), uint8
+    stains : StainMatrix
+    names : sequence of str
+        Stain names, e.g. ``("hematoxylin", "dab")``; at least one.
+    background : three floats, optional
+        I0; defaults to ``stains.background_rgb``.
+
+    Returns
+    -------
+    ndarray, shape (len(names), H, W), float32
+        Each plane C-contiguous.
+    """
+    rgb = _check_rgb(rgb)
+    names = tuple(names)
+    if not names:
+        raise ValueError("names must name at least one stain")
+    cols = np.ascontiguousarray(stains.conc_from_od[:, [stains.index(n) for n in names]], dtype=np.float32)
+    out = np.empty((len(names), *rgb.shape[:2]), dtype=np.float32)
+    _kernels.concentrations_kernel(rgb, od_lut(_background_of(stains, background)), cols, out)
     return out
 
 

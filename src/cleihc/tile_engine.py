@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cleihc.cells import detect_cells, detect_pigment
+from cleihc.cells import detect_cells_od, detect_pigment_od, residual_channel
 from cleihc.measure import RasterWindow, accumulate_area, accumulate_area_rgb
 from cleihc.protocol import Protocol
 from cleihc.slide import AnalysisResolution, Slide, open_slide
-from cleihc.stains import StainMatrix, deconvolve
+from cleihc.stains import StainMatrix, concentrations
 from cleihc.tiling import Tile, TileGrid
 
 if TYPE_CHECKING:
@@ -114,30 +114,31 @@ def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
             bins_od=proto.thresholds.bins_od,
         )
         return TileResult(tile.index, window, _empty_cells())
-    conc = deconvolve(rgb, plan.stains)
-    target = conc[..., plan.stains.index(proto.target)]
+    # Only the planes the cells use, in one pass from RGB (bit-identical to deconvolve's channels): less
+    # arithmetic and 12 bytes a pixel less than all channels and then copies of two.
+    stains = plan.stains
+    residual = residual_channel(stains.names, proto.counterstain, proto.target) if pigment_on else None
+    planes = concentrations(
+        rgb, stains, names=(proto.counterstain, proto.target) + ((residual,) if residual else ())
+    )
+    counter_od, target_od = planes[0], planes[1]
+    residual_od = planes[2] if residual else None
     pigment = None
-    if pigment_on:
-        pigment = detect_pigment(
-            conc,
-            names=plan.stains.names,
-            counterstain=proto.counterstain,
-            target=proto.target,
-            mpp_um=float(plan.resolution.mpp_um[0]),
-            params=proto.cells,
-        )[sy, sx]
+    if residual_od is not None:
+        pigment = detect_pigment_od(
+            counter_od[sy, sx], target_od[sy, sx], residual_od[sy, sx], params=proto.cells
+        )
     window = accumulate_area(
-        target[sy, sx],
+        target_od[sy, sx],
         location_a=(cx, cy),
         raster_factor=plan.raster_factor,
         bins_od=proto.thresholds.bins_od,
         pigment=pigment,
     )
-    det = detect_cells(
-        conc,
-        names=plan.stains.names,
-        counterstain=proto.counterstain,
-        target=proto.target,
+    det = detect_cells_od(
+        counter_od,
+        target_od,
+        residual_od=residual_od,
         mpp_um=float(plan.resolution.mpp_um[0]),
         params=proto.cells,
         positive_od=proto.thresholds.positive_od,
