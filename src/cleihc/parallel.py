@@ -51,14 +51,23 @@ def _worker_slide(path: str, mpp: Any) -> Slide:
 def _warm_up() -> None:
     """Import the engine and load its compiled kernels in a worker, before any tile waits for it (seconds)."""
     restore_adaptive_mmap()
+    # What unpickling a plan and the first read import (the protocol's parameter classes, the tissue mask, the
+    # slide readers, the JPEG decoder): about 0.5 s that the first slide's first tiles would otherwise wait for.
+    import imagecodecs
     import numpy as np
 
+    import cleihc.protocol
+    import cleihc.regions
+    import cleihc.slide._openslide
+    import cleihc.slide._tiff
+    import cleihc.tissue  # noqa: F401
     from cleihc.cells import CellParams, detect_cells
     from cleihc.measure import accumulate_area, accumulate_area_rgb
     from cleihc.slide.base import _bin_mean
     from cleihc.stains import concentration, concentrations, deconvolve, preset
 
     stains = preset("hdab")
+    imagecodecs.jpeg8_decode(imagecodecs.jpeg8_encode(np.zeros((16, 16, 3), np.uint8)))
     rgb = np.full((64, 64, 3), 200, np.uint8)
     _bin_mean(rgb, 2)  # reads binned to the analysis resolution (a 40x scan measured at 0.5 µm/px)
     rgb[20:30, 20:30] = (90, 70, 140)
