@@ -385,19 +385,31 @@ def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
     return out
 
 
-def _label_cells(cells: pd.DataFrame, masks: dict[str, np.ndarray], raster_ds: float) -> pd.DataFrame:
-    """Add the cell's most specific region name ('outside' when not on tissue)."""
-    cells = cells.copy()
+def _cell_regions(
+    x_px: np.ndarray, y_px: np.ndarray, masks: dict[str, np.ndarray], raster_ds: float
+) -> np.ndarray:
+    """Each cell's most specific region name ('outside' when not on tissue), as an object array of str.
+
+    The names are shared objects (one per region, not one string per cell): a million cells cost 8 MB here.
+    """
     tissue = masks["tissue"]
     h, w = tissue.shape
-    ix = np.clip(np.floor(cells["x_px"].to_numpy(float) / raster_ds).astype(np.int64), 0, w - 1)
-    iy = np.clip(np.floor(cells["y_px"].to_numpy(float) / raster_ds).astype(np.int64), 0, h - 1)
-    label = np.where(tissue[iy, ix], "tissue", "outside").astype(object)
+    ix = np.clip(np.floor(np.asarray(x_px, dtype=float) / raster_ds).astype(np.int64), 0, w - 1)
+    iy = np.clip(np.floor(np.asarray(y_px, dtype=float) / raster_ds).astype(np.int64), 0, h - 1)
     order = sorted(masks, key=lambda n: _SPECIFICITY.index(n) if n in _SPECIFICITY else len(_SPECIFICITY))
-    for name in order:
-        if name != "tissue":
-            label = np.where(masks[name][iy, ix], name, label)
-    cells["region"] = label.astype(str)
+    names = ["outside", "tissue", *(n for n in order if n != "tissue")]
+    code = tissue[iy, ix].astype(np.int16)
+    for k, name in enumerate(names[2:], start=2):  # later (more specific) regions win
+        code[masks[name][iy, ix]] = k
+    return np.array(names, dtype=object)[code]
+
+
+def _label_cells(cells: pd.DataFrame, masks: dict[str, np.ndarray], raster_ds: float) -> pd.DataFrame:
+    """A copy of `cells` with its ``region`` column (see :func:`_cell_regions`)."""
+    cells = cells.copy()
+    cells["region"] = _cell_regions(
+        cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float), masks, raster_ds
+    )
     return cells
 
 
@@ -423,20 +435,8 @@ def finalize(
             cell_parts.append(res.cells)
     t0 = time.perf_counter()
     masks = region_masks_on_raster(plan)
-    cells = _cells_table(cell_parts)
-    if plan.roi is not None and len(cells):
-        # Tiles reach past the ROI; their cells there were never asked for.
-        inside = shapely.contains_xy(plan.roi, cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float))
-        cells = cells.loc[inside].reset_index(drop=True)
-    if "cells" in plan.protocol.measure:
-        # A fixed order (by position) gives every cell the same id whatever the tiling.
-        cells = cells.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
-        cells = _label_cells(cells, masks, plan.raster_downsample)
-        mpp_x, mpp_y = plan.resolution.mpp_um
-        ds = plan.resolution.downsample
-        cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
-        cells.insert(3, "x_um", cells["x_px"] * (mpp_x / ds))
-        cells.insert(4, "y_um", cells["y_px"] * (mpp_y / ds))
+    cells = _cells_table(cell_parts, plan, masks)
+    del cell_parts
     rows = metrics_table(plan, raster, masks, cells)
     timings = {**plan.timings_s, **(timings_s or {})}
     timings["finalize_s"] = time.perf_counter() - t0
@@ -455,11 +455,42 @@ def finalize(
     )
 
 
-def _cells_table(parts: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """The tiles' cell columns as one table (``x_px`` and ``y_px`` only, empty, without cells)."""
-    if not parts:
-        return pd.DataFrame({"x_px": pd.Series(dtype="float64"), "y_px": pd.Series(dtype="float64")})
-    return pd.DataFrame({name: np.concatenate([p[name] for p in parts]) for name in parts[0]})
+def _cells_table(
+    parts: list[dict[str, np.ndarray]], plan: SlidePlan, masks: dict[str, np.ndarray]
+) -> pd.DataFrame:
+    """The tiles' cells as one table: sorted by position, inside the ROI, with ids, µm and region columns.
+
+    Columns: ``cell_id``, ``x_px``, ``y_px``, ``x_um``, ``y_um``, the tiles' measurements, ``region`` (only
+    ``x_px`` and ``y_px`` for a protocol without cells). Each column is gathered once in its final order: a
+    big slide's table is not copied whole by sorting and labelling.
+    """
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, dtype=np.float64)
+
+    x, y = column("x_px"), column("y_px")
+    # A fixed order (by row, then column; stable) gives every cell the same id whatever the tiling.
+    order = np.lexsort((x, y))
+    if plan.roi is not None and len(order):
+        # Tiles reach past the ROI; their cells there were never asked for.
+        order = order[shapely.contains_xy(plan.roi, x[order], y[order])]
+    x, y = x[order], y[order]
+    if "cells" not in plan.protocol.measure:
+        return pd.DataFrame({"x_px": x, "y_px": y})
+    mpp_x, mpp_y = plan.resolution.mpp_um
+    ds = plan.resolution.downsample
+    data = {
+        "cell_id": np.arange(len(x), dtype=np.int64),
+        "x_px": x,
+        "y_px": y,
+        "x_um": x * (mpp_x / ds),
+        "y_um": y * (mpp_y / ds),
+    }
+    for name in parts[0] if parts else ():
+        if name not in data:
+            data[name] = column(name)[order]
+    data["region"] = _cell_regions(x, y, masks, plan.raster_downsample)
+    return pd.DataFrame(data, copy=False)
 
 
 def metrics_table(
