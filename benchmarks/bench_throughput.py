@@ -42,7 +42,8 @@ def peak_mb(pid):
 
 def main():
     path, stain, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    _warm_up()  # compiled kernels loaded (or compiled, after an edit) before the clock starts, as in the workers
+    if jobs == 1:  # compiled kernels loaded (or compiled, after an edit) before the clock, as in the workers;
+        _warm_up()  # with Dask, this process only plans and folds, as in `cleihc quantify --jobs N`
     t0 = time.perf_counter()
     with make_runner(jobs=jobs) as runner:
         res = quantify(path, stain, runner=runner if jobs > 1 else None)
