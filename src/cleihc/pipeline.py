@@ -290,6 +290,7 @@ def plan_slide(
     wa, ha = resolution.dimensions_a
     raster_shape = (-(-wa // raster_factor), -(-ha // raster_factor))
     timings["plan_s"] = time.perf_counter() - t0
+    release_free_heap()  # the compartments' polygons and rasters are done with
     return SlidePlan(
         slide_path=str(slide_path),
         mpp_override=mpp_override,
