@@ -386,6 +386,10 @@ def _check_conc(conc: np.ndarray, names: tuple[str, ...], mpp_um: float) -> None
         )
     if not np.issubdtype(conc.dtype, np.floating):
         raise ValueError(f"cells: conc must be a float array of OD concentrations, got {conc.dtype}")
+    _check_mpp(mpp_um)
+
+
+def _check_mpp(mpp_um: float) -> None:
     if not (isinstance(mpp_um, int | float) and math.isfinite(mpp_um) and mpp_um > 0):
         raise ValueError(f"cells: mpp_um must be a positive number, got {mpp_um!r}")
 
@@ -616,8 +620,7 @@ def detect_cells_od(
     CellDetection
     """
     bins = _check_thresholds(positive_od, bins_od)
-    if not (isinstance(mpp_um, int | float) and math.isfinite(mpp_um) and mpp_um > 0):
-        raise ValueError(f"cells: mpp_um must be a positive number, got {mpp_um!r}")
+    _check_mpp(mpp_um)
     mpp_um = float(mpp_um)
     counter_od = _od_plane(counterstain_od, "counterstain_od")
     target_od = _od_plane(target_od, "target_od")
