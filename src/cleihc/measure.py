@@ -376,10 +376,12 @@ class TotalsRaster:
     def totals(self, mask_r: np.ndarray) -> AreaTotals:
         """Sum the raster over the cells of a region mask (bool, raster shape)."""
         m = np.asarray(mask_r, dtype=bool)
+        # Summed in place (where=) rather than over a boolean-indexed copy: a region of a big slide's raster
+        # would otherwise copy up to 8 M float64 sums (66 MB) and each count plane.
         return AreaTotals(
-            bin_px=tuple(int(self.bin_px[k][m].sum(dtype=np.int64)) for k in range(N_BINS)),
-            positive_od_sum=float(self.positive_od_sum[m].sum()),
-            pigment_px=int(self.pigment_px[m].sum(dtype=np.int64)),
+            bin_px=tuple(int(np.sum(self.bin_px[k], where=m, dtype=np.int64)) for k in range(N_BINS)),
+            positive_od_sum=float(np.sum(self.positive_od_sum, where=m)),
+            pigment_px=int(np.sum(self.pigment_px, where=m, dtype=np.int64)),
         )
 
     def positive_fraction(self) -> np.ndarray:
