@@ -142,15 +142,21 @@ class DaskRunner(AbstractContextManager):
             self.client = Client(scheduler, timeout="30s")
             self.description = f"dask scheduler {scheduler}"
         else:
+            import dask
+
             n = jobs or os.cpu_count() or 1
+            # One malloc arena per worker process, set before it starts (glibc reads it once): tasks run in a
+            # worker thread, whose own arena made tiles about 8 % slower than in a process's main thread here.
+            environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), "MALLOC_ARENA_MAX": "1"}
             # Processes, one thread each: numba kernels and decoders then use every core without the GIL.
-            self._cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=":0",  # never clash with a dashboard already on 8787
-                silence_logs=logging.ERROR,
-            )
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+                self._cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=":0",  # never clash with a dashboard already on 8787
+                    silence_logs=logging.ERROR,
+                )
             self.client = Client(self._cluster)
             self.description = f"dask local cluster, {n} worker processes"
         # Once per run, not once per slide: the first tiles would otherwise wait for imports and kernel loading.
