@@ -280,6 +280,22 @@ def test_od_planes_from_rgb_equal_the_deconvolved_channels():
     )
 
 
+def test_od_planes_are_checked():
+    from cleihc.cells import detect_cells_od
+
+    plane = np.zeros((20, 30), np.float32)
+    kw = dict(mpp_um=MPP, params=CellParams(exclude_pigment=True), positive_od=0.15, bins_od=(0.15, 0.3, 0.5))
+    with pytest.raises(ValueError, match="differ in shape"):
+        detect_cells_od(plane, plane[:, :-1], **kw)
+    with pytest.raises(ValueError, match="residual_od"):
+        detect_cells_od(plane, plane, residual_od=plane[:-1], **kw)
+    with pytest.raises(ValueError, match="2-D float"):
+        detect_cells_od(plane[..., None], plane, **kw)
+    with pytest.raises(ValueError, match="mpp_um"):
+        detect_cells_od(plane, plane, **{**kw, "mpp_um": 0.0})
+    assert detect_cells_od(plane, plane, **kw).n_cells == 0
+
+
 # ------------------------------------------------------------------------------------------- tile invariance
 def dense_image(shape=(360, 440), seed=7):
     """Concentrations of :func:`dense_rgb`."""

@@ -611,8 +611,8 @@ def detect_cells_od(
     """:func:`detect_cells` on separate OD planes: the counterstain's, the target's and, for the pigment test,
     the residual's (each (H, W); none is modified).
 
-    The tile engine makes just these planes from RGB (:func:`cleihc.stains.concentration`, bit-identical to the
-    channels of :func:`cleihc.stains.deconvolve`) rather than all channels and then copies of two of them.
+    The tile engine makes just these planes from RGB (:func:`cleihc.stains.concentrations`, bit-identical to
+    the channels of :func:`cleihc.stains.deconvolve`) rather than all channels and then copies of two of them.
     Without `residual_od` no cell is flagged as pigment.
 
     Returns
