@@ -247,7 +247,6 @@ def plan_slide(
         if compartments is not None:
             warnings.extend(compartments.warnings)
         timings["overview_s"] = time.perf_counter() - t1
-        release_free_heap()
 
     if roi is not None:
         # Compartments were found on the whole tissue, so an ROI never changes what counts as epidermis; only
@@ -290,7 +289,7 @@ def plan_slide(
     wa, ha = resolution.dimensions_a
     raster_shape = (-(-wa // raster_factor), -(-ha // raster_factor))
     timings["plan_s"] = time.perf_counter() - t0
-    release_free_heap()  # the compartments' polygons and rasters are done with
+    release_free_heap()  # the compartments' arrays and polygons are done with
     return SlidePlan(
         slide_path=str(slide_path),
         mpp_override=mpp_override,
