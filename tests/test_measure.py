@@ -89,6 +89,30 @@ def test_map_mask_by_centres_is_window_invariant():
     assert whole[0, 0] == low[0, 0]
 
 
+@pytest.mark.parametrize(
+    ("origin", "shape", "ds"),
+    [
+        ((0.0, 0.0), (100, 60), 5.0),
+        ((-40.0, -23.0), (130, 90), 5.0),
+        ((300.0, 200.0), (90, 50), 3.0),
+        ((1e4, 0.0), (5, 5), 4.0),
+    ],
+)
+def test_map_mask_equals_the_pixel_centre_rule(origin, shape, ds):
+    # Grids reaching past the mask on any side (or missing it entirely): the per-pixel definition, literally.
+    rng = np.random.default_rng(3)
+    low = rng.random((20, 30)) > 0.5
+    out = map_mask(low, mask_downsample=16.0, shape=shape, downsample=ds, origin_px=origin)
+    w, h = shape
+    want = np.zeros((h, w), bool)
+    for i in range(h):
+        for j in range(w):
+            mx = int(np.floor((origin[0] + (j + 0.5) * ds) / 16.0))
+            my = int(np.floor((origin[1] + (i + 0.5) * ds) / 16.0))
+            want[i, j] = 0 <= mx < 30 and 0 <= my < 20 and low[my, mx]
+    np.testing.assert_array_equal(out, want)
+
+
 @pytest.mark.parametrize("origin", [(0, 0), (3, 6), (1025, 2)])
 @pytest.mark.parametrize("r", [1, 3, 4])
 def test_fused_rgb_accumulation_equals_concentration_then_accumulate(origin, r):

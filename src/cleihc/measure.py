@@ -523,9 +523,12 @@ def map_mask(
     xs = np.floor((origin_px[0] + (np.arange(w) + 0.5) * downsample) / mask_downsample).astype(np.int64)
     ys = np.floor((origin_px[1] + (np.arange(h) + 0.5) * downsample) / mask_downsample).astype(np.int64)
     mh, mw = mask.shape
-    okx = (xs >= 0) & (xs < mw)
-    oky = (ys >= 0) & (ys < mh)
     out = np.zeros((h, w), dtype=bool)
-    sub = np.asarray(mask, dtype=bool)[np.ix_(ys[oky], xs[okx])]
-    out[np.ix_(oky, okx)] = sub
+    # xs and ys increase, so the output pixels whose centre falls on the mask form one rectangle; two takes
+    # along the axes gather it about 10x faster than an outer-product (np.ix_) index.
+    jx = np.flatnonzero((xs >= 0) & (xs < mw))
+    iy = np.flatnonzero((ys >= 0) & (ys < mh))
+    if jx.size and iy.size:
+        rows = np.take(np.asarray(mask, dtype=bool), ys[iy], axis=0)
+        out[iy[0] : iy[-1] + 1, jx[0] : jx[-1] + 1] = np.take(rows, xs[jx], axis=1)
     return out
