@@ -62,9 +62,12 @@ def concentrations_kernel(rgb, lut, cols, out):  # pragma: no cover - compiled
     n = cols.shape[1]
     lr, lg, lb = lut[0], lut[1], lut[2]
     for k0 in range(0, n, 2):
+        if k0 == n - 1:  # an odd last plane alone
+            concentration_kernel(rgb, lut, cols[:, k0], out[k0])
+            break
         # Two planes a pass with their coefficients in registers: a loop over planes inside the pixel loop kept
         # the compiler from vectorising (3x slower).
-        k1 = min(k0 + 1, n - 1)  # an odd last plane is simply written twice
+        k1 = k0 + 1
         a0, a1, a2 = cols[0, k0], cols[1, k0], cols[2, k0]
         b0, b1, b2 = cols[0, k1], cols[1, k1], cols[2, k1]
         out0, out1 = out[k0], out[k1]

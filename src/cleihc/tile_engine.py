@@ -1,8 +1,8 @@
 """What runs per tile: the slide plan a tile needs, one tile's measurement, and its result.
 
 This is the part of the pipeline that Dask workers execute, kept apart from planning and folding so that a
-worker imports only the array stack (numpy, numba kernels, the slide readers) and never pandas, shapely or
-scikit-image: each worker process then starts about 75 MB smaller. A tile's cells travel as plain columns
+worker imports the array stack (numpy, numba kernels, the slide readers) but never pandas, pyarrow or
+scikit-image: each worker process then starts 60-90 MB smaller. A tile's cells travel as plain columns
 (numpy arrays); :func:`cleihc.pipeline.finalize` makes the table.
 """
 
