@@ -388,3 +388,43 @@ def test_agrees_with_histomicstk_color_deconvolution():
     valid = rgb.min(axis=2) > 0  # HistomicsTK clips I at 1e-10, cleihc at 1
     for k in range(2):
         assert np.abs(255 * 10 ** -ours[..., k] - res.StainsFloat[..., k])[valid].max() < 1e-2
+
+
+def _background_by_sorting(rgb, tissue_mask, *, max_saturation, window, min_pixels):
+    """estimate_background's definition, literally: candidates, their 99.5th grey percentile, channel medians."""
+    flat = rgb.reshape(-1, 3).astype(np.int64)
+    mx, mn = flat.max(axis=1), flat.min(axis=1)
+    cand = ((mx - mn) <= max_saturation * mx) & (mx > 0)
+    if tissue_mask is not None:
+        cand &= ~tissue_mask.reshape(-1)
+    pix = flat[cand]
+    if len(pix) < min_pixels:
+        return None
+    grey = pix.sum(axis=1) / 3.0
+    glass = pix[grey >= np.percentile(grey, 99.5) - window]
+    if len(glass) < min_pixels:
+        return None
+    return np.clip(np.median(glass.astype(np.float64), axis=0), 1.0, 255.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_estimate_background_equals_sorting_definition(seed):
+    # The counts-based estimate is exact: the same percentile interpolation and medians (even counts included)
+    # as sorting every candidate pixel, bit for bit.
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in rng.integers(8, 120, size=2))
+    base = rng.integers(150, 256, size=3)
+    rgb = np.clip(base + rng.normal(0, rng.uniform(0.5, 8), (h, w, 3)), 0, 255).astype(np.uint8)
+    rgb[: h // 3] = rng.integers(0, 256, (h // 3, w, 3), dtype=np.uint8)  # tissue-like clutter
+    tissue = rng.random((h, w)) < 0.3 if seed % 2 else None
+    kw = dict(
+        max_saturation=float(rng.choice([0.05, 0.12, 0.3])),
+        window=int(rng.integers(0, 15)),
+        min_pixels=int(rng.integers(1, 60)),
+    )
+    want = _background_by_sorting(rgb, tissue, **kw)
+    if want is None:
+        with pytest.raises(CleihcError, match="glass"):
+            stains.estimate_background(rgb, tissue_mask=tissue, **kw)
+    else:
+        np.testing.assert_array_equal(stains.estimate_background(rgb, tissue_mask=tissue, **kw), want)

@@ -548,3 +548,27 @@ def test_bcdata_tissue_filled_tiles_are_tissue(shared_data):
             tm = tissue_mask_for_slide(slide)
         assert tm.method == "no_glass", name
         assert tm.tissue_fraction == 1.0, name
+
+
+def test_colour_features_equal_the_numpy_formula():
+    # The one-pass kernel behind tissue detection gives, bit for bit, the per-channel-table formula.
+    from cleihc.tissue import _colour
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (97, 131, 3), dtype=np.uint8)
+    bg = np.array([241.0, 236.5, 250.0])
+    levels = np.arange(256, dtype=np.float64)
+    n_lut64 = np.clip(levels[None, :] / bg[:, None], 1.0 / 255.0, 1.0)
+    od_lut, n_lut = (-np.log10(n_lut64)).astype(np.float32), n_lut64.astype(np.float32)
+    r, g, b = (n_lut[c][image[..., c]] for c in range(3))
+    mx = np.maximum(np.maximum(r, g), b)
+    sat = np.float32(1.0) - np.minimum(np.minimum(r, g), b) / mx
+    od = od_lut[0][image[..., 0]] + od_lut[1][image[..., 1]] + od_lut[2][image[..., 2]]
+    col = _colour(image, bg)
+    for got, want in ((col.od, od), (col.mx, mx), (col.sat, sat)):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    # hue of a pure green, a pure blue and a grey pixel
+    probe = np.array([[[0, 200, 0], [0, 0, 200], [120, 120, 120]]], dtype=np.uint8)
+    hue = _colour(probe, np.array([255.0, 255.0, 255.0])).hue_deg(np.ones((1, 3), bool))
+    np.testing.assert_allclose(hue, [120.0, 240.0, 0.0], atol=0.5)

@@ -1,7 +1,7 @@
-"""Numba kernels for colour deconvolution and fused per-region stain measurement.
+"""Numba kernels for colour deconvolution, fused per-region stain measurement and whole-slide colour statistics.
 
-Private: call them through :mod:`cleihc.stains` (``deconvolve``, ``concentration``, ``area_counts``), which check
-shapes and dtypes. Every kernel runs on one core (``parallel=False``) because the pipeline parallelises per tile;
+Private: call them through :mod:`cleihc.stains` (``deconvolve``, ``concentration``, ``area_counts``,
+``estimate_background``) and :mod:`cleihc.tissue`, which check shapes and dtypes. Every kernel runs on one core (``parallel=False``) because the pipeline parallelises per tile;
 ``nogil=True`` lets threads run tiles side by side. ``fastmath`` stays off so results are reproducible bit for bit
 across machines and equal the plain float32 formula.
 
@@ -21,7 +21,9 @@ __all__ = [
     "concentration_kernel",
     "concentrations_kernel",
     "deconvolve_kernel",
+    "glass_histogram_kernel",
     "recompose_kernel",
+    "tissue_colour_kernel",
 ]
 
 
@@ -175,3 +177,51 @@ def recompose_kernel(conc, rgb_from_conc, background, out):  # pragma: no cover 
                 elif v > 255.0:
                     v = 255.0
                 out[i, j, c] = np.uint8(v)
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def glass_histogram_kernel(rgb, exclude, use_exclude, max_saturation, hist):  # pragma: no cover - compiled
+    """hist[r + g + b, c, value of channel c] += 1 for every glass candidate: a pixel with ``max > 0`` and
+    ``max - min <= max_saturation * max`` (compared in float64) that `exclude` does not mark.
+
+    One pass and no per-pixel arrays: the grey-level percentile and the per-channel medians of
+    :func:`cleihc.stains.estimate_background` are then read off the (766, 3, 256) counts exactly.
+    """
+    h, w = rgb.shape[0], rgb.shape[1]
+    for i in range(h):
+        for j in range(w):
+            if use_exclude and exclude[i, j]:
+                continue
+            r = np.int64(rgb[i, j, 0])
+            g = np.int64(rgb[i, j, 1])
+            b = np.int64(rgb[i, j, 2])
+            mx = max(r, max(g, b))
+            mn = min(r, min(g, b))
+            if mx == 0 or np.float64(mx - mn) > max_saturation * np.float64(mx):
+                continue
+            s = r + g + b
+            hist[s, 0, r] += 1
+            hist[s, 1, g] += 1
+            hist[s, 2, b] += 1
+
+
+@njit(cache=True, nogil=True, fastmath=False, error_model="numpy")
+def tissue_colour_kernel(rgb, n_lut, od_lut, od, mx, sat):  # pragma: no cover - compiled
+    """Per pixel, in float32 from per-channel tables: summed OD ``od_lut[0][r] + od_lut[1][g] + od_lut[2][b]``,
+    the brightest channel's transmission ``mx`` and the HSV saturation ``1 - min / max`` of the transmissions
+    (:func:`cleihc.tissue._colour`; the same operations, in the same order, as its numpy formula)."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    one = np.float32(1.0)
+    for i in range(h):
+        for j in range(w):
+            vr = rgb[i, j, 0]
+            vg = rgb[i, j, 1]
+            vb = rgb[i, j, 2]
+            tr = n_lut[0, vr]
+            tg = n_lut[1, vg]
+            tb = n_lut[2, vb]
+            od[i, j] = od_lut[0, vr] + od_lut[1, vg] + od_lut[2, vb]
+            hi = max(max(tr, tg), tb)
+            lo = min(min(tr, tg), tb)
+            mx[i, j] = hi
+            sat[i, j] = one - lo / hi

@@ -26,6 +26,9 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage as ndi
 
+from cleihc._kernels import tissue_colour_kernel
+from cleihc.geometry import label_sizes
+
 if TYPE_CHECKING:
     from shapely.geometry import MultiPolygon
 
@@ -327,7 +330,7 @@ def _remove_small(mask: NDArray[np.bool_], min_px: int) -> NDArray[np.bool_]:
     if min_px <= 1 or not mask.any():
         return mask
     labels, n = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = label_sizes(labels, n)
     keep = sizes >= min_px
     keep[0] = False
     return keep[labels]
@@ -341,7 +344,7 @@ def _fill_small_holes(mask: NDArray[np.bool_], max_px: int) -> NDArray[np.bool_]
     if not holes.any():
         return mask
     labels, n = ndi.label(holes)
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes = label_sizes(labels, n)
     fill = sizes < max_px
     fill[0] = False
     return mask | fill[labels]
@@ -412,8 +415,9 @@ def _find_glass(
     fill_rgb: Sequence[int] | None,
     reference_rgb: NDArray[np.float64],
     params: TissueParams,
-) -> tuple[NDArray[np.float64], bool]:
-    """(glass colour, whether the image shows glass); the reference I0 when it shows none.
+) -> tuple[NDArray[np.float64], _Colour | None]:
+    """(glass colour, the image's colour features against it), or (the reference I0, None) when the image shows
+    no glass.
 
     The brightest grey population is always found, glass or not: in a crop filled with tissue it is the palest
     tissue. It is taken as glass only if it is nearly as bright as the reference I0 (`glass_max_od`) and covers
@@ -421,33 +425,34 @@ def _find_glass(
     """
     bg = _estimate_glass(rgb, fill_rgb=fill_rgb)
     if bg is None:
-        return reference_rgb, False
+        return reference_rgb, None
     od_vs_reference = float(np.sum(np.log10(reference_rgb / np.clip(bg, 1.0, None)).clip(min=0.0)))
     if od_vs_reference > params.glass_max_od:
-        return reference_rgb, False
+        return reference_rgb, None
     col = _colour(rgb, bg)
     glass = (col.od < params.min_threshold_od) & (col.sat <= _GLASS_MAX_SATURATION)
     if fill_rgb is not None:
         glass &= ~np.all(rgb == np.asarray(fill_rgb, dtype=np.uint8), axis=-1)
     if float(glass.mean()) < params.min_glass_fraction:
-        return reference_rgb, False
-    return bg, True
+        return reference_rgb, None
+    return bg, col
 
 
 @dataclass(frozen=True, eq=False)
 class _Colour:
-    """Per-pixel colour features relative to the glass, as float32 planes."""
+    """Per-pixel colour features relative to the glass: three float32 planes, and what gives the hue on demand."""
 
-    r: NDArray[np.float32]  # transmission I / I0 per channel, in [1/255, 1]
-    g: NDArray[np.float32]
-    b: NDArray[np.float32]
     od: NDArray[np.float32]  # summed optical density
-    mx: NDArray[np.float32]  # brightest channel's transmission
-    sat: NDArray[np.float32]  # HSV saturation, 1 - min / max
+    mx: NDArray[np.float32]  # brightest channel's transmission I / I0, in [1/255, 1]
+    sat: NDArray[np.float32]  # HSV saturation of the transmissions, 1 - min / max
+    image: NDArray[np.uint8]  # the (H, W, 3) image (not copied)
+    n_lut: NDArray[np.float32]  # (3, 256) transmission per channel and value
 
     def hue_deg(self, where: NDArray[np.bool_]) -> NDArray[np.float32]:
         """HSV hue in degrees of the pixels selected by `where`, as a flat array (0 for greys)."""
-        r, g, b, mx = self.r[where], self.g[where], self.b[where], self.mx[where]
+        # Transmissions only where asked (ink candidates are few): three whole planes cost 12 bytes a pixel.
+        r, g, b = (self.n_lut[c][self.image[..., c][where]] for c in range(3))
+        mx = self.mx[where]
         c = mx * self.sat[where]  # max - min
         safe = np.where(c > 0, c, np.float32(1.0))
         hue = np.where(
@@ -457,17 +462,16 @@ class _Colour:
 
 
 def _colour(image: NDArray[np.uint8], bg: NDArray[np.float64]) -> _Colour:
-    """Transmission, optical density and saturation through 256-entry tables per channel (fast, exact)."""
+    """Optical density, brightest transmission and saturation through 256-entry tables per channel (exact), in
+    one pass with no temporaries (the tissue grid of a large slide has millions of pixels)."""
     levels = np.arange(256, dtype=np.float64)
     # Clipped so that pixels brighter than glass are glass and black has a finite OD.
     n_lut = np.clip(levels[None, :] / bg[:, None], 1.0 / 255.0, 1.0)
-    od_lut = (-np.log10(n_lut)).astype(np.float32)
-    n_lut = n_lut.astype(np.float32)
-    r, g, b = (n_lut[c][image[..., c]] for c in range(3))
-    od = od_lut[0][image[..., 0]] + od_lut[1][image[..., 1]] + od_lut[2][image[..., 2]]
-    mx = np.maximum(np.maximum(r, g), b)
-    mn = np.minimum(np.minimum(r, g), b)
-    return _Colour(r=r, g=g, b=b, od=od, mx=mx, sat=np.float32(1.0) - mn / mx)
+    od_lut = np.ascontiguousarray(-np.log10(n_lut), dtype=np.float32)
+    n_lut = np.ascontiguousarray(n_lut, dtype=np.float32)
+    od, mx, sat = (np.empty(image.shape[:2], dtype=np.float32) for _ in range(3))
+    tissue_colour_kernel(image, n_lut, od_lut, od, mx, sat)
+    return _Colour(od=od, mx=mx, sat=sat, image=image, n_lut=n_lut)
 
 
 def detect_tissue(
@@ -538,27 +542,32 @@ def detect_tissue(
     p = params
 
     glass_seen = True
+    col = None
     if background_rgb is None:
         ref = np.asarray(reference_rgb, dtype=np.float64)
         if ref.shape != (3,) or not np.all((ref > 0) & (ref <= 255)):
             raise ValueError(f"reference_rgb must be three values in (0, 255], got {reference_rgb!r}")
-        bg, glass_seen = _find_glass(image, fill_rgb=fill_rgb, reference_rgb=ref, params=p)
+        bg, col = _find_glass(image, fill_rgb=fill_rgb, reference_rgb=ref, params=p)
+        glass_seen = col is not None
     else:
         bg = np.asarray(background_rgb, dtype=np.float64)
     if bg.shape != (3,) or not np.all((bg > 0) & (bg <= 255)):
         raise ValueError(f"background_rgb must be three values in (0, 255], got {background_rgb!r}")
-    col = _colour(image, bg)
+    if col is None:
+        col = _colour(image, bg)
+    artefact = _artefacts(col, mpp_um=mpp_um, params=p)
     od, sat = col.od, col.sat
+    del col  # its brightness plane is done with; the smoothed planes below replace the raw ones one by one
 
     radius = round(p.smooth_um / mpp_um)
     if radius > 0:
         footprint = _disk(radius)
         od_s = ndi.median_filter(od, footprint=footprint, mode="nearest")
+        del od
         sat_s = ndi.median_filter(sat, footprint=footprint, mode="nearest")
+        del sat
     else:
         od_s, sat_s = od, sat
-
-    artefact = _artefacts(col, mpp_um=mpp_um, params=p)
 
     valid = ~artefact
     method: str = p.method
