@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import shapely
+from scipy import ndimage as ndi
 from shapely.geometry import MultiPolygon, Point, Polygon, box
 
 from cleihc.geometry import (
@@ -181,3 +182,14 @@ def test_region_color_is_stable_rgb():
     assert c == region_color("my custom region")
     assert all(isinstance(v, int) and 0 <= v <= 255 for v in c)
     assert region_color("a") != region_color("b")
+
+
+def test_label_sizes_equals_bincount_across_chunks(monkeypatch):
+    from cleihc import geometry
+
+    monkeypatch.setattr(geometry, "_LABEL_CHUNK_PX", 1000)  # several chunks, the last one partial
+    labels, n = ndi.label(np.random.default_rng(5).random((97, 89)) < 0.4)
+    sizes = geometry.label_sizes(labels, n)
+    np.testing.assert_array_equal(sizes, np.bincount(labels.ravel(), minlength=n + 1))
+    assert sizes.dtype == np.int64 and sizes.sum() == labels.size
+    np.testing.assert_array_equal(geometry.label_sizes(np.zeros((3, 4), np.int32), 2), [12, 0, 0])

@@ -208,45 +208,45 @@ def plan_slide(
                 f"large slide: compartments found at {overview_um:.2f} um/px and totals kept at {raster_um:.2f} "
                 "um/px to bound memory"
             )
-        overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
-        tissue_ov = map_mask(
-            tissue.mask,
-            mask_downsample=tissue.downsample,
-            shape=(overview.shape[1], overview.shape[0]),
-            downsample=overview_ds,
-        )
-        stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
-        release_free_heap()
         user_regions = _user_regions(regions, slide_path)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
-        compartments = None
-        if proto.compartments.enabled and user_epidermis:
-            # The user's epidermis moves the junction, so the dermis and depth bands follow it.
-            epi = rasterize(
-                user_epidermis[0].geometry,
-                shape=(overview.shape[1], overview.shape[0]),
-                downsample=overview_ds,
-            )
-            compartments = compartments_from_epidermis(
-                epi & tissue_ov,
-                tissue_ov,
-                mpp_um=overview_mpp,
-                downsample=overview_ds,
-                params=proto.compartments,
-            )
-        elif proto.compartments.enabled:
-            compartments = skin_compartments(
-                concentration(
-                    overview, stains, stain=proto.counterstain
-                ),  # one channel: a third of the memory
-                tissue_ov,
-                mpp_um=overview_mpp,
-                downsample=overview_ds,
-                params=proto.compartments,
-            )
-        if compartments is not None:
-            warnings.extend(compartments.warnings)
-        timings["overview_s"] = time.perf_counter() - t1
+        overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
+    # The slide, and its cache of decoded tiles, is closed here: what follows works on whole-slide arrays only.
+    tissue_ov = map_mask(
+        tissue.mask,
+        mask_downsample=tissue.downsample,
+        shape=(overview.shape[1], overview.shape[0]),
+        downsample=overview_ds,
+    )
+    stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
+    overview_wh = (overview.shape[1], overview.shape[0])
+    # Automatic compartments need one channel of the overview, not its RGB: dropped before they run.
+    auto_compartments = proto.compartments.enabled and not user_epidermis
+    counterstain_ov = concentration(overview, stains, stain=proto.counterstain) if auto_compartments else None
+    del overview
+    release_free_heap()
+    compartments = None
+    if proto.compartments.enabled and user_epidermis:
+        # The user's epidermis moves the junction, so the dermis and depth bands follow it.
+        epi = rasterize(user_epidermis[0].geometry, shape=overview_wh, downsample=overview_ds)
+        compartments = compartments_from_epidermis(
+            epi & tissue_ov,
+            tissue_ov,
+            mpp_um=overview_mpp,
+            downsample=overview_ds,
+            params=proto.compartments,
+        )
+    elif auto_compartments:
+        compartments = skin_compartments(
+            counterstain_ov,
+            tissue_ov,
+            mpp_um=overview_mpp,
+            downsample=overview_ds,
+            params=proto.compartments,
+        )
+    if compartments is not None:
+        warnings.extend(compartments.warnings)
+    timings["overview_s"] = time.perf_counter() - t1
 
     if roi is not None:
         # Compartments were found on the whole tissue, so an ROI never changes what counts as epidermis; only

@@ -33,7 +33,14 @@ from shapely.geometry import MultiPolygon, Polygon, box
 from shapely.geometry.base import BaseGeometry
 
 from cleihc.errors import RegionsError
-from cleihc.geometry import feature_collection, mask_to_polygons, polygonal, rasterize, to_feature
+from cleihc.geometry import (
+    feature_collection,
+    label_sizes,
+    mask_to_polygons,
+    polygonal,
+    rasterize,
+    to_feature,
+)
 from cleihc.io import atomic_write
 from cleihc.slide import slide_stem
 
@@ -773,10 +780,15 @@ def skin_compartments(
     elif win is None:
         warnings.append("no tissue: no compartments")
     else:
-        od = np.nan_to_num(
-            np.array(od_in[win], dtype=np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0
+        # A fresh float32 copy that _find_epidermis consumes (no name here keeps it alive while that runs).
+        epi, why = _find_epidermis(
+            np.nan_to_num(
+                np.array(od_in[win], dtype=np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0
+            ),
+            tissue[win],
+            mpp_um,
+            p,
         )
-        epi, why = _find_epidermis(od, tissue[win], mpp_um, p)
         if why:
             warnings.append(why)
         epidermis[win] = epi
@@ -884,8 +896,9 @@ def _compartments(
     win = _tissue_window(tissue)
     if epidermis.any() and win is not None:
         epi, dermis = epidermis[win], masks["dermis"][win]
-        d = _distance_um(~epi, mpp_um) - np.float32(0.5 * mpp_um)
-        depth[win][dermis] = d[dermis]
+        d = _distance_um(~epi, mpp_um)
+        d -= np.float32(0.5 * mpp_um)
+        np.copyto(depth[win], d, where=dermis)
         masks["papillary_dermis"][win] = dermis & (d < p.papillary_um)
         masks["superficial_dermis"][win] = dermis & (d >= p.papillary_um) & (d < p.superficial_um)
         masks["deep_dermis"][win] = dermis & (d >= p.superficial_um)
@@ -906,7 +919,11 @@ def _compartments(
 def _find_epidermis(
     od: np.ndarray, tissue: np.ndarray, mpp_um: float, p: CompartmentParams
 ) -> tuple[np.ndarray, str]:
-    """The epidermis mask, or an empty mask and the reason none was found."""
+    """The epidermis mask, or an empty mask and the reason none was found.
+
+    `od` is a private float32 copy that this function consumes (it is overwritten and dropped early: whole-slide
+    grids reach 8 M pixels).
+    """
     # Imported here: Dask workers import this module (a protocol's CompartmentParams) but never run this.
     from skimage.filters import threshold_otsu
     from skimage.morphology import disk
@@ -914,13 +931,12 @@ def _find_epidermis(
     none = np.zeros_like(tissue)
     sigma_px = p.nuclear_sigma_um / mpp_um
     # Whole-slide grids reach 8 M pixels: temporaries are dropped as soon as they are used (del below).
-    t = tissue.astype(np.float32)
-    weight = ndi.gaussian_filter(t, sigma_px, mode="constant")
+    weight = ndi.gaussian_filter(tissue.astype(np.float32), sigma_px, mode="constant")
     np.maximum(weight, np.float32(1e-6), out=weight)
-    t *= od
-    density = ndi.gaussian_filter(t, sigma_px, mode="constant")
+    od *= tissue
+    density = ndi.gaussian_filter(od, sigma_px, mode="constant")
     density /= weight
-    del t, weight
+    del od, weight
     # Distance of tissue pixels to the air (outside the tissue), µm.
     to_air = _distance_um(np.pad(tissue, 1), mpp_um)[1:-1, 1:-1]
     if p.threshold_od > 0:
@@ -942,9 +958,9 @@ def _find_epidermis(
     labels, n = ndi.label(dense)
     if n == 0:
         return none, "no epidermis found (no dense nuclear layer)"
-    area_um2 = np.bincount(labels.ravel(), minlength=n + 1) * mpp_um**2
+    area_um2 = label_sizes(labels, n) * mpp_um**2
     near_air = np.zeros(n + 1, dtype=bool)
-    near_air[np.unique(labels[dense & (to_air <= p.max_surface_gap_um + mpp_um)])] = True
+    near_air[labels[dense & (to_air <= p.max_surface_gap_um + mpp_um)]] = True
     keep = (area_um2 >= p.min_epidermis_um2) & near_air
     keep[0] = False
     if not keep[1:].any():
@@ -961,8 +977,9 @@ def _find_epidermis(
     if not epi.any():
         return none, "no epidermis found (dense regions at the surface are too thick to be epidermis)"
     rest = tissue & ~epi
-    ref = float(np.median(density[rest])) if rest.any() else 0.0
+    ref = float(np.median(density[rest], overwrite_input=True)) if rest.any() else 0.0  # sorts its own copy
     contrast = float(np.mean(density[epi])) / ref if ref > 0 else np.inf
+    del rest, density
     if contrast < p.min_contrast:
         return none, (
             f"no epidermis found (surface layer only {contrast:.2f}x denser than the dermis, "
@@ -972,25 +989,30 @@ def _find_epidermis(
     holes = ndi.binary_fill_holes(epi) & ~epi & tissue
     hl, hn = ndi.label(holes)
     if hn:
-        small = np.bincount(hl.ravel(), minlength=hn + 1) * mpp_um**2 <= (4.0 * p.nuclear_sigma_um) ** 2
+        small = label_sizes(hl, hn) * mpp_um**2 <= (4.0 * p.nuclear_sigma_um) ** 2
         small[0] = False
         epi = epi | small[hl]
     del holes, hl
     # Stratum corneum: thin non-dense tissue pieces lying between the epidermis and the air.
     if p.max_corneum_um > 0:
-        other = tissue & ~epi
-        ol, on_ = ndi.label(other)
+        # Labelled with the distance transform's one-pixel frame, so both are contiguous and flatten as views.
+        other_framed = np.pad(tissue & ~epi, 1)
+        ol_framed, on_ = ndi.label(other_framed)
         if on_:
-            inner = _distance_um(np.pad(other, 1), mpp_um)[1:-1, 1:-1]
+            inner = _distance_um(other_framed, mpp_um)
             thickest = np.zeros(on_ + 1, dtype=np.float32)
-            np.maximum.at(thickest, ol.ravel(), inner.ravel())  # ndimage.maximum: ~14 bytes a pixel more
+            np.maximum.at(
+                thickest, ol_framed.ravel(), inner.ravel()
+            )  # ndimage.maximum: ~14 bytes a pixel more
+            del inner
             thickest = thickest[1:]
-            sizes = np.bincount(ol.ravel(), minlength=on_ + 1)[1:]
+            sizes = label_sizes(ol_framed, on_)[1:]
             largest = int(np.argmax(sizes)) + 1
+            other, ol = other_framed[1:-1, 1:-1], ol_framed[1:-1, 1:-1]
             touches_epi = np.zeros(on_ + 1, dtype=bool)
-            touches_epi[np.unique(ol[ndi.binary_dilation(epi) & other])] = True
+            touches_epi[ol[ndi.binary_dilation(epi) & other]] = True
             touches_air = np.zeros(on_ + 1, dtype=bool)
-            touches_air[np.unique(ol[other & (to_air <= mpp_um)])] = True
+            touches_air[ol[other & (to_air <= mpp_um)]] = True
             corneum = np.zeros(on_ + 1, dtype=bool)
             corneum[1:] = (
                 (2.0 * np.asarray(thickest) <= p.max_corneum_um + mpp_um) & touches_epi[1:] & touches_air[1:]

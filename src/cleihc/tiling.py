@@ -249,8 +249,12 @@ class TileGrid:
         if not (math.isfinite(mask_downsample) and mask_downsample > 0):
             raise ValueError(f"tissue mask downsample must be positive, got {mask_downsample}")
         # Summed-area table: any-true in a rectangle in O(1) per tile.
-        sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-        sat[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+        # Summed in place, in 32 bits when the mask's size allows (a large slide's mask has millions of pixels).
+        dtype = np.int32 if mask.size < 2**31 else np.int64
+        sat = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=dtype)
+        sat[1:, 1:] = mask
+        np.cumsum(sat, axis=0, out=sat)
+        np.cumsum(sat, axis=1, out=sat)
         ratio = self.downsample / mask_downsample
 
         def spans(edges: NDArray[np.int64], n_mask: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
