@@ -244,6 +244,7 @@ def plan_slide(
             downsample=overview_ds,
             params=proto.compartments,
         )
+    del counterstain_ov, tissue_ov
     if compartments is not None:
         warnings.extend(compartments.warnings)
     timings["overview_s"] = time.perf_counter() - t1
@@ -263,6 +264,8 @@ def plan_slide(
     auto = compartments.to_regions() if compartments is not None else []
     merged = merge_regions(auto, user_regions)
     comp_masks = dict(compartments.masks) if compartments is not None else {}
+    compartment_downsample = compartments.downsample if compartments is not None else 1.0
+    del compartments  # its depth map and the overview-sized arrays go before the trim below
     # A user region replaces the automatic region of the same name: drop the automatic mask.
     for r in user_regions:
         comp_masks.pop(r.name, None)
@@ -303,7 +306,7 @@ def plan_slide(
         tissue=tissue,
         regions=tuple(merged),
         compartment_masks=comp_masks,
-        compartment_downsample=compartments.downsample if compartments is not None else 1.0,
+        compartment_downsample=compartment_downsample,
         warnings=tuple(warnings),
         timings_s=timings,
         roi=roi,
@@ -539,7 +542,9 @@ def region_rows(
         row: dict[str, Any] = {**ids, "region": name, "region_area_mm2": am["region_area_mm2"]}
         if "cells" in measure:
             inside = cells_in_mask(mask, cells, raster_downsample)
-            row.update(cell_metrics(cells.loc[inside], region_area_mm2=am["region_area_mm2"]))
+            # Only the columns the metrics read: a region of a big slide would otherwise copy whole rows.
+            counted = cells.loc[inside, ["positive", "intensity_class", "pigment"]] if len(cells) else cells
+            row.update(cell_metrics(counted, region_area_mm2=am["region_area_mm2"]))
         if "area" in measure:
             row.update({k: v for k, v in am.items() if k != "region_area_mm2"})
             if not positive_pixel_count:
