@@ -60,12 +60,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def sha256_file(path: str | os.PathLike[str], *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex sha256 of a file's content, read in chunks.
+
+    Remembered per file identity (device, inode, size, modification time in ns) within the process: a batch
+    hashes each slide to decide whether to skip it, and its provenance record needs the same digest (a whole
+    slide file is read once, not twice). A file rewritten in any way gets a new identity and is hashed again.
+    """
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if len(_DIGESTS) >= _MAX_DIGESTS:
+            _DIGESTS.pop(next(iter(_DIGESTS)))  # the oldest
+        _DIGESTS[key] = digest
+    return digest
+
+
+# Digests of files already hashed by this process, by file identity (insertion order = age).
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_MAX_DIGESTS = 4096
 
 
 def jsonable(obj: Any) -> Any:
