@@ -556,7 +556,10 @@ def test_smoothing_is_bit_identical_to_scipy():
     from cleihc.cells import _smooth
 
     rng = np.random.default_rng(2)
-    for shape, sigma in [((50, 37), 2.0), ((7, 9), 2.0), ((120, 131), 1.3), ((5, 100), 3.0), ((64, 64), 0.1)]:
+    # radius 4 and 8 (sigma 1 and 2 px) take their own fused paths; others (5, 12, 0) the general one
+    cases = [((50, 37), 2.0), ((7, 9), 2.0), ((120, 131), 1.3), ((5, 100), 3.0), ((64, 64), 0.1)]
+    cases += [((61, 47), 1.0), ((3, 5), 1.0), ((40, 2), 0.989), ((2, 33), 2.0), ((90, 70), 1.9)]
+    for shape, sigma in cases:
         x = (rng.random(shape) * rng.choice([0.01, 1.0, 3.0], shape)).astype(np.float32)
         ref = ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=4.0, output=np.float32)
         assert np.array_equal(_smooth(x, sigma), ref), (shape, sigma)

@@ -314,6 +314,38 @@ def _store(acc, dst):  # pragma: no cover - compiled
         dst[j] = acc[j]
 
 
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _sym4(dst, c, a4, b4, a3, b3, a2, b2, a1, b1, w0, w1, w2, w3, w4):  # pragma: no cover - compiled
+    # The radius-4 correlation of one row with every tap in a register: the same operations in the same order
+    # as _scale then _add_pair from k = 4 down to 1, without an accumulator row in between (2x faster).
+    for j in range(dst.shape[0]):
+        s = c[j] * w0
+        s += (a4[j] + b4[j]) * w4
+        s += (a3[j] + b3[j]) * w3
+        s += (a2[j] + b2[j]) * w2
+        s += (a1[j] + b1[j]) * w1
+        dst[j] = s
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _sym8(
+    dst, c, a8, b8, a7, b7, a6, b6, a5, b5, a4, b4, a3, b3, a2, b2, a1, b1, w
+):  # pragma: no cover - compiled
+    # Radius 8, as _sym4 (the weights are read once, outside the loop).
+    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
+    for j in range(dst.shape[0]):
+        s = c[j] * w0
+        s += (a8[j] + b8[j]) * w8
+        s += (a7[j] + b7[j]) * w7
+        s += (a6[j] + b6[j]) * w6
+        s += (a5[j] + b5[j]) * w5
+        s += (a4[j] + b4[j]) * w4
+        s += (a3[j] + b3[j]) * w3
+        s += (a2[j] + b2[j]) * w2
+        s += (a1[j] + b1[j]) * w1
+        dst[j] = s
+
+
 @njit(cache=True, nogil=True, fastmath=False)
 def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
     """Symmetric correlation along axis 0 (columns), border clamped; bit-identical to scipy's ``correlate1d``.
@@ -321,7 +353,8 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
     ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
     ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype; whole rows
     are accumulated at a time so that the loop vectorises, from a ring of the last ``2 r + 1`` input rows
-    converted to float64 once each.
+    converted to float64 once each. Radii 4 and 8 (a 1 or 2 px sigma: the protocols' smoothing at 0.5 µm/px)
+    keep every tap of a pixel in registers.
     """
     h, w = src.shape
     r = weights.shape[0] - 1
@@ -339,10 +372,51 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
         d = ring[p % nb]
         for j in range(w):
             d[j] = s[j]
-        _scale(acc, ring[i % nb], weights[0])
-        for k in range(r, 0, -1):
-            _add_pair(acc, ring[(i - k + nb) % nb], ring[(i + k) % nb], weights[k])
-        _store(acc, out[i])
+        if r == 4:
+            _sym4(
+                out[i],
+                ring[i % nb],
+                ring[(i - 4 + nb) % nb],
+                ring[(i + 4) % nb],
+                ring[(i - 3 + nb) % nb],
+                ring[(i + 3) % nb],
+                ring[(i - 2 + nb) % nb],
+                ring[(i + 2) % nb],
+                ring[(i - 1 + nb) % nb],
+                ring[(i + 1) % nb],
+                weights[0],
+                weights[1],
+                weights[2],
+                weights[3],
+                weights[4],
+            )
+        elif r == 8:
+            _sym8(
+                out[i],
+                ring[i % nb],
+                ring[(i - 8 + nb) % nb],
+                ring[(i + 8) % nb],
+                ring[(i - 7 + nb) % nb],
+                ring[(i + 7) % nb],
+                ring[(i - 6 + nb) % nb],
+                ring[(i + 6) % nb],
+                ring[(i - 5 + nb) % nb],
+                ring[(i + 5) % nb],
+                ring[(i - 4 + nb) % nb],
+                ring[(i + 4) % nb],
+                ring[(i - 3 + nb) % nb],
+                ring[(i + 3) % nb],
+                ring[(i - 2 + nb) % nb],
+                ring[(i + 2) % nb],
+                ring[(i - 1 + nb) % nb],
+                ring[(i + 1) % nb],
+                weights,
+            )
+        else:
+            _scale(acc, ring[i % nb], weights[0])
+            for k in range(r, 0, -1):
+                _add_pair(acc, ring[(i - k + nb) % nb], ring[(i + k) % nb], weights[k])
+            _store(acc, out[i])
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -359,11 +433,52 @@ def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
         for j in range(r):
             buf[j] = buf[r]
             buf[w + r + j] = buf[w + r - 1]
-        _scale(acc, buf[r : r + w], weights[0])
-        for k in range(r, 0, -1):
-            # slices, not buf[j - k]: an index numba cannot prove non-negative stops vectorisation
-            _add_pair(acc, buf[r - k : r - k + w], buf[r + k : r + k + w], weights[k])
-        _store(acc, out[i])
+        # slices, not buf[j - k]: an index numba cannot prove non-negative stops vectorisation
+        if r == 4:
+            _sym4(
+                out[i],
+                buf[4 : 4 + w],
+                buf[0:w],
+                buf[8 : 8 + w],
+                buf[1 : 1 + w],
+                buf[7 : 7 + w],
+                buf[2 : 2 + w],
+                buf[6 : 6 + w],
+                buf[3 : 3 + w],
+                buf[5 : 5 + w],
+                weights[0],
+                weights[1],
+                weights[2],
+                weights[3],
+                weights[4],
+            )
+        elif r == 8:
+            _sym8(
+                out[i],
+                buf[8 : 8 + w],
+                buf[0:w],
+                buf[16 : 16 + w],
+                buf[1 : 1 + w],
+                buf[15 : 15 + w],
+                buf[2 : 2 + w],
+                buf[14 : 14 + w],
+                buf[3 : 3 + w],
+                buf[13 : 13 + w],
+                buf[4 : 4 + w],
+                buf[12 : 12 + w],
+                buf[5 : 5 + w],
+                buf[11 : 11 + w],
+                buf[6 : 6 + w],
+                buf[10 : 10 + w],
+                buf[7 : 7 + w],
+                buf[9 : 9 + w],
+                weights,
+            )
+        else:
+            _scale(acc, buf[r : r + w], weights[0])
+            for k in range(r, 0, -1):
+                _add_pair(acc, buf[r - k : r - k + w], buf[r + k : r + k + w], weights[k])
+            _store(acc, out[i])
 
 
 # ------------------------------------------------------------------------------------------------ run lengths
