@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -140,22 +141,28 @@ def rebuild_tables(out_dir: str | os.PathLike[str], *, lead_columns: tuple[str, 
 
 
 def write_totals(result: Any, path: Path) -> None:
-    """The totals raster and region masks, as a plain ``.npz`` (no pickled objects)."""
+    """The totals raster and region masks, as a plain ``.npz`` (no pickled objects; ``numpy.load`` reads it).
+
+    Deflated at level 1 rather than ``numpy.savez_compressed``'s 6: on the 10k benchmark slide 0.75 against
+    2.35 s for a file 15 % larger (10.4 against 9.0 MB).
+    """
     raster = result.raster
     names = list(result.region_masks)
+    arrays = {
+        "bin_px": raster.bin_px,
+        "positive_od_sum": raster.positive_od_sum,
+        "pigment_px": raster.pigment_px,
+        "region_names": np.array(names, dtype=str),
+        "region_masks": np.stack([result.region_masks[n] for n in names]),
+        "raster_downsample": np.float64(result.plan.raster_downsample),
+        "raster_factor": np.int64(raster.raster_factor),
+        "pixel_area_um2": np.float64(result.plan.pixel_area_um2),
+    }
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(
-                f,
-                bin_px=raster.bin_px,
-                positive_od_sum=raster.positive_od_sum,
-                pigment_px=raster.pigment_px,
-                region_names=np.array(names, dtype=str),
-                region_masks=np.stack([result.region_masks[n] for n in names]),
-                raster_downsample=np.float64(result.plan.raster_downsample),
-                raster_factor=np.int64(raster.raster_factor),
-                pixel_area_um2=np.float64(result.plan.pixel_area_um2),
-            )
+        with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for name, value in arrays.items():
+                with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 def write_regions_geojson(result: Any, path: Path) -> None:
@@ -264,4 +271,4 @@ def write_qc_png(result: Any, path: Path, *, max_size_px: int = 1600) -> None:
         ):
             draw.ellipse((x - r, y - r, x + r, y + r), fill=(200, 0, 0) if pos else (0, 60, 200))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=1)  # a QC picture: fast deflate, a somewhat larger file

@@ -210,21 +210,18 @@ def _bin_mean_kernel(block, f, lut, use_lut, out):  # pragma: no cover - compile
 
 
 def _resize_rgb(image: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Anti-aliased resize of an RGB uint8 image to (H, W), rounded to uint8."""
+    """Resize of an RGB uint8 image to (H, W), for display (thumbnails, previews), never for measurement.
+
+    Pillow's bilinear filter, which widens its support when shrinking (anti-aliased) and works on 8-bit data in C:
+    a slide's 1600 px QC thumbnail took 1.5 s through a float anti-aliased resize, about 20 ms here.
+    """
     if image.shape[:2] == tuple(shape_hw):
         return image
-    from skimage.transform import resize
+    from PIL import Image
 
-    downscale = shape_hw[0] < image.shape[0] or shape_hw[1] < image.shape[1]
-    out = resize(
-        image.astype(np.float32),
-        (*shape_hw, 3),
-        order=1,
-        mode="edge",
-        anti_aliasing=downscale,
-        preserve_range=True,
-    )
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    h, w = (int(v) for v in shape_hw)
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((w, h), resample=Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
