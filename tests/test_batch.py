@@ -265,3 +265,62 @@ def test_partial_files_of_a_killed_run_are_cleaned(study, tmp_path):
     assert not stale.exists()
     assert np.isfinite(_table(out)["region_area_mm2"]).all()
     shutil.rmtree(out)
+
+
+def test_next_slide_is_planned_while_this_one_is_measured(study, tmp_path, monkeypatch):
+    # The look-ahead thread plans slide 2 while slide 1's outputs are being written: writing slide 1 waits until
+    # slide 2's planning has begun, in the other thread (without a look-ahead it would wait for ever: 60 s).
+    import threading
+
+    from cleihc import batch
+
+    slides = _good(study)
+    second = Path(slides[1]).stem
+    planning_second = threading.Event()
+    threads: dict[str, str] = {}
+    real_plan, real_write = batch.plan_slide, batch.write_slide_outputs
+
+    def plan_slide(path, *args, **kwargs):
+        threads[Path(path).stem] = threading.current_thread().name
+        if Path(path).stem == second:
+            planning_second.set()
+        return real_plan(path, *args, **kwargs)
+
+    waited: list[bool] = []
+
+    def write_slide_outputs(result, *args, **kwargs):
+        if not waited:
+            waited.append(planning_second.wait(timeout=60))
+        return real_write(result, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "plan_slide", plan_slide)
+    monkeypatch.setattr(batch, "write_slide_outputs", write_slide_outputs)
+    out = tmp_path / "ahead"
+    summary = batch.run_batch(slides, load_cd3(), out_dir=out)
+    assert waited == [True]
+    assert [o.status for o in summary.outcomes] == ["done"] * 3
+    assert [o.slide for o in summary.outcomes] == [Path(s).stem for s in slides]  # input order kept
+    assert set(threads.values()) == {"cleihc-plan_0"}  # never planned in the main thread
+
+
+def test_run_log_names_the_slide_of_each_line(serial_run):
+    # (Other tests add runs to the same log: every line must name its own slide, whatever the run.)
+    _, out = serial_run
+    lines = (out / "run.log").read_text().splitlines()
+    done = [line for line in lines if ": done in " in line]
+    for line in done:
+        slide = line.split("[", 1)[1].split("]", 1)[0]
+        assert f"]: {slide}: done in " in line
+    assert {line.split("[", 1)[1].split("]", 1)[0] for line in done} == {
+        "S01_post_cd3",
+        "S01_pre_cd3",
+        "S02_pre_cd3",
+    }
+    failed = [line for line in lines if "S04_pre_cd3: failed" in line]
+    assert failed and all("[S04_pre_cd3]" in line and "--mpp" in line for line in failed)
+
+
+def load_cd3():
+    from cleihc.protocol import load_protocol
+
+    return load_protocol("cd3")

@@ -8,6 +8,7 @@ It reports what happens through an ``on_event`` callback; it never prints.
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import glob
 import io
@@ -17,6 +18,7 @@ import re
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,14 @@ from cleihc.corrections import apply_saved_corrections, corrections_path
 from cleihc.errors import CleihcError, SlideNotFoundError
 from cleihc.io import atomic_write, sha256_file
 from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
-from cleihc.pipeline import quantify, slide_stem
+from cleihc.pipeline import SlidePlan, measure_plan, plan_slide, slide_stem
 from cleihc.protocol import Protocol
 from cleihc.slide import is_slide
 
 __all__ = [
     "BatchSummary",
     "Event",
+    "SlideLogFilter",
     "SlideOutcome",
     "StudyMetadata",
     "discover_slides",
@@ -42,6 +45,22 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The slide whose work a log record belongs to: set by run_batch in whichever thread works on that slide.
+_CURRENT_SLIDE: contextvars.ContextVar[str] = contextvars.ContextVar("cleihc_slide", default="-")
+
+
+class SlideLogFilter(logging.Filter):
+    """Adds ``record.slide``: the stem of the slide a batch was working on when the record was made, else "-".
+
+    A batch plans the next slide in a second thread while it measures the current one, so a run log says which
+    slide each line is about through this (``%(slide)s`` in the handler's format).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.slide = _CURRENT_SLIDE.get()
+        return True
+
 
 #: Sidecar files that sit next to slides and are not slides themselves.
 _SIDECAR_SUFFIXES = (".json", ".geojson", ".xml", ".csv", ".md", ".txt", ".toml", ".parquet", ".npz", ".log")
@@ -292,73 +311,77 @@ def run_batch(
     existing = {rec["slide"]: rec for rec in read_slide_records(out)}
     seen_stems: dict[str, Path] = {}
     inputs_record = []
+    # Each slide once, in order; a second input with the same stem is answered where it stands.
+    queue: list[tuple[Path, str, Path | None]] = []
     for path in slides:
         stem = slide_stem(path)
-        if stem in seen_stems:
-            summary.outcomes.append(
-                SlideOutcome(
-                    stem,
-                    str(path),
-                    "failed",
-                    f"another input has the same name ({seen_stems[stem]}); rename one",
-                )
-            )
-            continue
-        seen_stems[stem] = path
-        t0 = time.perf_counter()
-        emit(Event("slide_start", stem))
-        try:
-            digest = sha256_file(path)
-            inputs_record.append(
-                {"slide": stem, "path": str(path), "size_bytes": path.stat().st_size, "sha256": digest}
-            )
-            rec = existing.get(stem)
-            corr = corrections_path(out, stem)
-            corr_sha = sha256_file(corr) if corr.exists() else None
-            if (
-                not force
-                and rec is not None
-                and _is_current(rec, input_sha256=digest, protocol_sha256=protocol.sha256)
-            ):
-                reason = "results are current"
-                if rec.get("corrections_sha256") != corr_sha:  # corrections changed: recompute, no re-run
-                    apply_saved_corrections(out, stem)
-                    reason = "results are current; corrections re-applied"
-                summary.outcomes.append(SlideOutcome(stem, str(path), "skipped", reason))
-                emit(Event("slide_done", stem, status="skipped"))
-                continue
+        queue.append((path, stem, seen_stems.get(stem)))
+        seen_stems.setdefault(stem, path)
+    unique = [k for k, (_, _, first) in enumerate(queue) if first is None]
 
-            def progress(done: int, total: int, _stem: str = stem) -> None:
-                emit(Event("tile", _stem, done=done, total=total))
+    # Look-ahead: the next slide is hashed and planned in a second thread while this one is measured and its
+    # outputs written. Planning is whole-slide work in this process that would otherwise leave the tile workers
+    # (or, serially, the second core) idle; one slide ahead at most, so at most two plans are held.
+    ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cleihc-plan")
+    prepared: dict[int, Future[_Prepared]] = {}
 
-            result = quantify(
+    def prepare(u: int) -> None:
+        if u < len(unique) and u not in prepared:
+            path, stem, _ = queue[unique[u]]
+            prepared[u] = ahead.submit(
+                _prepare,
                 path,
-                protocol,
+                stem,
+                out=out,
+                existing=existing,
+                protocol=protocol,
+                force=force,
                 regions=regions,
                 mpp=mpp,
                 tile_size=tile_size,
-                progress=progress,
-                runner=runner,
             )
-            meta = metadata.for_slide(stem)
-            if meta:
-                for k, v in reversed(list(meta.items())):
-                    result.regions.insert(0, k, v)
-            write_slide_outputs(result, out, extra={"metadata": meta})
-            if corr_sha is not None:  # later runs honour a reviewer's saved corrections
-                apply_saved_corrections(out, stem)
-            seconds = time.perf_counter() - t0
-            summary.outcomes.append(SlideOutcome(stem, str(path), "done", seconds=seconds))
-            emit(Event("slide_done", stem, status="done", message=f"{seconds:.1f} s"))
-        except CleihcError as exc:
-            reason = exc.reason if exc.path == str(path) else str(exc)
-            summary.outcomes.append(SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0))
-            emit(Event("slide_done", stem, status="failed", message=reason))
-        except Exception as exc:  # an unforeseen failure: isolate the slide, log the traceback, keep going
-            log.error("%s: %s\n%s", path, exc, traceback.format_exc())
-            reason = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see run.log"
-            summary.outcomes.append(SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0))
-            emit(Event("slide_done", stem, status="failed", message=reason))
+
+    try:
+        u = 0
+        for path, stem, first in queue:
+            if first is not None:
+                summary.outcomes.append(
+                    SlideOutcome(
+                        stem, str(path), "failed", f"another input has the same name ({first}); rename one"
+                    )
+                )
+                continue
+            prepare(u)
+            prepare(u + 1)
+            t0 = time.perf_counter()
+            emit(Event("slide_start", stem))
+            token = _CURRENT_SLIDE.set(stem)
+            try:
+                outcome = _measure_prepared(
+                    prepared.pop(u).result(),
+                    path,
+                    stem,
+                    out=out,
+                    metadata=metadata,
+                    runner=runner,
+                    emit=emit,
+                    t0=t0,
+                    inputs_record=inputs_record,
+                )
+                if outcome.status == "done":
+                    log.info("%s: done in %.1f s", stem, outcome.seconds)
+                elif outcome.status == "skipped":
+                    log.info("%s: skipped (%s)", stem, outcome.reason)
+                else:  # info, not warning: the console lists failures itself at the end
+                    log.info("%s: failed: %s", stem, outcome.reason)
+            finally:
+                _CURRENT_SLIDE.reset(token)
+            u += 1
+            summary.outcomes.append(outcome)
+            message = {"done": f"{outcome.seconds:.1f} s", "skipped": ""}.get(outcome.status, outcome.reason)
+            emit(Event("slide_done", stem, status=outcome.status, message=message))
+    finally:
+        ahead.shutdown(wait=True, cancel_futures=True)
     lead = ("subject", "timepoint", "group", *metadata.lead_columns)
     rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
     summary.seconds = time.perf_counter() - started
@@ -382,6 +405,112 @@ def run_batch(
         },
     )
     return summary
+
+
+@dataclass
+class _Prepared:
+    """What the look-ahead thread hands over for one slide: its digest and, unless an error stopped it, whether
+    its results are current (skip) or its plan."""
+
+    started: float
+    digest: str | None = None
+    size_bytes: int | None = None
+    skip: bool = False
+    corrections_sha256: str | None = None
+    corrections_changed: bool = False
+    plan: SlidePlan | None = None
+    error: Exception | None = None
+    traceback: str = ""
+
+
+def _prepare(
+    path: Path,
+    stem: str,
+    *,
+    out: Path,
+    existing: dict[str, dict[str, Any]],
+    protocol: Protocol,
+    force: bool,
+    regions: str | os.PathLike[str] | None,
+    mpp: float | None,
+    tile_size: int | None,
+) -> _Prepared:
+    """Hash a slide, decide whether its results are current, and plan it if not (the look-ahead thread's job)."""
+    token = _CURRENT_SLIDE.set(stem)
+    prep = _Prepared(started=time.perf_counter())
+    try:
+        prep.digest = sha256_file(path)
+        prep.size_bytes = path.stat().st_size
+        rec = existing.get(stem)
+        corr = corrections_path(out, stem)
+        prep.corrections_sha256 = sha256_file(corr) if corr.exists() else None
+        if (
+            not force
+            and rec is not None
+            and _is_current(rec, input_sha256=prep.digest, protocol_sha256=protocol.sha256)
+        ):
+            prep.skip = True
+            prep.corrections_changed = rec.get("corrections_sha256") != prep.corrections_sha256
+        else:
+            prep.plan = plan_slide(path, protocol, regions=regions, mpp=mpp, tile_size=tile_size)
+    except Exception as exc:  # reported when the batch reaches this slide, in order
+        prep.error, prep.traceback = exc, traceback.format_exc()
+    finally:
+        _CURRENT_SLIDE.reset(token)
+    return prep
+
+
+def _measure_prepared(
+    prep: _Prepared,
+    path: Path,
+    stem: str,
+    *,
+    out: Path,
+    metadata: StudyMetadata,
+    runner: Any,
+    emit: Callable[[Event], None],
+    t0: float,
+    inputs_record: list[dict[str, Any]],
+) -> SlideOutcome:
+    """Measure a prepared slide and write its outputs (or apply its saved corrections); never raises."""
+    if prep.digest is not None:
+        inputs_record.append(
+            {"slide": stem, "path": str(path), "size_bytes": prep.size_bytes, "sha256": prep.digest}
+        )
+    try:
+        if prep.error is not None:
+            raise prep.error
+        if prep.skip:
+            reason = "results are current"
+            if prep.corrections_changed:  # corrections changed: recompute, no re-run
+                apply_saved_corrections(out, stem)
+                reason = "results are current; corrections re-applied"
+            return SlideOutcome(stem, str(path), "skipped", reason)
+
+        def progress(done: int, total: int) -> None:
+            emit(Event("tile", stem, done=done, total=total))
+
+        plan = prep.plan
+        assert plan is not None
+        # Provenance's total_s: planning plus measuring, not the time the plan waited for its turn.
+        started = time.perf_counter() - plan.timings_s.get("plan_s", 0.0)
+        result = measure_plan(plan, progress=progress, runner=runner, started=started)
+        meta = metadata.for_slide(stem)
+        if meta:
+            for k, v in reversed(list(meta.items())):
+                result.regions.insert(0, k, v)
+        write_slide_outputs(result, out, extra={"metadata": meta})
+        if prep.corrections_sha256 is not None:  # later runs honour a reviewer's saved corrections
+            apply_saved_corrections(out, stem)
+        return SlideOutcome(stem, str(path), "done", seconds=time.perf_counter() - t0)
+    except CleihcError as exc:
+        reason = exc.reason if exc.path == str(path) else str(exc)
+        return SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0)
+    except Exception as exc:  # an unforeseen failure: isolate the slide, log the traceback, keep going
+        trace = prep.traceback if exc is prep.error else traceback.format_exc()
+        log.error("%s: %s\n%s", path, exc, trace)
+        reason = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see run.log"
+        return SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0)
 
 
 def _write_failures(out: Path, failed: Iterable[SlideOutcome]) -> None:

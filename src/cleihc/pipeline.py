@@ -72,6 +72,7 @@ __all__ = [
     "TileResult",
     "finalize",
     "iter_tiles",
+    "measure_plan",
     "plan_slide",
     "process_tile",
     "quantify",
@@ -661,6 +662,33 @@ def quantify(
         tile_origin_px=tile_origin_px,
         roi=roi,
     )
+    return measure_plan(plan, progress=progress, runner=runner, started=started)
+
+
+def measure_plan(
+    plan: SlidePlan,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    runner: Any = None,
+    started: float | None = None,
+) -> Result:
+    """Measure a planned slide: its tiles (serially, or on `runner`), then every total and metric.
+
+    :func:`quantify` is :func:`plan_slide` then this; a batch plans the next slide while this runs.
+
+    Parameters
+    ----------
+    plan : SlidePlan
+        From :func:`plan_slide`.
+    progress, runner
+        As for :func:`quantify`.
+    started : float, optional
+        ``time.perf_counter()`` when planning began, for the provenance's ``total_s``.
+
+    Returns
+    -------
+    Result
+    """
     timings: dict[str, float] = {}
 
     def timed(results: Iterable[TileResult]) -> Iterator[TileResult]:

@@ -123,8 +123,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _attach_run_log(path: Path) -> logging.Handler:
+    from cleihc.batch import SlideLogFilter
+
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # [slide]: the next slide is planned while the current one is measured, so lines say which one they are about.
+    handler.addFilter(SlideLogFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(slide)s]: %(message)s"))
     handler.setLevel(logging.INFO)
     logger = logging.getLogger("cleihc")
     logger.addHandler(handler)
