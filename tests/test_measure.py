@@ -190,3 +190,22 @@ def test_plan_refuses_a_raster_cell_of_more_than_255_pixels(tmp_path):
     d["analysis"]["raster_mpp_um"] = 100.0  # 400 analysis pixels per raster cell
     with pytest.raises(ProtocolError, match="raster_mpp_um"):
         plan_slide(SAMPLE_IMAGES / "S01_pre_gag-alcian.svs", Protocol.from_dict(d), mpp=0.25)
+
+
+def test_positive_fraction_in_row_blocks_equals_the_whole_raster_formula():
+    # 1200 rows of 2000 cells: three row blocks of about a million cells each, the last one partial.
+    rng = np.random.default_rng(11)
+    raster = TotalsRaster((2000, 1200), 4)
+    raster.bin_px[...] = rng.integers(1, 5, raster.bin_px.shape, dtype=np.uint16)
+    raster.bin_px[:, 5:9, :] = 0  # cells with no measured pixel: NaN
+    total = raster.bin_px.sum(axis=0, dtype=np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want = np.where(total > 0, (total - raster.bin_px[0]) / np.maximum(total, 1), np.nan).astype(
+            np.float32
+        )
+    got = raster.positive_fraction()
+    assert got.dtype == np.float32 and got.shape == (1200, 2000)
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[5:9]).all() and not np.isnan(got[:5]).any()
+    rows, cols = np.array([0, 6, 6, 1199, 500]), np.array([1999, 0, 3, 3])
+    np.testing.assert_array_equal(raster.positive_fraction_at(rows, cols), want[np.ix_(rows, cols)])

@@ -157,12 +157,13 @@ def write_totals(result: Any, path: Path) -> None:
     """
     raster = result.raster
     names = list(result.region_masks)
+    masks = [np.ascontiguousarray(result.region_masks[n], dtype=bool) for n in names]
     arrays = {
         "bin_px": raster.bin_px,
         "positive_od_sum": raster.positive_od_sum,
         "pigment_px": raster.pigment_px,
         "region_names": np.array(names, dtype=str),
-        "region_masks": np.stack([result.region_masks[n] for n in names]),
+        "region_masks": None,  # (n, h, w) bool, streamed mask by mask below rather than stacked in memory
         "raster_downsample": np.float64(result.plan.raster_downsample),
         "raster_factor": np.int64(raster.raster_factor),
         "pixel_area_um2": np.float64(result.plan.pixel_area_um2),
@@ -171,7 +172,14 @@ def write_totals(result: Any, path: Path) -> None:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for name, value in arrays.items():
                 with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                    if value is not None:
+                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                        continue
+                    shape = (len(masks), *(masks[0].shape if masks else raster.positive_od_sum.shape))
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(bool)), "fortran_order": False}
+                    np.lib.format.write_array_header_1_0(member, {**header, "shape": shape})
+                    for mask in masks:
+                        member.write(memoryview(mask).cast("B"))
 
 
 def write_regions_geojson(result: Any, path: Path) -> None:
@@ -195,9 +203,12 @@ def write_mask_pyramid(result: Any, path: Path) -> None:
     import tifffile
 
     frac = result.raster.positive_fraction()
-    img = np.where(np.isfinite(frac) & result.region_masks["tissue"], np.round(frac * 255), 0).astype(
-        np.uint8
-    )
+    tissue = result.region_masks["tissue"]
+    img = np.empty(frac.shape, np.uint8)
+    step = max(1, (1 << 20) // max(frac.shape[1], 1))  # in row blocks: float temporaries stay small
+    for y0 in range(0, frac.shape[0], step):
+        f = frac[y0 : y0 + step]
+        img[y0 : y0 + step] = np.where(np.isfinite(f) & tissue[y0 : y0 + step], np.round(f * 255), 0)
     plan = result.plan
     mpp = plan.resolution.mpp_um[0] * plan.raster_factor
     levels = [img]
@@ -252,13 +263,15 @@ def write_qc_png(result: Any, path: Path, *, max_size_px: int = 1600) -> None:
     th, tw = thumb.shape[:2]
     scale = tw / w0  # thumbnail px per level-0 px
     rgb = thumb.astype(np.float32)
-    # Positive overlay: red tint proportional to the positive fraction of each raster cell.
-    frac = result.raster.positive_fraction()
-    fh, fw = frac.shape
+    # Positive overlay: red tint proportional to the positive fraction of the raster cell under each thumbnail
+    # pixel (only those cells are looked at; float32 throughout: a big slide's QC image stays small in memory).
+    _, fh, fw = result.raster.bin_px.shape
     ys = np.clip(((np.arange(th) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fh - 1)
     xs = np.clip(((np.arange(tw) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fw - 1)
-    f = np.nan_to_num(frac[np.ix_(ys, xs)], nan=0.0)[..., None]
-    rgb = rgb * (1 - 0.6 * f) + np.array([230.0, 0.0, 40.0]) * 0.6 * f
+    f = np.nan_to_num(result.raster.positive_fraction_at(ys, xs), nan=0.0)[..., None]
+    tint = np.array([230.0, 0.0, 40.0], dtype=np.float32) * np.float32(0.6)
+    rgb *= np.float32(1.0) - np.float32(0.6) * f
+    rgb += tint * f
     img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
 
