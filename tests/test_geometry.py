@@ -193,3 +193,16 @@ def test_label_sizes_equals_bincount_across_chunks(monkeypatch):
     np.testing.assert_array_equal(sizes, np.bincount(labels.ravel(), minlength=n + 1))
     assert sizes.dtype == np.int64 and sizes.sum() == labels.size
     np.testing.assert_array_equal(geometry.label_sizes(np.zeros((3, 4), np.int32), 2), [12, 0, 0])
+
+
+def test_outline_does_not_depend_on_empty_margins():
+    # Traced inside the mask's bounding box: the same polygons, vertex for vertex, with any empty margin.
+    rng = np.random.default_rng(9)
+    m = ndi.binary_opening(rng.random((60, 70)) < 0.6)
+    framed = np.zeros((60 + 37, 70 + 11), bool)
+    framed[30:90, 4:74] = m
+    a = mask_to_polygons(m, downsample=3.0, origin_px=(12.0 + 4 * 3.0, -6.0 + 30 * 3.0))
+    b = mask_to_polygons(framed, downsample=3.0, origin_px=(12.0, -6.0))
+    assert a.area == m.sum() * 9.0 and len(a.geoms) > 1
+    assert shapely.equals_exact(a, b, tolerance=0.0)
+    np.testing.assert_array_equal(shapely.get_coordinates(a), shapely.get_coordinates(b))

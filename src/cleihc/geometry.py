@@ -221,6 +221,10 @@ def mask_to_polygons(
     mask = mask.astype(bool, copy=False)
     if not mask.any():
         return MultiPolygon()
+    # Traced within the mask's bounding box: a biopsy's outline is a small part of a whole-slide grid.
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, c0 = int(rows[0]), int(cols[0])
+    mask = mask[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
     x, y, d, pi, pj, stride = _trace_edges(mask)
     nxt, saddle = _link(x, y, d, stride)
     prev = np.empty_like(nxt)
@@ -261,7 +265,7 @@ def mask_to_polygons(
     vert_order = np.lexsort((np.arange(order.size), rank[loop_of]))
 
     ox, oy, ds = float(origin_px[0]), float(origin_px[1]), float(downsample)
-    coords = np.column_stack([ox + vx[vert_order] * ds, oy + vy[vert_order] * ds])
+    coords = np.column_stack([ox + (vx[vert_order] + c0) * ds, oy + (vy[vert_order] + r0) * ds])
     rings = shapely.linearrings(coords, indices=rank[loop_of][vert_order])
     polys = shapely.polygons(rings, indices=poly_of_loop[loop_order])
     result = MultiPolygon(list(polys))
