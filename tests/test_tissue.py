@@ -572,3 +572,19 @@ def test_colour_features_equal_the_numpy_formula():
     probe = np.array([[[0, 200, 0], [0, 0, 200], [120, 120, 120]]], dtype=np.uint8)
     hue = _colour(probe, np.array([255.0, 255.0, 255.0])).hue_deg(np.ones((1, 3), bool))
     np.testing.assert_allclose(hue, [120.0, 240.0, 0.0], atol=0.5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1), (2, 2), (57, 83)])
+def test_radius_one_median_equals_scipy(shape):
+    from cleihc.tissue import _disk, _median_disk
+
+    rng = np.random.default_rng(sum(shape))
+    for values in (rng.random(shape), rng.integers(0, 4, shape)):  # ties too
+        plane = values.astype(np.float32)
+        want = ndi.median_filter(plane, footprint=_disk(1), mode="nearest")
+        got = _median_disk(plane, 1)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(
+        _median_disk(plane, 2), ndi.median_filter(plane, footprint=_disk(2), mode="nearest")
+    )

@@ -22,6 +22,7 @@ __all__ = [
     "concentrations_kernel",
     "deconvolve_kernel",
     "glass_histogram_kernel",
+    "median_cross_kernel",
     "recompose_kernel",
     "tissue_colour_kernel",
 ]
@@ -225,3 +226,37 @@ def tissue_colour_kernel(rgb, n_lut, od_lut, od, mx, sat):  # pragma: no cover -
             lo = min(min(tr, tg), tb)
             mx[i, j] = hi
             sat[i, j] = one - lo / hi
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def median_cross_kernel(src, out):  # pragma: no cover - compiled
+    """Median over each pixel and its four neighbours (the radius-1 disk), border clamped: the value
+    ``scipy.ndimage.median_filter(src, footprint=cross, mode="nearest")`` selects, by a five-value network.
+
+    Why a network: the two pair minima that are not the smallest cannot be the median; dropping the smaller
+    pair's minimum leaves the median as the second smallest of four, read from two sorted pairs.
+    """
+    h, w = src.shape
+    for i in range(h):
+        up = src[max(i - 1, 0)]
+        row = src[i]
+        down = src[min(i + 1, h - 1)]
+        for j in range(w):
+            a = up[j]
+            b = down[j]
+            c = row[j]
+            d = row[max(j - 1, 0)]
+            e = row[min(j + 1, w - 1)]
+            if a > b:
+                a, b = b, a
+            if d > e:
+                d, e = e, d
+            if a > d:  # d is among the two smallest: drop it, keep the pair (a, b) and the pair (c, e)
+                a, b, d, e = c, e, a, b
+            else:  # a is among the two smallest: drop it, keep the pair (c, b) and the pair (d, e)
+                a = c
+            if a > b:
+                a, b = b, a
+            lo = a if a > d else d  # the larger of the two minima
+            hi = b if b < e else e  # the smaller of the two maxima
+            out[i, j] = lo if lo < hi else hi
