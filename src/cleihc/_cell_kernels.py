@@ -315,35 +315,59 @@ def _store(acc, dst):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
-def _sym4(dst, c, a4, b4, a3, b3, a2, b2, a1, b1, w0, w1, w2, w3, w4):  # pragma: no cover - compiled
-    # The radius-4 correlation of one row with every tap in a register: the same operations in the same order
-    # as _scale then _add_pair from k = 4 down to 1, without an accumulator row in between (2x faster).
-    for j in range(dst.shape[0]):
-        s = c[j] * w0
-        s += (a4[j] + b4[j]) * w4
-        s += (a3[j] + b3[j]) * w3
-        s += (a2[j] + b2[j]) * w2
-        s += (a1[j] + b1[j]) * w1
-        dst[j] = s
+def _correlate_row(dst, base, offs, weights, acc):  # pragma: no cover - compiled
+    """``dst[j] = x[r][j] * w[0] + sum over k = r..1 of (x[r - k][j] + x[r + k][j]) * w[k]`` in float64 (scipy's
+    order), where ``x[m]`` is ``base[offs[m]:]``: ring rows for axis 0, shifted slices of a padded row for axis 1.
 
-
-@njit(cache=True, nogil=True, fastmath=False, inline="always")
-def _sym8(
-    dst, c, a8, b8, a7, b7, a6, b6, a5, b5, a4, b4, a3, b3, a2, b2, a1, b1, w
-):  # pragma: no cover - compiled
-    # Radius 8, as _sym4 (the weights are read once, outside the loop).
-    w0, w1, w2, w3, w4, w5, w6, w7, w8 = w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]
-    for j in range(dst.shape[0]):
-        s = c[j] * w0
-        s += (a8[j] + b8[j]) * w8
-        s += (a7[j] + b7[j]) * w7
-        s += (a6[j] + b6[j]) * w6
-        s += (a5[j] + b5[j]) * w5
-        s += (a4[j] + b4[j]) * w4
-        s += (a3[j] + b3[j]) * w3
-        s += (a2[j] + b2[j]) * w2
-        s += (a1[j] + b1[j]) * w1
-        dst[j] = s
+    Radii 4 and 8 (a 1 or 2 px sigma: the protocols' smoothing at 0.5 µm/px) keep every tap of a pixel in a
+    register (2x faster than adding each tap pair into the ``acc`` row, which other radii do).
+    """
+    r = weights.shape[0] - 1
+    n = dst.shape[0]
+    if r == 4:
+        c = base[offs[4] : offs[4] + n]
+        a4, b4 = base[offs[0] : offs[0] + n], base[offs[8] : offs[8] + n]
+        a3, b3 = base[offs[1] : offs[1] + n], base[offs[7] : offs[7] + n]
+        a2, b2 = base[offs[2] : offs[2] + n], base[offs[6] : offs[6] + n]
+        a1, b1 = base[offs[3] : offs[3] + n], base[offs[5] : offs[5] + n]
+        w0, w1, w2, w3, w4 = weights[0], weights[1], weights[2], weights[3], weights[4]
+        for j in range(n):
+            s = c[j] * w0
+            s += (a4[j] + b4[j]) * w4
+            s += (a3[j] + b3[j]) * w3
+            s += (a2[j] + b2[j]) * w2
+            s += (a1[j] + b1[j]) * w1
+            dst[j] = s
+    elif r == 8:
+        c = base[offs[8] : offs[8] + n]
+        a8, b8 = base[offs[0] : offs[0] + n], base[offs[16] : offs[16] + n]
+        a7, b7 = base[offs[1] : offs[1] + n], base[offs[15] : offs[15] + n]
+        a6, b6 = base[offs[2] : offs[2] + n], base[offs[14] : offs[14] + n]
+        a5, b5 = base[offs[3] : offs[3] + n], base[offs[13] : offs[13] + n]
+        a4, b4 = base[offs[4] : offs[4] + n], base[offs[12] : offs[12] + n]
+        a3, b3 = base[offs[5] : offs[5] + n], base[offs[11] : offs[11] + n]
+        a2, b2 = base[offs[6] : offs[6] + n], base[offs[10] : offs[10] + n]
+        a1, b1 = base[offs[7] : offs[7] + n], base[offs[9] : offs[9] + n]
+        w0, w1, w2, w3, w4 = weights[0], weights[1], weights[2], weights[3], weights[4]
+        w5, w6, w7, w8 = weights[5], weights[6], weights[7], weights[8]
+        for j in range(n):
+            s = c[j] * w0
+            s += (a8[j] + b8[j]) * w8
+            s += (a7[j] + b7[j]) * w7
+            s += (a6[j] + b6[j]) * w6
+            s += (a5[j] + b5[j]) * w5
+            s += (a4[j] + b4[j]) * w4
+            s += (a3[j] + b3[j]) * w3
+            s += (a2[j] + b2[j]) * w2
+            s += (a1[j] + b1[j]) * w1
+            dst[j] = s
+    else:
+        _scale(acc, base[offs[r] : offs[r] + n], weights[0])
+        for k in range(r, 0, -1):
+            _add_pair(
+                acc, base[offs[r - k] : offs[r - k] + n], base[offs[r + k] : offs[r + k] + n], weights[k]
+            )
+        _store(acc, dst)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -351,15 +375,16 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
     """Symmetric correlation along axis 0 (columns), border clamped; bit-identical to scipy's ``correlate1d``.
 
     ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
-    ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype; whole rows
-    are accumulated at a time so that the loop vectorises, from a ring of the last ``2 r + 1`` input rows
-    converted to float64 once each. Radii 4 and 8 (a 1 or 2 px sigma: the protocols' smoothing at 0.5 µm/px)
-    keep every tap of a pixel in registers.
+    ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype
+    (:func:`_correlate_row`); whole rows are computed at a time so that the loop vectorises, from a ring of the
+    last ``2 r + 1`` input rows converted to float64 once each.
     """
     h, w = src.shape
     r = weights.shape[0] - 1
     nb = 2 * r + 1
     ring = np.empty((nb, w), np.float64)  # (clamped) input row p lives in slot p mod nb
+    flat = ring.reshape(nb * w)
+    offs = np.empty(nb, np.int64)
     acc = np.empty(w, np.float64)
     for p in range(-r, r):
         s = src[min(max(p, 0), h - 1)]
@@ -372,51 +397,9 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
         d = ring[p % nb]
         for j in range(w):
             d[j] = s[j]
-        if r == 4:
-            _sym4(
-                out[i],
-                ring[i % nb],
-                ring[(i - 4 + nb) % nb],
-                ring[(i + 4) % nb],
-                ring[(i - 3 + nb) % nb],
-                ring[(i + 3) % nb],
-                ring[(i - 2 + nb) % nb],
-                ring[(i + 2) % nb],
-                ring[(i - 1 + nb) % nb],
-                ring[(i + 1) % nb],
-                weights[0],
-                weights[1],
-                weights[2],
-                weights[3],
-                weights[4],
-            )
-        elif r == 8:
-            _sym8(
-                out[i],
-                ring[i % nb],
-                ring[(i - 8 + nb) % nb],
-                ring[(i + 8) % nb],
-                ring[(i - 7 + nb) % nb],
-                ring[(i + 7) % nb],
-                ring[(i - 6 + nb) % nb],
-                ring[(i + 6) % nb],
-                ring[(i - 5 + nb) % nb],
-                ring[(i + 5) % nb],
-                ring[(i - 4 + nb) % nb],
-                ring[(i + 4) % nb],
-                ring[(i - 3 + nb) % nb],
-                ring[(i + 3) % nb],
-                ring[(i - 2 + nb) % nb],
-                ring[(i + 2) % nb],
-                ring[(i - 1 + nb) % nb],
-                ring[(i + 1) % nb],
-                weights,
-            )
-        else:
-            _scale(acc, ring[i % nb], weights[0])
-            for k in range(r, 0, -1):
-                _add_pair(acc, ring[(i - k + nb) % nb], ring[(i + k) % nb], weights[k])
-            _store(acc, out[i])
+        for m in range(nb):  # tap m is input row i + m - r
+            offs[m] = ((i + m - r + nb) % nb) * w
+        _correlate_row(out[i], flat, offs, weights, acc)
 
 
 @njit(cache=True, nogil=True, fastmath=False)
@@ -425,6 +408,9 @@ def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
     h, w = src.shape
     r = weights.shape[0] - 1
     buf = np.empty(w + 2 * r, np.float64)
+    # Tap m of output j is buf[j + m]: slices, not buf[j - k], which numba cannot prove non-negative (that stops
+    # vectorisation).
+    offs = np.arange(2 * r + 1)
     acc = np.empty(w, np.float64)
     for i in range(h):
         row = src[i]
@@ -433,52 +419,7 @@ def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
         for j in range(r):
             buf[j] = buf[r]
             buf[w + r + j] = buf[w + r - 1]
-        # slices, not buf[j - k]: an index numba cannot prove non-negative stops vectorisation
-        if r == 4:
-            _sym4(
-                out[i],
-                buf[4 : 4 + w],
-                buf[0:w],
-                buf[8 : 8 + w],
-                buf[1 : 1 + w],
-                buf[7 : 7 + w],
-                buf[2 : 2 + w],
-                buf[6 : 6 + w],
-                buf[3 : 3 + w],
-                buf[5 : 5 + w],
-                weights[0],
-                weights[1],
-                weights[2],
-                weights[3],
-                weights[4],
-            )
-        elif r == 8:
-            _sym8(
-                out[i],
-                buf[8 : 8 + w],
-                buf[0:w],
-                buf[16 : 16 + w],
-                buf[1 : 1 + w],
-                buf[15 : 15 + w],
-                buf[2 : 2 + w],
-                buf[14 : 14 + w],
-                buf[3 : 3 + w],
-                buf[13 : 13 + w],
-                buf[4 : 4 + w],
-                buf[12 : 12 + w],
-                buf[5 : 5 + w],
-                buf[11 : 11 + w],
-                buf[6 : 6 + w],
-                buf[10 : 10 + w],
-                buf[7 : 7 + w],
-                buf[9 : 9 + w],
-                weights,
-            )
-        else:
-            _scale(acc, buf[r : r + w], weights[0])
-            for k in range(r, 0, -1):
-                _add_pair(acc, buf[r - k : r - k + w], buf[r + k : r + k + w], weights[k])
-            _store(acc, out[i])
+        _correlate_row(out[i], buf, offs, weights, acc)
 
 
 # ------------------------------------------------------------------------------------------------ run lengths
