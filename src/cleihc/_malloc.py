@@ -8,10 +8,11 @@ from __future__ import annotations
 import ctypes
 import functools
 
-__all__ = ["release_free_heap", "restore_adaptive_mmap"]
+__all__ = ["one_heap_for_all_threads", "release_free_heap", "restore_adaptive_mmap"]
 
 _M_TRIM_THRESHOLD = -1  # from malloc.h
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 @functools.cache
@@ -48,3 +49,16 @@ def restore_adaptive_mmap() -> None:
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's maximum on 64-bit systems
         libc.mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+
+
+def one_heap_for_all_threads() -> None:
+    """Make threads started from now on allocate from the main heap (``M_ARENA_MAX`` = 1).
+
+    The command runs the next slide's planning, the output writers and Dask's client in threads; glibc gives
+    each its own arena, whose freed blocks stay resident: with ``--jobs 2`` on four 10k slides the main process
+    peaked at 749 MB, 659 MB with one arena, at the same speed (15.1 s serial, 18.0 s with 2 jobs either way).
+    Local Dask workers get the same through their environment (:class:`cleihc.parallel.DaskRunner`).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)

@@ -62,6 +62,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cleihc._malloc import one_heap_for_all_threads
     from cleihc.batch import StudyMetadata, run_batch
     from cleihc.parallel import make_runner
     from cleihc.protocol import load_protocol
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     out = args.out or Path("cleihc-results") / protocol.name
     out.mkdir(parents=True, exist_ok=True)
+    one_heap_for_all_threads()  # before the look-ahead, writer and Dask threads start
     handler = _attach_run_log(out / "run.log")
     display = _Display(quiet=args.quiet)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
