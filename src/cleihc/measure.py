@@ -15,6 +15,7 @@ Ratios (percentages, densities, means, H-scores) are computed once, in :func:`ar
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ __all__ = [
     "area_metrics",
     "cell_metrics",
     "map_mask",
+    "row_blocks",
 ]
 
 #: Largest raster factor (analysis pixels per raster cell along each axis): a cell's counts then fit 16 bits.
@@ -386,17 +388,23 @@ class TotalsRaster:
 
     def positive_fraction(self) -> np.ndarray:
         """Per raster cell, the fraction of measured pixels that are positive (NaN where none): the review mask."""
-        _, h, w = self.bin_px.shape
-        out = np.empty((h, w), np.float32)
-        # About a million cells at a time: whole-raster int64 and float64 temporaries took 275 MB at 8 M cells.
-        step = max(1, (1 << 20) // max(w, 1))
-        for y0 in range(0, h, step):
-            out[y0 : y0 + step] = _positive_fraction(self.bin_px[:, y0 : y0 + step])
+        out = np.empty(self.bin_px.shape[1:], np.float32)
+        # Whole-raster int64 and float64 temporaries took 275 MB at 8 M cells.
+        for rows in row_blocks(out.shape):
+            out[rows] = _positive_fraction(self.bin_px[:, rows])
         return out
 
     def positive_fraction_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """:meth:`positive_fraction` on the grid of raster rows × columns given (e.g. a thumbnail's samples)."""
         return _positive_fraction(self.bin_px[:, np.asarray(rows)][:, :, np.asarray(cols)])
+
+
+def row_blocks(shape_hw: tuple[int, ...], *, cells: int = 1 << 20) -> Iterator[slice]:
+    """Slices of whole rows of an (H, W) grid holding about `cells` cells each: bounded temporaries over a raster."""
+    h, w = int(shape_hw[0]), int(shape_hw[1])
+    step = max(1, cells // max(w, 1))
+    for y0 in range(0, h, step):
+        yield slice(y0, min(y0 + step, h))
 
 
 def _positive_fraction(bins: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import pandas as pd
 
 from cleihc.geometry import feature_collection, to_feature
 from cleihc.io import atomic_path, atomic_write, jsonable
+from cleihc.measure import row_blocks
 
 __all__ = [
     "SLIDE_RECORD_VERSION",
@@ -157,29 +158,28 @@ def write_totals(result: Any, path: Path) -> None:
     """
     raster = result.raster
     names = list(result.region_masks)
-    masks = [np.ascontiguousarray(result.region_masks[n], dtype=bool) for n in names]
     arrays = {
         "bin_px": raster.bin_px,
         "positive_od_sum": raster.positive_od_sum,
         "pigment_px": raster.pigment_px,
         "region_names": np.array(names, dtype=str),
-        "region_masks": None,  # (n, h, w) bool, streamed mask by mask below rather than stacked in memory
         "raster_downsample": np.float64(result.plan.raster_downsample),
         "raster_factor": np.int64(raster.raster_factor),
         "pixel_area_um2": np.float64(result.plan.pixel_area_um2),
     }
+    masks = [np.ascontiguousarray(result.region_masks[n], dtype=bool) for n in names]
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
             for name, value in arrays.items():
                 with zf.open(f"{name}.npy", mode="w", force_zip64=True) as member:
-                    if value is not None:
-                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-                        continue
-                    shape = (len(masks), *(masks[0].shape if masks else raster.positive_od_sum.shape))
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(bool)), "fortran_order": False}
-                    np.lib.format.write_array_header_1_0(member, {**header, "shape": shape})
-                    for mask in masks:
-                        member.write(memoryview(mask).cast("B"))
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+            # region_masks, (n, h, w) bool: streamed mask by mask rather than stacked in memory.
+            with zf.open("region_masks.npy", mode="w", force_zip64=True) as member:
+                shape = (len(masks), *raster.positive_od_sum.shape)
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(bool)), "fortran_order": False}
+                np.lib.format.write_array_header_1_0(member, {**header, "shape": shape})
+                for mask in masks:
+                    member.write(memoryview(mask).cast("B"))
 
 
 def write_regions_geojson(result: Any, path: Path) -> None:
@@ -205,10 +205,9 @@ def write_mask_pyramid(result: Any, path: Path) -> None:
     frac = result.raster.positive_fraction()
     tissue = result.region_masks["tissue"]
     img = np.empty(frac.shape, np.uint8)
-    step = max(1, (1 << 20) // max(frac.shape[1], 1))  # in row blocks: float temporaries stay small
-    for y0 in range(0, frac.shape[0], step):
-        f = frac[y0 : y0 + step]
-        img[y0 : y0 + step] = np.where(np.isfinite(f) & tissue[y0 : y0 + step], np.round(f * 255), 0)
+    for rows in row_blocks(frac.shape):  # float temporaries stay small
+        f = frac[rows]
+        img[rows] = np.where(np.isfinite(f) & tissue[rows], np.round(f * 255), 0)
     plan = result.plan
     mpp = plan.resolution.mpp_um[0] * plan.raster_factor
     levels = [img]
