@@ -255,10 +255,11 @@ def test_od_planes_from_rgb_equal_the_deconvolved_channels():
     for n in HDAB.names:  # one pass for several planes, each equal to its own
         np.testing.assert_array_equal(planes[n], stains.concentration(rgb, HDAB, stain=n))
     assert residual_channel(HDAB.names, "hematoxylin", "dab") == "residual"
+    pigment = detect_pigment_od(planes["hematoxylin"], planes["dab"], planes["residual"], params=params)
     fused = detect_cells_od(
         planes["hematoxylin"],
         planes["dab"],
-        residual_od=planes["residual"],
+        pigment=pigment,
         mpp_um=MPP,
         params=params,
         positive_od=0.15,
@@ -270,10 +271,9 @@ def test_od_planes_from_rgb_equal_the_deconvolved_channels():
     for name in full.table:
         np.testing.assert_array_equal(fused.table[name], full.table[name], err_msg=name)
     assert full.table["pigment"].any()
-    mask = detect_pigment_od(planes["hematoxylin"], planes["dab"], planes["residual"], params=params)
     conc = stains.deconvolve(rgb, HDAB)
     np.testing.assert_array_equal(
-        mask,
+        pigment,
         detect_pigment(
             conc, names=HDAB.names, counterstain="hematoxylin", target="dab", mpp_um=MPP, params=params
         ),
@@ -287,8 +287,8 @@ def test_od_planes_are_checked():
     kw = dict(mpp_um=MPP, params=CellParams(exclude_pigment=True), positive_od=0.15, bins_od=(0.15, 0.3, 0.5))
     with pytest.raises(ValueError, match="differ in shape"):
         detect_cells_od(plane, plane[:, :-1], **kw)
-    with pytest.raises(ValueError, match="residual_od"):
-        detect_cells_od(plane, plane, residual_od=plane[:-1], **kw)
+    with pytest.raises(ValueError, match="pigment"):
+        detect_cells_od(plane, plane, pigment=np.zeros((19, 30), bool), **kw)
     with pytest.raises(ValueError, match="2-D float"):
         detect_cells_od(plane[..., None], plane, **kw)
     with pytest.raises(ValueError, match="mpp_um"):

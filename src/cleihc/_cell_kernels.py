@@ -33,20 +33,16 @@ __all__ = [
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def measure_kernel(
-    nuc, cell, target, counter, residual, pig_min_od, pig_max_od, pig_ratio, ints, sums, maxs
-):  # pragma: no cover
+def measure_kernel(nuc, cell, target, counter, pigment, use_pig, ints, sums, maxs):  # pragma: no cover
     """Accumulate per-label statistics of nuclei (``nuc``) and of rings (``cell`` pixels outside any nucleus).
 
     ``ints`` (int64, shape (6, n + 1)): 0 nucleus area, 1 sum of x, 2 sum of y, 3 nucleus pigment pixels,
     4 ring area, 5 ring pigment pixels. ``sums`` (float64, shape (3, n + 1)): 0 target in nucleus,
     1 counterstain in nucleus, 2 target in ring. ``maxs`` (float64, shape (2, n + 1)): 0 target max in nucleus,
-    1 target max in ring (initialised by the caller to -inf). A pixel is pigment when ``pig_min_od > 0`` and, in
-    float32, ``pig_min_od <= counter + target <= pig_max_od`` and ``|residual| >= pig_ratio * (counter + target)``
-    (the formula of :func:`cleihc.cells.detect_pigment`).
+    1 target max in ring (initialised by the caller to -inf). With ``use_pig``, a pixel is pigment where
+    ``pigment`` (uint8, :func:`cleihc.cells.detect_pigment_od`) is non-zero; without, ``pigment`` is not read.
     """
     h, w = nuc.shape
-    use_pig = pig_min_od > 0
     for i in range(h):
         for j in range(w):
             a = nuc[i, j]
@@ -55,10 +51,7 @@ def measure_kernel(
                 continue
             tf = target[i, j]
             t = np.float64(tf)
-            pig = False
-            if use_pig:
-                tot = counter[i, j] + tf
-                pig = tot >= pig_min_od and tot <= pig_max_od and abs(residual[i, j]) >= pig_ratio * tot
+            pig = use_pig and pigment[i, j] != 0
             if a > 0:
                 ints[0, a] += 1
                 ints[1, a] += j
@@ -216,7 +209,8 @@ def extreme_filter_kernel(src, radius, axis, is_max, out):  # pragma: no cover -
     log(radius). Along axis 1 a row is padded (clamped) in a buffer; along axis 0 bands of rows are processed in
     column strips that stay in cache. Clamping equals scipy's ``mode="nearest"`` for a maximum or minimum. A
     minimum is the negated maximum of the negated values (exact in floating point). A square filter is this
-    kernel along axis 1, then along axis 0. ``out`` must not be ``src``.
+    kernel along axis 1, then along axis 0. Along axis 1 ``out`` may be ``src`` (each row is copied first); along
+    axis 0 it must not be (a band reads rows the previous band wrote).
     """
     h, w = src.shape
     k = 2 * radius + 1
@@ -377,7 +371,8 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
     ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
     ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype
     (:func:`_correlate_row`); whole rows are computed at a time so that the loop vectorises, from a ring of the
-    last ``2 r + 1`` input rows converted to float64 once each.
+    last ``2 r + 1`` input rows converted to float64 once each. ``out`` may be ``src``: input row ``i + r`` is in
+    the ring before output row ``i`` is written.
     """
     h, w = src.shape
     r = weights.shape[0] - 1
@@ -404,7 +399,8 @@ def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True, fastmath=False)
 def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
-    """Symmetric correlation along axis 1 (rows), border clamped; see :func:`gaussian_axis0_kernel`."""
+    """Symmetric correlation along axis 1 (rows), border clamped; see :func:`gaussian_axis0_kernel`. ``out``
+    may be ``src`` (each row is copied first)."""
     h, w = src.shape
     r = weights.shape[0] - 1
     buf = np.empty(w + 2 * r, np.float64)

@@ -278,13 +278,14 @@ def _residual_index(names: tuple[str, ...], ci: int, ti: int) -> int | None:
     return others[0] if len(others) == 1 else None
 
 
-def _square_filter(image: np.ndarray, radius_px: int, *, is_max: bool) -> np.ndarray:
-    """Maximum or minimum over a (2 r + 1)² square, border clamped (scipy's ``mode="nearest"``), in linear time."""
-    rows = np.empty_like(image)
-    extreme_filter_kernel(image, radius_px, 1, is_max, rows)
-    out = np.empty_like(image)
-    extreme_filter_kernel(rows, radius_px, 0, is_max, out)
-    return out
+def _opening(image: np.ndarray, radius_px: int, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Grey opening by a (2 r + 1)² square into ``out`` (erosion, then dilation; border clamped as scipy's
+    ``mode="nearest"``), each a linear-time running extreme along axis 1 then axis 0. ``out`` and ``scratch``
+    are float32 planes of ``image``'s shape, distinct from it and from each other."""
+    extreme_filter_kernel(image, radius_px, 1, False, out)
+    extreme_filter_kernel(out, radius_px, 0, False, scratch)
+    extreme_filter_kernel(scratch, radius_px, 1, True, scratch)  # along rows a pass may write over its input
+    extreme_filter_kernel(scratch, radius_px, 0, True, out)
 
 
 def _gaussian_weights(sigma_px: float) -> np.ndarray:
@@ -300,14 +301,18 @@ def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Float32 Gaussian, bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest",
     truncate=4, output=np.float32)`` (axis 0 then axis 1, float64 accumulation, float32 in between) at a
     fraction of its cost."""
-    if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
-        return np.array(image, dtype=np.float32, copy=True)
-    weights = _gaussian_weights(sigma_px)
-    tmp = np.empty(image.shape, dtype=np.float32)
-    gaussian_axis0_kernel(np.ascontiguousarray(image, dtype=np.float32), weights, tmp)
-    out = np.empty(image.shape, dtype=np.float32)
-    gaussian_axis1_kernel(tmp, weights, out)
+    out = np.array(image, dtype=np.float32, order="C", copy=True)
+    _smooth_in_place(out, sigma_px)
     return out
+
+
+def _smooth_in_place(plane: np.ndarray, sigma_px: float) -> None:
+    """:func:`_smooth` written over ``plane`` (float32, C-contiguous): no second plane."""
+    if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
+        return
+    weights = _gaussian_weights(sigma_px)
+    gaussian_axis0_kernel(plane, weights, plane)
+    gaussian_axis1_kernel(plane, weights, plane)
 
 
 def detect_pigment(
@@ -575,10 +580,13 @@ def detect_cells(
     ci = _channel(names, counterstain, "counterstain")
     ti = _channel(names, target, "target")
     ri = _residual_index(names, ci, ti)
+    pigment = None
+    if params.exclude_pigment and ri is not None:
+        pigment = detect_pigment_od(conc[..., ci], conc[..., ti], conc[..., ri], params=params)
     return detect_cells_od(
         conc[..., ci],
         conc[..., ti],
-        residual_od=conc[..., ri] if params.exclude_pigment and ri is not None else None,
+        pigment=pigment,
         mpp_um=mpp_um,
         params=params,
         positive_od=positive_od,
@@ -602,18 +610,19 @@ def detect_cells_od(
     counterstain_od: np.ndarray,
     target_od: np.ndarray,
     *,
-    residual_od: np.ndarray | None = None,
+    pigment: np.ndarray | None = None,
     mpp_um: float,
     params: CellParams,
     positive_od: float,
     bins_od: tuple[float, ...],
 ) -> CellDetection:
-    """:func:`detect_cells` on separate OD planes: the counterstain's, the target's and, for the pigment test,
-    the residual's (each (H, W); none is modified).
+    """:func:`detect_cells` on separate OD planes: the counterstain's and the target's (each (H, W); neither is
+    modified), and the pigment mask made from them and the residual (:func:`detect_pigment_od`).
 
     The tile engine makes just these planes from RGB (:func:`cleihc.stains.concentrations`, bit-identical to
-    the channels of :func:`cleihc.stains.deconvolve`) rather than all channels and then copies of two of them.
-    Without `residual_od` no cell is flagged as pigment.
+    the channels of :func:`cleihc.stains.deconvolve`) rather than all channels and then copies of two of them,
+    and tests pigment once per tile, for the area and the cells alike. Without `pigment` (or with
+    ``params.exclude_pigment`` off) no cell is flagged as pigment.
 
     Returns
     -------
@@ -628,39 +637,38 @@ def detect_cells_od(
         raise ValueError(
             f"cells: target_od {target_od.shape} and counterstain_od {counter_od.shape} differ in shape"
         )
+    pig = None
+    if params.exclude_pigment and pigment is not None:
+        pigment = np.asarray(pigment)
+        if pigment.shape != counter_od.shape:
+            raise ValueError(f"cells: pigment {pigment.shape} and counterstain_od {counter_od.shape} differ in shape")
+        pig = np.ascontiguousarray(pigment != 0).view(np.uint8)
+    sigma_px = params.smoothing_sigma_um / mpp_um
+
+    # Besides the inputs, three working planes serve every step in turn (det, a, b; then det as the expansion's
+    # scratch): a tile's peak memory is what limits the tile size, and larger tiles waste less time on halos.
     det = np.multiply(target_od, np.float32(params.nucleus_target_weight))
     det += counter_od
-
-    det = _smooth(det, params.smoothing_sigma_um / mpp_um)
+    _smooth_in_place(det, sigma_px)
+    a = np.empty_like(det)
+    b = np.empty_like(det)
     r_px = round(params.background_radius_um / mpp_um)
-    if r_px > 0:
-        # White top-hat: subtract the grey opening (erosion then dilation by a square of side 2 r + 1).
-        det -= _square_filter(_square_filter(det, r_px, is_max=False), r_px, is_max=True)
-
+    if r_px > 0:  # white top-hat: subtract the grey opening
+        _opening(det, r_px, a, b)
+        det -= a
     ring_holes = None
     if params.ring_threshold_od > 0:
-        ring = _smooth(target_od, params.smoothing_sigma_um / mpp_um) >= np.float32(params.ring_threshold_od)
-        ring_holes = _ring_holes(ring, params, mpp_um)
+        np.copyto(a, target_od)
+        _smooth_in_place(a, sigma_px)
+        ring_holes = _ring_holes(a >= np.float32(params.ring_threshold_od), params, mpp_um)
+    del a, b
     clump_runs = _nucleus_mask(det, ring_holes, params, mpp_um)
+    del ring_holes
     nuclei = _split(clump_runs, det.shape, params, mpp_um)
     cells = np.empty_like(nuclei)
-    scratch = np.empty(nuclei.shape, dtype=np.float32)
-    expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), scratch, cells)
-
-    if params.exclude_pigment and residual_od is not None:
-        residual_od = _od_plane(residual_od, "residual_od")
-        if residual_od.shape != counter_od.shape:
-            raise ValueError(f"cells: residual_od {residual_od.shape} and counterstain_od differ in shape")
-        pigment_od = (
-            np.float32(params.pigment_min_od),
-            np.float32(params.pigment_max_od),
-            np.float32(params.pigment_residual_ratio),
-        )
-    else:  # a threshold of 0 switches the pigment test off in the kernel
-        residual_od, pigment_od = target_od, (np.float32(0.0), np.float32(0.0), np.float32(0.0))
-    table = _measure(
-        nuclei, cells, target_od, counter_od, residual_od, pigment_od, params, mpp_um, positive_od, bins
-    )
+    expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), det, cells)
+    del det
+    table = _measure(nuclei, cells, target_od, counter_od, pig, params, mpp_um, positive_od, bins)
     return CellDetection(labels=nuclei, cell_labels=cells, table=table)
 
 
@@ -676,8 +684,7 @@ def _measure(
     cells: np.ndarray,
     target_od: np.ndarray,
     counter_od: np.ndarray,
-    residual_od: np.ndarray,
-    pigment_od: tuple[np.float32, np.float32, np.float32],
+    pigment: np.ndarray | None,
     params: CellParams,
     mpp_um: float,
     positive_od: float,
@@ -687,7 +694,9 @@ def _measure(
     ints = np.zeros((6, n + 1), dtype=np.int64)
     sums = np.zeros((3, n + 1), dtype=np.float64)
     maxs = np.full((2, n + 1), -np.inf, dtype=np.float64)
-    measure_kernel(nuclei, cells, target_od, counter_od, residual_od, *pigment_od, ints, sums, maxs)
+    use_pig = pigment is not None
+    pig = pigment if use_pig else np.zeros((1, 1), dtype=np.uint8)
+    measure_kernel(nuclei, cells, target_od, counter_od, pig, use_pig, ints, sums, maxs)
     ints, sums, maxs = ints[:, 1:], sums[:, 1:], maxs[:, 1:]
     n_area, sx, sy, n_pig, r_area, r_pig = ints
     n_t, n_c, r_t = sums

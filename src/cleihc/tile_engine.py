@@ -115,30 +115,28 @@ def process_tile(slide: Slide, plan: SlidePlan, tile: Tile) -> TileResult:
         )
         return TileResult(tile.index, window, _empty_cells())
     # Only the planes the cells use, in one pass from RGB (bit-identical to deconvolve's channels): less
-    # arithmetic and 12 bytes a pixel less than all channels and then copies of two.
+    # arithmetic and memory than all channels and then copies of two. The residual serves only the pigment
+    # test, made once here over the halo (for the area and the cells) and then dropped.
     stains = plan.stains
+    counter_od, target_od = concentrations(rgb, stains, names=(proto.counterstain, proto.target))
     residual = residual_channel(stains.names, proto.counterstain, proto.target) if pigment_on else None
-    planes = concentrations(
-        rgb, stains, names=(proto.counterstain, proto.target) + ((residual,) if residual else ())
-    )
-    counter_od, target_od = planes[0], planes[1]
-    residual_od = planes[2] if residual else None
     pigment = None
-    if residual_od is not None:
-        pigment = detect_pigment_od(
-            counter_od[sy, sx], target_od[sy, sx], residual_od[sy, sx], params=proto.cells
-        )
+    if residual is not None:
+        residual_od = concentrations(rgb, stains, names=(residual,))[0]
+        pigment = detect_pigment_od(counter_od, target_od, residual_od, params=proto.cells)
+        del residual_od
+    del rgb
     window = accumulate_area(
         target_od[sy, sx],
         location_a=(cx, cy),
         raster_factor=plan.raster_factor,
         bins_od=proto.thresholds.bins_od,
-        pigment=pigment,
+        pigment=None if pigment is None else pigment[sy, sx],
     )
     det = detect_cells_od(
         counter_od,
         target_od,
-        residual_od=residual_od,
+        pigment=pigment,
         mpp_um=float(plan.resolution.mpp_um[0]),
         params=proto.cells,
         positive_od=proto.thresholds.positive_od,
