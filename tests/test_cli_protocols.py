@@ -21,7 +21,7 @@ def test_protocols_lists_builtins(capsys):
     assert "search path:" in out
     assert main(["protocols", "list", "--json"]) == 0
     listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
-    assert listed["cd3"]["version"] == "1.1.0" and listed["cd3"]["path"].endswith("cd3.toml")
+    assert listed["cd3"]["version"] == "1.1.1" and listed["cd3"]["path"].endswith("cd3.toml")
 
 
 def test_protocols_show_prints_resolved_toml_with_sha(capsys, tmp_path):

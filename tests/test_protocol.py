@@ -37,10 +37,10 @@ def write(tmp_path: Path, text: str, name: str = "p.toml") -> Path:
 # ------------------------------------------------------------------------------------------------ built-ins
 # Raised whenever a built-in protocol's values change (its results change with them).
 BUILTIN_VERSIONS = {
-    "cd3": "1.1.0",
-    "cd4": "1.1.0",
-    "cd8": "1.1.0",
-    "cxcl10": "1.0.0",
+    "cd3": "1.1.1",
+    "cd4": "1.1.1",
+    "cd8": "1.1.1",
+    "cxcl10": "1.0.1",
     "gag-alcian": "1.0.0",
     "gag-colloidal-iron": "1.0.0",
 }
@@ -116,7 +116,7 @@ positive_od = 0.2
 bins_od = [0.2, 0.4, 0.6]
 [analysis]
 halo_um = 25
-tile_size_px = 1024
+tile_size_px = 2048
 mpp_um = 0.5
 raster_mpp_um = 2
 [background]
@@ -142,7 +142,7 @@ target = "dab"
 measure = ["cells"]
 description = "DESCRIPTION"
 schema = 1
-version = "1.1.0"
+version = "1.1.1"
 name = "cd3"
 """.replace("DESCRIPTION", data["protocol"]["description"])
     p = load_protocol(write(tmp_path, reformatted))
@@ -424,10 +424,10 @@ def test_lookup_order(tmp_path, monkeypatch):
     for d in (env_a, env_b, cwd / "protocols"):
         d.mkdir(parents=True)
     text = builtin_text("cd3")
-    (env_b / "cd3.toml").write_text(text.replace('version = "1.1.0"', 'version = "9.0.0"'), encoding="utf-8")
-    (cwd / "protocols" / "cd3.toml").write_text(text.replace('version = "1.1.0"', 'version = "8.0.0"'))
+    (env_b / "cd3.toml").write_text(text.replace('version = "1.1.1"', 'version = "9.0.0"'), encoding="utf-8")
+    (cwd / "protocols" / "cd3.toml").write_text(text.replace('version = "1.1.1"', 'version = "8.0.0"'))
     (cwd / "protocols" / "cd4.toml").write_text(
-        builtin_text("cd4").replace('version = "1.1.0"', 'version = "7.0.0"'), encoding="utf-8"
+        builtin_text("cd4").replace('version = "1.1.1"', 'version = "7.0.0"'), encoding="utf-8"
     )
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("CLEIHC_PROTOCOL_PATH", f"{env_a}{protocol_mod.os.pathsep}{env_b}")
@@ -437,14 +437,14 @@ def test_lookup_order(tmp_path, monkeypatch):
     assert load_protocol("cd4").version == "7.0.0"
     builtin = find_protocol("cd8")  # then the built-ins
     assert builtin.name == "cd8.toml" and builtin.parent.name == "protocols"
-    assert load_protocol("cd8").version == "1.1.0"
+    assert load_protocol("cd8").version == "1.1.1"
     # an existing file path wins over names
     assert find_protocol(env_b / "cd3.toml") == env_b / "cd3.toml"
     infos = {i.name: i for i in list_protocols()}
     assert (
         infos["cd3"].version == "9.0.0"
         and infos["cd4"].version == "7.0.0"
-        and infos["cd8"].version == "1.1.0"
+        and infos["cd8"].version == "1.1.1"
     )
     assert set(BUILTINS) <= set(infos)
     monkeypatch.delenv("CLEIHC_PROTOCOL_PATH")
