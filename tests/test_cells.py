@@ -13,7 +13,13 @@ from scipy.optimize import linear_sum_assignment
 from skimage.segmentation import expand_labels
 
 from cleihc import stains
-from cleihc._cell_kernels import _SQRT2, expand_labels_kernel, extreme_filter_kernel
+from cleihc._cell_kernels import (
+    _SQRT2,
+    expand_labels_kernel,
+    extreme_filter_kernel,
+    near_runs_kernel,
+    runs_of_u8_kernel,
+)
 from cleihc.cells import (
     TABLE_COLUMNS,
     CellDetection,
@@ -466,6 +472,10 @@ def test_extreme_filter_equals_scipy():
                     x, size=size, mode="nearest"
                 )
                 assert np.array_equal(out, ref), (h, w, r, axis, is_max)
+                if axis == 1:  # along rows the output may be the input (the opening reuses its planes so)
+                    y = x.copy()
+                    extreme_filter_kernel(y, r, axis, is_max, y)
+                    assert np.array_equal(y, ref), (h, w, r, is_max)
 
 
 def test_chamfer_distance_and_expansion_close_to_euclidean(known):
@@ -478,11 +488,94 @@ def test_chamfer_distance_and_expansion_close_to_euclidean(known):
     assert np.all(dist[~mask] == 0)
     # The 1/sqrt2 chamfer overestimates Euclidean distance by at most 8.3%.
     assert np.all(dist[mask] >= edt[mask] - 1e-5) and np.all(dist[mask] <= 1.083 * edt[mask] + 1e-5)
-    out = np.empty_like(labels)
-    expand_labels_kernel(labels, np.float32(6.0), np.empty(labels.shape, np.float32), out)
+    out = expand(labels, 6.0)
     ref = expand_labels(labels, 6.0)
     assert np.all(out[mask] == labels[mask])
     assert np.mean(out == ref) > 0.99
+
+
+@numba.njit(cache=True)
+def expand_labels_oracle(labels, max_dist):  # test oracle: the two chamfer passes, pixel by pixel, whole array
+    h, w = labels.shape
+    big = np.float32(1e30)
+    d1, d2 = np.float32(1.0), np.float32(_SQRT2)
+    dist = np.empty((h, w), np.float32)
+    lab = np.empty((h, w), np.int32)  # labels as propagated (cleared only in the output)
+    out = np.zeros((h, w), np.int32)
+    for i in range(h):
+        for j in range(w):
+            v, k = (np.float32(0.0), labels[i, j]) if labels[i, j] > 0 else (big, np.int32(0))
+            if i > 0:  # straight above, above-left, above-right, then left: the first minimum is kept
+                for dj, step in ((0, d1), (-1, d2), (1, d2)):
+                    if 0 <= j + dj < w and dist[i - 1, j + dj] + step < v:
+                        v, k = dist[i - 1, j + dj] + step, out[i - 1, j + dj]
+            if j > 0 and dist[i, j - 1] + d1 < v:
+                v, k = dist[i, j - 1] + d1, lab[i, j - 1]
+            dist[i, j], lab[i, j], out[i, j] = v, k, k
+    for i in range(h - 1, -1, -1):
+        for j in range(w - 1, -1, -1):
+            v, k = dist[i, j], lab[i, j]
+            if i + 1 < h:  # straight below, below-right, below-left, then right
+                for dj, step in ((0, d1), (1, d2), (-1, d2)):
+                    if 0 <= j + dj < w and dist[i + 1, j + dj] + step < v:
+                        v, k = dist[i + 1, j + dj] + step, out[i + 1, j + dj]
+            if j + 1 < w and dist[i, j + 1] + d1 < v:
+                v, k = dist[i, j + 1] + d1, lab[i, j + 1]
+            dist[i, j], lab[i, j], out[i, j] = v, k, (k if v <= max_dist else 0)
+    return out
+
+
+def expand(labels, max_dist, *, reach=None):
+    """expand_labels_kernel over the pixels within `reach` of a label (default: ceil(max_dist), as detect_cells)."""
+    runs = runs_of_u8_kernel((labels > 0).view(np.uint8))
+    reach = math.ceil(max_dist) if reach is None else reach
+    near = near_runs_kernel(*runs, *labels.shape, reach)
+    out = np.empty_like(labels)
+    expand_labels_kernel(labels, np.float32(max_dist), *near, np.empty(labels.shape, np.float32), out)
+    return out
+
+
+def test_expansion_near_labels_equals_whole_array_passes():
+    # The expansion visits only pixels within reach of a nucleus; the result must be what the two passes over the
+    # whole array give (ties between neighbours included: labels packed on a grid, equal distances everywhere).
+    rng = np.random.default_rng(5)
+    cases = []
+    for shape in [(40, 60), (1, 30), (25, 1), (64, 64), (9, 200)]:
+        for density in (0.002, 0.02, 0.2):
+            cases.append((rng.random(shape) < density) * rng.integers(1, 50, shape))
+    grid = np.zeros((30, 41), np.int64)
+    grid[::6, ::5] = np.arange(1, grid[::6, ::5].size + 1).reshape(grid[::6, ::5].shape)
+    cases.append(grid)
+    blobs = ndimage.label(ndimage.gaussian_filter(rng.random((120, 90)), 2) > 0.53)[0]
+    cases.append(blobs)
+    for labels in cases:
+        labels = labels.astype(np.int32)
+        for max_dist in (0.5, 1.0, 1.4, 1.5, 3.0, 6.0, 6.5, 11.0):
+            ref = expand_labels_oracle(labels, np.float32(max_dist))
+            assert np.array_equal(expand(labels, max_dist), ref), (labels.shape, max_dist)
+            # a wider reach (every pixel) changes nothing either
+            assert np.array_equal(expand(labels, max_dist, reach=max(labels.shape)), ref)
+    assert np.array_equal(expand(np.zeros((5, 7), np.int32), 3.0), np.zeros((5, 7), np.int32))
+
+
+def test_near_runs_hold_the_pixels_within_reach():
+    rng = np.random.default_rng(2)
+    for shape, reach in [((50, 70), 3), ((1, 40), 2), ((30, 1), 4), ((33, 33), 0), ((20, 25), 30)]:
+        mask = rng.random(shape) < 0.03
+        ptr, start, stop = near_runs_kernel(*runs_of_u8_kernel(mask.view(np.uint8)), *shape, reach)
+        got = np.zeros(shape, bool)
+        for i in range(shape[0]):
+            spans = list(zip(start[ptr[i] : ptr[i + 1]], stop[ptr[i] : ptr[i + 1]], strict=True))
+            assert all(a < b for a, b in spans) and all(b1 < a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+            for a, b in spans:
+                got[i, a:b] = True
+        ref = ndimage.maximum_filter(mask, size=2 * reach + 1, mode="constant")
+        assert np.all(got[ref]), (shape, reach)  # every pixel within reach
+        # and no more than the blocks of 8 columns those pixels lie in
+        blocks = np.zeros(shape, bool)
+        for b0 in range(0, shape[1], 8):
+            blocks[:, b0 : b0 + 8] = ref[:, b0 : b0 + 8].any(axis=1, keepdims=True)
+        assert np.array_equal(got, blocks), (shape, reach)
 
 
 # ------------------------------------------------------------------------------------------- synthetic skin

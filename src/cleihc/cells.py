@@ -49,6 +49,7 @@ from cleihc._cell_kernels import (
     label_runs_kernel,
     measure_kernel,
     merge_runs_kernel,
+    near_runs_kernel,
     paint_runs_kernel,
     runs_of_u8_kernel,
     split_kernel,
@@ -666,7 +667,10 @@ def detect_cells_od(
     del ring_holes
     nuclei = _split(clump_runs, det.shape, params, mpp_um)
     cells = np.empty_like(nuclei)
-    expand_labels_kernel(nuclei, np.float32(params.cell_expansion_um / mpp_um), det, cells)
+    grow_px = np.float32(params.cell_expansion_um / mpp_um)
+    # Nuclei lie within their clumps, so the pixels within reach of a clump hold every pixel a cell can reach.
+    near = near_runs_kernel(*clump_runs, *det.shape, math.ceil(grow_px))
+    expand_labels_kernel(nuclei, grow_px, *near, det, cells)
     del det
     table = _measure(nuclei, cells, target_od, counter_od, pig, params, mpp_um, positive_od, bins)
     return CellDetection(labels=nuclei, cell_labels=cells, table=table)
