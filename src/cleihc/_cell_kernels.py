@@ -34,7 +34,9 @@ __all__ = [
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def measure_kernel(nuc, cell, target, counter, pigment, use_pig, ints, sums, maxs):  # pragma: no cover
+def measure_kernel(
+    nuc, cell, target, counter, pigment, use_pig, ptr, start, stop, ints, sums, maxs
+):  # pragma: no cover - compiled
     """Accumulate per-label statistics of nuclei (``nuc``) and of rings (``cell`` pixels outside any nucleus).
 
     ``ints`` (int64, shape (6, n + 1)): 0 nucleus area, 1 sum of x, 2 sum of y, 3 nucleus pigment pixels,
@@ -42,34 +44,37 @@ def measure_kernel(nuc, cell, target, counter, pigment, use_pig, ints, sums, max
     1 counterstain in nucleus, 2 target in ring. ``maxs`` (float64, shape (2, n + 1)): 0 target max in nucleus,
     1 target max in ring (initialised by the caller to -inf). With ``use_pig``, a pixel is pigment where
     ``pigment`` (uint8, :func:`cleihc.cells.detect_pigment_od`) is non-zero; without, ``pigment`` is not read.
+    Only the row intervals ``(ptr, start, stop)`` are read (:func:`near_runs_kernel`: they hold every cell), in
+    row-major order as a whole-array loop would.
     """
-    h, w = nuc.shape
+    h = nuc.shape[0]
     for i in range(h):
-        for j in range(w):
-            a = nuc[i, j]
-            b = cell[i, j]
-            if a == 0 and b == 0:
-                continue
-            tf = target[i, j]
-            t = np.float64(tf)
-            pig = use_pig and pigment[i, j] != 0
-            if a > 0:
-                ints[0, a] += 1
-                ints[1, a] += j
-                ints[2, a] += i
-                if pig:
-                    ints[3, a] += 1
-                sums[0, a] += t
-                sums[1, a] += np.float64(counter[i, j])
-                if t > maxs[0, a]:
-                    maxs[0, a] = t
-            else:
-                ints[4, b] += 1
-                if pig:
-                    ints[5, b] += 1
-                sums[2, b] += t
-                if t > maxs[1, b]:
-                    maxs[1, b] = t
+        for q in range(ptr[i], ptr[i + 1]):
+            for j in range(start[q], stop[q]):
+                a = nuc[i, j]
+                b = cell[i, j]
+                if a == 0 and b == 0:
+                    continue
+                tf = target[i, j]
+                t = np.float64(tf)
+                pig = use_pig and pigment[i, j] != 0
+                if a > 0:
+                    ints[0, a] += 1
+                    ints[1, a] += j
+                    ints[2, a] += i
+                    if pig:
+                        ints[3, a] += 1
+                    sums[0, a] += t
+                    sums[1, a] += np.float64(counter[i, j])
+                    if t > maxs[0, a]:
+                        maxs[0, a] = t
+                else:
+                    ints[4, b] += 1
+                    if pig:
+                        ints[5, b] += 1
+                    sums[2, b] += t
+                    if t > maxs[1, b]:
+                        maxs[1, b] = t
 
 
 _SQRT2 = np.sqrt(2.0)

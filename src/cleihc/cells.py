@@ -302,18 +302,20 @@ def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Float32 Gaussian, bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest",
     truncate=4, output=np.float32)`` (axis 0 then axis 1, float64 accumulation, float32 in between) at a
     fraction of its cost."""
-    out = np.array(image, dtype=np.float32, order="C", copy=True)
-    _smooth_in_place(out, sigma_px)
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    out = np.empty_like(image)
+    _smooth_into(image, sigma_px, out)
     return out
 
 
-def _smooth_in_place(plane: np.ndarray, sigma_px: float) -> None:
-    """:func:`_smooth` written over ``plane`` (float32, C-contiguous): no second plane."""
+def _smooth_into(image: np.ndarray, sigma_px: float, out: np.ndarray) -> None:
+    """:func:`_smooth` of ``image`` written into ``out`` (both float32, C-contiguous; ``out`` may be ``image``)."""
     if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
+        np.copyto(out, image)
         return
     weights = _gaussian_weights(sigma_px)
-    gaussian_axis0_kernel(plane, weights, plane)
-    gaussian_axis1_kernel(plane, weights, plane)
+    gaussian_axis0_kernel(image, weights, out)
+    gaussian_axis1_kernel(out, weights, out)
 
 
 def detect_pigment(
@@ -650,7 +652,7 @@ def detect_cells_od(
     # scratch): a tile's peak memory is what limits the tile size, and larger tiles waste less time on halos.
     det = np.multiply(target_od, np.float32(params.nucleus_target_weight))
     det += counter_od
-    _smooth_in_place(det, sigma_px)
+    _smooth_into(det, sigma_px, det)
     a = np.empty_like(det)
     b = np.empty_like(det)
     r_px = round(params.background_radius_um / mpp_um)
@@ -659,8 +661,7 @@ def detect_cells_od(
         det -= a
     ring_holes = None
     if params.ring_threshold_od > 0:
-        np.copyto(a, target_od)
-        _smooth_in_place(a, sigma_px)
+        _smooth_into(target_od, sigma_px, a)
         ring_holes = _ring_holes(a >= np.float32(params.ring_threshold_od), params, mpp_um)
     del a, b
     clump_runs = _nucleus_mask(det, ring_holes, params, mpp_um)
@@ -672,7 +673,7 @@ def detect_cells_od(
     near = near_runs_kernel(*clump_runs, *det.shape, math.ceil(grow_px))
     expand_labels_kernel(nuclei, grow_px, *near, det, cells)
     del det
-    table = _measure(nuclei, cells, target_od, counter_od, pig, params, mpp_um, positive_od, bins)
+    table = _measure(nuclei, cells, near, target_od, counter_od, pig, params, mpp_um, positive_od, bins)
     return CellDetection(labels=nuclei, cell_labels=cells, table=table)
 
 
@@ -686,6 +687,7 @@ def _od_plane(a: np.ndarray, what: str) -> np.ndarray:
 def _measure(
     nuclei: np.ndarray,
     cells: np.ndarray,
+    near: tuple[np.ndarray, np.ndarray, np.ndarray],
     target_od: np.ndarray,
     counter_od: np.ndarray,
     pigment: np.ndarray | None,
@@ -700,7 +702,7 @@ def _measure(
     maxs = np.full((2, n + 1), -np.inf, dtype=np.float64)
     use_pig = pigment is not None
     pig = pigment if use_pig else np.zeros((1, 1), dtype=np.uint8)
-    measure_kernel(nuclei, cells, target_od, counter_od, pig, use_pig, ints, sums, maxs)
+    measure_kernel(nuclei, cells, target_od, counter_od, pig, use_pig, *near, ints, sums, maxs)
     ints, sums, maxs = ints[:, 1:], sums[:, 1:], maxs[:, 1:]
     n_area, sx, sy, n_pig, r_area, r_pig = ints
     n_t, n_c, r_t = sums
