@@ -646,7 +646,8 @@ def test_pale_nucleus_found_through_its_ring_only(known):
 
 
 def test_smoothing_is_bit_identical_to_scipy():
-    from cleihc.cells import _smooth
+    from cleihc._cell_kernels import gaussian_kernel
+    from cleihc.cells import _gaussian_weights, _smooth
 
     rng = np.random.default_rng(2)
     # radius 4 and 8 (sigma 1 and 2 px) take their own fused paths; others (5, 12, 0) the general one
@@ -656,6 +657,18 @@ def test_smoothing_is_bit_identical_to_scipy():
         x = (rng.random(shape) * rng.choice([0.01, 1.0, 3.0], shape)).astype(np.float32)
         ref = ndimage.gaussian_filter(x, sigma, mode="nearest", truncate=4.0, output=np.float32)
         assert np.array_equal(_smooth(x, sigma), ref), (shape, sigma)
+        y = x.copy()  # in place, as detect_cells smooths its working planes
+        gaussian_kernel(y, np.zeros((0, 0), np.float32), np.float32(0.0), _gaussian_weights(sigma), y)
+        assert np.array_equal(y, ref), (shape, sigma)
+        # the detection image, made from two planes as the rows are read: counterstain + weight x target
+        t = rng.random(shape).astype(np.float32)
+        for weight in (np.float32(-0.5), np.float32(0.3), np.float32(1.0)):
+            det = np.multiply(t, weight)
+            det += x
+            ref = ndimage.gaussian_filter(det, sigma, mode="nearest", truncate=4.0, output=np.float32)
+            out = np.empty_like(x)
+            gaussian_kernel(x, t, weight, _gaussian_weights(sigma), out)
+            assert np.array_equal(out, ref), (shape, sigma, weight)
 
 
 def test_run_labelling_and_holes_equal_scipy():

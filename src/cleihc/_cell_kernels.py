@@ -20,8 +20,7 @@ __all__ = [
     "component_stats_kernel",
     "expand_labels_kernel",
     "extreme_filter_kernel",
-    "gaussian_axis0_kernel",
-    "gaussian_axis1_kernel",
+    "gaussian_kernel",
     "hole_runs_kernel",
     "label_runs_kernel",
     "measure_kernel",
@@ -421,57 +420,58 @@ def _correlate_row(dst, base, offs, weights, acc):  # pragma: no cover - compile
 
 
 @njit(cache=True, nogil=True, fastmath=False)
-def gaussian_axis0_kernel(src, weights, out):  # pragma: no cover - compiled
-    """Symmetric correlation along axis 0 (columns), border clamped; bit-identical to scipy's ``correlate1d``.
+def gaussian_kernel(src, plus, plus_weight, weights, out):  # pragma: no cover - compiled
+    """Separable Gaussian, border clamped, bit-identical to scipy's ``gaussian_filter(..., mode="nearest",
+    output=np.float32)``: along axis 0, rounded to float32, then along axis 1, row by row in one sweep.
 
-    ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output is accumulated in float64 as
-    ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` and rounded once to ``out``'s dtype
-    (:func:`_correlate_row`); whole rows are computed at a time so that the loop vectorises, from a ring of the
-    last ``2 r + 1`` input rows converted to float64 once each. ``out`` may be ``src``: input row ``i + r`` is in
-    the ring before output row ``i`` is written.
+    The image smoothed is ``src`` or, when ``plus`` has its shape, ``float32(plus * plus_weight) + src`` (the
+    detection image of :func:`cleihc.cells.detect_cells_od`, made as its rows are read rather than as a plane
+    of its own). ``weights[k]`` is the weight at offset ``±k``. Like scipy, each output of a pass is accumulated
+    in float64 as ``x[0] * w[0] + sum over k = r..1 of (x[-k] + x[+k]) * w[k]`` (:func:`_correlate_row`) and
+    rounded once to float32. Along axis 0, whole rows are computed at a time so that the loop vectorises, from a
+    ring of the last ``2 r + 1`` input rows converted to float64 once each; the row is then correlated along
+    axis 1 at once, so the intermediate plane never goes through memory. ``out`` may be ``src`` (or ``plus``):
+    input row ``i + r`` is in the ring before output row ``i`` is written.
     """
     h, w = src.shape
     r = weights.shape[0] - 1
     nb = 2 * r + 1
+    has_plus = plus.shape[0] == h and plus.shape[1] == w
     ring = np.empty((nb, w), np.float64)  # (clamped) input row p lives in slot p mod nb
     flat = ring.reshape(nb * w)
     offs = np.empty(nb, np.int64)
     acc = np.empty(w, np.float64)
+    mid = np.empty(w, np.float32)  # one row of the axis-0 pass, rounded as scipy's float32 intermediate
+    buf = np.empty(w + 2 * r, np.float64)
+    # Tap m of output j along axis 1 is buf[j + m]: slices, not buf[j - k], which numba cannot prove
+    # non-negative (that stops vectorisation).
+    offs1 = np.arange(nb)
     for p in range(-r, r):
-        s = src[min(max(p, 0), h - 1)]
-        d = ring[(p + nb) % nb]
-        for j in range(w):
-            d[j] = s[j]
+        _load_row(src, plus, plus_weight, has_plus, min(max(p, 0), h - 1), ring[(p + nb) % nb])
     for i in range(h):
         p = i + r
-        s = src[min(p, h - 1)]
-        d = ring[p % nb]
-        for j in range(w):
-            d[j] = s[j]
+        _load_row(src, plus, plus_weight, has_plus, min(p, h - 1), ring[p % nb])
         for m in range(nb):  # tap m is input row i + m - r
             offs[m] = ((i + m - r + nb) % nb) * w
-        _correlate_row(out[i], flat, offs, weights, acc)
-
-
-@njit(cache=True, nogil=True, fastmath=False)
-def gaussian_axis1_kernel(src, weights, out):  # pragma: no cover - compiled
-    """Symmetric correlation along axis 1 (rows), border clamped; see :func:`gaussian_axis0_kernel`. ``out``
-    may be ``src`` (each row is copied first)."""
-    h, w = src.shape
-    r = weights.shape[0] - 1
-    buf = np.empty(w + 2 * r, np.float64)
-    # Tap m of output j is buf[j + m]: slices, not buf[j - k], which numba cannot prove non-negative (that stops
-    # vectorisation).
-    offs = np.arange(2 * r + 1)
-    acc = np.empty(w, np.float64)
-    for i in range(h):
-        row = src[i]
+        _correlate_row(mid, flat, offs, weights, acc)
         for j in range(w):
-            buf[j + r] = row[j]
+            buf[j + r] = mid[j]
         for j in range(r):
             buf[j] = buf[r]
             buf[w + r + j] = buf[w + r - 1]
-        _correlate_row(out[i], buf, offs, weights, acc)
+        _correlate_row(out[i], buf, offs1, weights, acc)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _load_row(src, plus, plus_weight, has_plus, q, d):  # pragma: no cover - compiled
+    s = src[q]
+    if has_plus:
+        t = plus[q]
+        for j in range(s.shape[0]):
+            d[j] = np.float32(t[j] * plus_weight) + s[j]
+    else:
+        for j in range(s.shape[0]):
+            d[j] = s[j]
 
 
 # ------------------------------------------------------------------------------------------------ run lengths

@@ -43,8 +43,7 @@ from cleihc._cell_kernels import (
     component_stats_kernel,
     expand_labels_kernel,
     extreme_filter_kernel,
-    gaussian_axis0_kernel,
-    gaussian_axis1_kernel,
+    gaussian_kernel,
     hole_runs_kernel,
     label_runs_kernel,
     measure_kernel,
@@ -298,6 +297,9 @@ def _gaussian_weights(sigma_px: float) -> np.ndarray:
     return np.ascontiguousarray(phi[::-1][radius:])
 
 
+_NO_PLANE = np.zeros((0, 0), dtype=np.float32)  # gaussian_kernel's "nothing to add"
+
+
 def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Float32 Gaussian, bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest",
     truncate=4, output=np.float32)`` (axis 0 then axis 1, float64 accumulation, float32 in between) at a
@@ -313,9 +315,7 @@ def _smooth_into(image: np.ndarray, sigma_px: float, out: np.ndarray) -> None:
     if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
         np.copyto(out, image)
         return
-    weights = _gaussian_weights(sigma_px)
-    gaussian_axis0_kernel(image, weights, out)
-    gaussian_axis1_kernel(out, weights, out)
+    gaussian_kernel(image, _NO_PLANE, np.float32(0.0), _gaussian_weights(sigma_px), out)
 
 
 def detect_pigment(
@@ -650,9 +650,15 @@ def detect_cells_od(
 
     # Besides the inputs, three working planes serve every step in turn (det, a, b; then det as the expansion's
     # scratch): a tile's peak memory is what limits the tile size, and larger tiles waste less time on halos.
-    det = np.multiply(target_od, np.float32(params.nucleus_target_weight))
-    det += counter_od
-    _smooth_into(det, sigma_px, det)
+    # Detection image counterstain + weight x target, smoothed as it is made (the same float32 values as the
+    # plane computed first).
+    det = np.empty_like(counter_od)
+    weight = np.float32(params.nucleus_target_weight)
+    if sigma_px <= 1e-15:
+        np.multiply(target_od, weight, out=det)
+        det += counter_od
+    else:
+        gaussian_kernel(counter_od, target_od, weight, _gaussian_weights(sigma_px), det)
     a = np.empty_like(det)
     b = np.empty_like(det)
     r_px = round(params.background_radius_um / mpp_um)
