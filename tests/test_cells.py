@@ -495,7 +495,9 @@ def test_chamfer_distance_and_expansion_close_to_euclidean(known):
 
 
 @numba.njit(cache=True)
-def expand_labels_oracle(labels, max_dist):  # test oracle: the two chamfer passes, pixel by pixel, whole array
+def expand_labels_oracle(
+    labels, max_dist
+):  # test oracle: the two chamfer passes, pixel by pixel, whole array
     h, w = labels.shape
     big = np.float32(1e30)
     d1, d2 = np.float32(1.0), np.float32(_SQRT2)
@@ -565,8 +567,9 @@ def test_near_runs_hold_the_pixels_within_reach():
         ptr, start, stop = near_runs_kernel(*runs_of_u8_kernel(mask.view(np.uint8)), *shape, reach)
         got = np.zeros(shape, bool)
         for i in range(shape[0]):
-            spans = list(zip(start[ptr[i] : ptr[i + 1]], stop[ptr[i] : ptr[i + 1]], strict=True))
-            assert all(a < b for a, b in spans) and all(b1 < a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+            a_i, b_i = start[ptr[i] : ptr[i + 1]], stop[ptr[i] : ptr[i + 1]]
+            assert np.all(a_i < b_i) and np.all(b_i[:-1] < a_i[1:])  # sorted, disjoint, not touching
+            spans = zip(a_i, b_i, strict=True)
             for a, b in spans:
                 got[i, a:b] = True
         ref = ndimage.maximum_filter(mask, size=2 * reach + 1, mode="constant")

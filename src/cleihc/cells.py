@@ -644,7 +644,9 @@ def detect_cells_od(
     if params.exclude_pigment and pigment is not None:
         pigment = np.asarray(pigment)
         if pigment.shape != counter_od.shape:
-            raise ValueError(f"cells: pigment {pigment.shape} and counterstain_od {counter_od.shape} differ in shape")
+            raise ValueError(
+                f"cells: pigment {pigment.shape} and counterstain_od {counter_od.shape} differ in shape"
+            )
         pig = np.ascontiguousarray(pigment != 0).view(np.uint8)
     sigma_px = params.smoothing_sigma_um / mpp_um
 
