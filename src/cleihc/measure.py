@@ -396,7 +396,8 @@ class TotalsRaster:
 
     def positive_fraction_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """:meth:`positive_fraction` on the grid of raster rows × columns given (e.g. a thumbnail's samples)."""
-        return _positive_fraction(self.bin_px[:, np.asarray(rows)][:, :, np.asarray(cols)])
+        # One gather of just those cells (indexing rows, then columns, copied whole raster rows first).
+        return _positive_fraction(self.bin_px[:, np.asarray(rows)[:, None], np.asarray(cols)[None, :]])
 
 
 def row_blocks(shape_hw: tuple[int, ...], *, cells: int = 1 << 20) -> Iterator[slice]:
