@@ -396,8 +396,12 @@ class TotalsRaster:
 
     def positive_fraction_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """:meth:`positive_fraction` on the grid of raster rows × columns given (e.g. a thumbnail's samples)."""
-        # One gather of just those cells (indexing rows, then columns, copied whole raster rows first).
-        return _positive_fraction(self.bin_px[:, np.asarray(rows)[:, None], np.asarray(cols)[None, :]])
+        rows, cols = np.asarray(rows), np.asarray(cols)
+        # Just those cells, bin by bin: one flat gather each, each bin's plane contiguous (a fancy index over all
+        # bins at once gives a bin-interleaved array, and every later pass strides through it).
+        flat = (rows[:, None] * self.bin_px.shape[2] + cols[None, :]).ravel()
+        shape = (len(rows), len(cols))
+        return _positive_fraction(np.stack([b.ravel().take(flat).reshape(shape) for b in self.bin_px]))
 
 
 def row_blocks(shape_hw: tuple[int, ...], *, cells: int = 1 << 20) -> Iterator[slice]:
