@@ -147,6 +147,7 @@ def expand_labels_kernel(labels, max_dist, ptr, start, stop, dist, out):  # prag
     tv = np.empty(w, np.float32)
     tl = np.empty(w, np.int32)
     mask = np.empty(w, np.int32)
+    keep_all = np.float32(np.inf)  # the forward pass clears nothing: its distances are not final
     dist[:] = big  # read as "no label near" where no interval reaches
     out[:] = 0
     for i in range(h):
@@ -162,21 +163,7 @@ def expand_labels_kernel(labels, max_dist, ptr, start, stop, dist, out):  # prag
                 tv[j] = 0.0 if lab > 0 else big
             if i > 0:
                 _from_row(dist[i - 1], out[i - 1], tv, tl, d1, d2, mask, a, b, w, False)
-            v = tv[a]
-            lab = tl[a]
-            drow[a] = v
-            orow[a] = lab
-            for j in range(a + 1, b):
-                v2 = tv[j]
-                lab2 = tl[j]
-                c = v + d1
-                if c < v2:
-                    v2 = c
-                    lab2 = lab
-                v = v2
-                lab = lab2
-                drow[j] = v
-                orow[j] = lab
+            _sweep(tv, tl, drow, orow, a, b, 1, d1, keep_all)
     for i in range(h - 1, -1, -1):
         drow = dist[i]
         orow = out[i]
@@ -188,21 +175,29 @@ def expand_labels_kernel(labels, max_dist, ptr, start, stop, dist, out):  # prag
                 tl[j] = orow[j]
             if i + 1 < h:
                 _from_row(dist[i + 1], out[i + 1], tv, tl, d1, d2, mask, a, b, w, True)
-            v = tv[b - 1]
-            lab = tl[b - 1]
-            drow[b - 1] = v
-            orow[b - 1] = lab if v <= max_dist else 0
-            for j in range(b - 2, a - 1, -1):
-                v2 = tv[j]
-                lab2 = tl[j]
-                c = v + d1
-                if c < v2:
-                    v2 = c
-                    lab2 = lab
-                v = v2
-                lab = lab2
-                drow[j] = v
-                orow[j] = lab if v <= max_dist else 0
+            _sweep(tv, tl, drow, orow, b - 1, a - 1, -1, d1, max_dist)
+
+
+@njit(cache=True, nogil=True, fastmath=False, inline="always")
+def _sweep(tv, tl, drow, orow, first, stop, step, d1, max_dist):  # pragma: no cover - compiled
+    """The within-row part of a pass, from ``first`` towards ``stop`` (exclusive) by ``step`` (1 or -1): each
+    pixel against the one before it in the sweep, after its candidates from the neighbouring row (``tv``, ``tl``).
+    Distances go to ``drow``, labels to ``orow``, 0 beyond ``max_dist``."""
+    v = tv[first]
+    lab = tl[first]
+    drow[first] = v
+    orow[first] = lab if v <= max_dist else 0
+    for j in range(first + step, stop, step):
+        v2 = tv[j]
+        lab2 = tl[j]
+        c = v + d1
+        if c < v2:
+            v2 = c
+            lab2 = lab
+        v = v2
+        lab = lab2
+        drow[j] = v
+        orow[j] = lab if v <= max_dist else 0
 
 
 @njit(cache=True, nogil=True, fastmath=False, inline="always")
