@@ -14,7 +14,7 @@ from cleihc.outputs import rebuild_tables, write_slide_outputs
 from cleihc.pipeline import quantify, slide_stem
 from cleihc.protocol import Protocol, load_protocol
 from cleihc.stains import recompose
-from cleihc.synthetic import render_skin, write_svs
+from cleihc.synthetic import SkinParams, render_skin, write_svs
 
 MPP = 0.5
 
@@ -168,6 +168,40 @@ def test_results_do_not_depend_on_tiles(fixture, request):
         np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=0, atol=1e-9)
         if len(base.cells):
             pd.testing.assert_frame_equal(base.cells, other.cells, check_exact=False, rtol=0, atol=1e-9)
+
+
+def test_pigment_is_found_once_per_tile_and_does_not_depend_on_tiles(tmp_path):
+    # The tile engine tests pigment once over each tile and its halo (for the area and the cells alike): melanin
+    # caps of basal keratinocytes are counted as pigment pixels and in the cells' pigment fractions, the same for
+    # every tiling.
+    syn = render_skin(
+        stain="cd3",
+        width_px=1400,
+        height_px=900,
+        mpp_um=MPP,
+        seed=12,
+        jpeg_quality=None,
+        params=SkinParams(melanin=0.9),
+    )
+    path = tmp_path / "S10_pre_cd3.svs"
+    write_svs(path, syn.rgb, mpp_um=MPP)
+    d = load_protocol("cd3").to_dict()
+    d["cells"]["exclude_pigment"] = True
+    proto = Protocol.from_dict(d)
+    base = quantify(path, proto, tile_size=512)
+    pigment_px = int(base.raster.pigment_px.sum())
+    # The caps are found: at least half their drawn pixels (syn.pigment_mask), and their blurred rims add more
+    # (about 4x the drawn pixels here), but not the whole epidermis.
+    truth_px = int(syn.pigment_mask.sum())
+    assert truth_px / 2 < pigment_px < 6 * truth_px
+    assert (base.cells["pigment_fraction"] > 0).sum() >= 5
+    for kwargs in ({"tile_size": 2048}, {"tile_size": 384, "tile_origin_px": (101, 57)}):
+        other = quantify(path, proto, **kwargs)
+        a, b = base.regions.set_index("region"), other.regions.set_index("region")
+        num = [c for c in a.columns if pd.api.types.is_numeric_dtype(a[c])]
+        np.testing.assert_allclose(a[num].to_numpy(float), b[num].to_numpy(float), rtol=0, atol=1e-9)
+        pd.testing.assert_frame_equal(base.cells, other.cells, check_exact=False, rtol=0, atol=1e-9)
+        assert int(other.raster.pigment_px.sum()) == pigment_px
 
 
 def test_outputs_follow_the_contract(cd3_slide, tmp_path):

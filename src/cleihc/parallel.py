@@ -193,7 +193,7 @@ class DaskRunner(AbstractContextManager):
                     progress(done, len(plan.tiles))
             # Idle workers hand their freed tile buffers back (they keep up to 128 MB each for speed, see
             # restore_adaptive_mmap) while this process folds and writes the slide: its peak and theirs then
-            # no longer coincide (a 40k CD3 slide with --jobs 2: 1454 -> 1200-1300 MB for the whole tree).
+            # no longer coincide (a 40k CD3 slide with --jobs 2: 1454 -> about 1300 MB for the whole tree).
             self.client.run(release_free_heap)
         finally:
             for fut in futures:
