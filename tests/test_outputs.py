@@ -37,3 +37,21 @@ def test_totals_archive_round_trips_exactly(tmp_path):
 
     with Image.open(qc) as img:
         assert img.format == "PNG" and max(img.size) == 400
+        pixels = np.asarray(img.convert("RGB"))
+    # every cell is a dot at its place: positives red, negatives blue unless a positive dot lies over them
+    from cleihc.slide import open_slide
+
+    with open_slide(res.plan.slide_path) as slide:
+        scale = pixels.shape[1] / slide.dimensions[0]
+    cx = np.floor(res.cells["x_px"].to_numpy() * scale).astype(int)
+    cy = np.floor(res.cells["y_px"].to_numpy() * scale).astype(int)
+    positive = res.cells["positive"].to_numpy(dtype=bool)
+    assert positive.sum() > 20 and (~positive).sum() > 20
+    colours = pixels[cy, cx]
+    assert np.all(colours[positive] == (200, 0, 0))
+    red_near = np.zeros(pixels.shape[:2], bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            red_near[np.clip(cy[positive] + dy, 0, None), np.clip(cx[positive] + dx, 0, None)] = True
+    alone = ~positive & ~red_near[cy, cx]
+    assert alone.sum() > 20 and np.all(colours[alone] == (0, 60, 200))

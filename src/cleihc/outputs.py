@@ -182,6 +182,22 @@ def write_totals(result: Any, path: Path) -> None:
                     member.write(memoryview(mask).cast("B"))
 
 
+def _draw_dots(pixels: np.ndarray, x: np.ndarray, y: np.ndarray, positive: np.ndarray) -> None:
+    """A 3 x 3 dot per cell (thumbnail pixel coordinates), negatives blue, then positives red on top.
+
+    In numpy, not one drawing call per cell: a big slide has a quarter of a million cells (1.5 s of ellipses).
+    """
+    h, w = pixels.shape[:2]
+    for mask, colour in ((~positive, (0, 60, 200)), (positive, (200, 0, 0))):
+        cx = np.floor(x[mask]).astype(np.int64)
+        cy = np.floor(y[mask]).astype(np.int64)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                xx, yy = cx + dx, cy + dy
+                inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
+                pixels[yy[inside], xx[inside]] = colour
+
+
 def write_regions_geojson(result: Any, path: Path) -> None:
     """Tissue and every region used, in level-0 pixels (QuPath-style features a user can edit)."""
     plan = result.plan
@@ -289,13 +305,13 @@ def write_qc_png(result: Any, path: Path, *, max_size_px: int = 1600) -> None:
         outline(region.geometry, _REGION_COLOURS.get(region.name, (250, 200, 0)), 1)
     cells = result.cells
     if len(cells) and "positive" in cells:
-        r = 1.5
-        for x, y, pos in zip(
+        pixels = np.array(img)
+        _draw_dots(
+            pixels,
             cells["x_px"].to_numpy() * scale,
             cells["y_px"].to_numpy() * scale,
-            cells["positive"].to_numpy(),
-            strict=True,
-        ):
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=(200, 0, 0) if pos else (0, 60, 200))
+            cells["positive"].to_numpy(dtype=bool),
+        )
+        img = Image.fromarray(pixels)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=1)  # a QC picture: fast deflate, a somewhat larger file
