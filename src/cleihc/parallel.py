@@ -148,8 +148,16 @@ class DaskRunner(AbstractContextManager):
             # One malloc arena per worker process, set before it starts (glibc reads it once): tasks run in a
             # worker thread, whose own arena made tiles about 8 % slower than in a process's main thread here.
             environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), "MALLOC_ARENA_MAX": "1"}
+            # Less bookkeeping on cores the tiles need: no statistical profiler sampling the busy thread every
+            # 10 ms, and the memory monitor and event-loop health check once a second / five times a second
+            # rather than 10 and 50 times: tiles of the 10k CD3 slide with 2 jobs 3.79 -> 3.57 s (mean of 6).
+            quiet = {
+                "distributed.worker.profile.enabled": False,
+                "distributed.worker.memory.monitor-interval": "1s",
+                "distributed.admin.tick.interval": "200ms",
+            }
             # Processes, one thread each: numba kernels and decoders then use every core without the GIL.
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **quiet}):
                 self._cluster = LocalCluster(
                     n_workers=n,
                     threads_per_worker=1,
