@@ -18,5 +18,7 @@ def shared_file(*parts: str) -> Path:
     """A file under ../shared/data, or a skip naming what is missing."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"real test file absent: {path} (../shared/data next to the repo holds the real test data)")
+        pytest.skip(
+            f"real test file absent: {path} (../shared/data next to the repo holds the real test data)"
+        )
     return path

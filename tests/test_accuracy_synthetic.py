@@ -28,7 +28,9 @@ def _run(stem: str, stain: str, tmp_path):
     return validate(out, read_truth(truth_file))
 
 
-@pytest.mark.parametrize(("stem", "stain"), [("S01_pre_cd3", "cd3"), ("S01_post_cd3", "cd3"), ("S01_pre_cd8", "cd8")])
+@pytest.mark.parametrize(
+    ("stem", "stain"), [("S01_pre_cd3", "cd3"), ("S01_post_cd3", "cd3"), ("S01_pre_cd8", "cd8")]
+)
 def test_t_cell_counts(stem, stain, tmp_path):
     res = _run(stem, stain, tmp_path)
     det = res.detection[res.detection["slide"] == "ALL"].set_index("label")
