@@ -86,7 +86,7 @@ def near_runs_kernel(row, c0, c1, n, h, w, reach):  # pragma: no cover - compile
 
     Returns ``(ptr, start, stop)``: row ``i``'s intervals are ``start[ptr[i]:ptr[i + 1]]`` to
     ``stop[...]`` (exclusive), sorted and disjoint. A block map (each run's row, widened by ``reach``) dilated
-    over ``2 reach + 1`` rows: its cost follows the runs and a map 64 times smaller than the array.
+    over ``2 reach + 1`` rows: its cost follows the runs and a map 8 times smaller than the array.
     """
     bs = 8
     nb = (w + bs - 1) // bs
