@@ -34,19 +34,21 @@ __all__ = [
 
 @njit(cache=True, nogil=True, fastmath=False)
 def measure_kernel(
-    nuc, cell, target, counter, pigment, use_pig, ptr, start, stop, ints, sums, maxs
+    nuc, cell, target, counter, pigment, ptr, start, stop, ints, sums, maxs
 ):  # pragma: no cover - compiled
     """Accumulate per-label statistics of nuclei (``nuc``) and of rings (``cell`` pixels outside any nucleus).
 
     ``ints`` (int64, shape (6, n + 1)): 0 nucleus area, 1 sum of x, 2 sum of y, 3 nucleus pigment pixels,
     4 ring area, 5 ring pigment pixels. ``sums`` (float64, shape (3, n + 1)): 0 target in nucleus,
     1 counterstain in nucleus, 2 target in ring. ``maxs`` (float64, shape (2, n + 1)): 0 target max in nucleus,
-    1 target max in ring (initialised by the caller to -inf). With ``use_pig``, a pixel is pigment where
-    ``pigment`` (uint8, :func:`cleihc.cells.detect_pigment_od`) is non-zero; without, ``pigment`` is not read.
+    1 target max in ring (initialised by the caller to -inf). A pixel is pigment where ``pigment`` (uint8,
+    :func:`cleihc.cells.detect_pigment_od`) is non-zero; a ``pigment`` not of ``nuc``'s shape (e.g. (0, 0)) means
+    no pigment test, as ``plus`` does for :func:`gaussian_kernel`.
     Only the row intervals ``(ptr, start, stop)`` are read (:func:`near_runs_kernel`: they hold every cell), in
     row-major order as a whole-array loop would.
     """
-    h = nuc.shape[0]
+    h, w = nuc.shape
+    use_pig = pigment.shape[0] == h and pigment.shape[1] == w
     for i in range(h):
         for q in range(ptr[i], ptr[i + 1]):
             for j in range(start[q], stop[q]):

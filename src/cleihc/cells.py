@@ -297,7 +297,9 @@ def _gaussian_weights(sigma_px: float) -> np.ndarray:
     return np.ascontiguousarray(phi[::-1][radius:])
 
 
-_NO_PLANE = np.zeros((0, 0), dtype=np.float32)  # gaussian_kernel's "nothing to add"
+# The kernels' "no such plane": an array of another shape than the image (numba needs an array of fixed type).
+_NO_PLANE = np.zeros((0, 0), dtype=np.float32)  # gaussian_kernel: nothing to add
+_NO_MASK = np.zeros((0, 0), dtype=np.uint8)  # measure_kernel: no pigment test
 
 
 def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -708,9 +710,8 @@ def _measure(
     ints = np.zeros((6, n + 1), dtype=np.int64)
     sums = np.zeros((3, n + 1), dtype=np.float64)
     maxs = np.full((2, n + 1), -np.inf, dtype=np.float64)
-    use_pig = pigment is not None
-    pig = pigment if use_pig else np.zeros((1, 1), dtype=np.uint8)
-    measure_kernel(nuclei, cells, target_od, counter_od, pig, use_pig, *near, ints, sums, maxs)
+    pig = _NO_MASK if pigment is None else pigment
+    measure_kernel(nuclei, cells, target_od, counter_od, pig, *near, ints, sums, maxs)
     ints, sums, maxs = ints[:, 1:], sums[:, 1:], maxs[:, 1:]
     n_area, sx, sy, n_pig, r_area, r_pig = ints
     n_t, n_c, r_t = sums
