@@ -8,6 +8,10 @@ process it starts (Dask's workers included) every 50 ms: the peak of what was he
 
     .venv/bin/python benchmarks/bench_batch.py --slides 4 --width 10000 --height 10000 --stain gag-alcian
     .venv/bin/python benchmarks/bench_batch.py --slides 1 --width 40000 --height 30000 --stain cd3 --jobs 2
+    .venv/bin/python benchmarks/bench_batch.py --slides 4 --stain cd3 --jobs 2 --tile-tasks
+
+``--tile-tasks`` also runs the batch with every slide split into tile tasks (the engine's own entry points with
+``DaskRunner(whole_slide_max_px=0)``; the command hands small slides to workers whole), to compare the two.
 
 Slides are cached in ``--workdir`` as by bench_throughput.py (rendering a 40k slide takes about 9 minutes).
 """
@@ -50,7 +54,14 @@ def main() -> None:
     ap.add_argument("--stain", default="gag-alcian", choices=("gag-alcian", "cd3"))
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cleihc-bench"))
+    ap.add_argument("--tile-tasks", action="store_true", help="also run with tile tasks only (jobs > 1)")
+    ap.add_argument(
+        "--run-tile-tasks", nargs=4, metavar=("FOLDER", "STAIN", "OUT", "JOBS"), help=argparse.SUPPRESS
+    )
     args = ap.parse_args()
+    if args.run_tile_tasks:
+        run_tile_tasks(*args.run_tile_tasks)
+        return
 
     from cleihc.synthetic import write_large_synthetic_svs
 
@@ -78,8 +89,38 @@ def main() -> None:
                 f"peak RSS of the process tree {peak_mb:.0f} MB",
                 flush=True,
             )
+            if args.tile_tasks and jobs > 1:
+                out = Path(tmp) / f"tiles-{jobs}"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--run-tile-tasks",
+                    str(folder),
+                    args.stain,
+                    str(out),
+                    str(jobs),
+                ]
+                _, seconds, peak_mb = run_command(cmd)
+                print(
+                    f"  --jobs {jobs}, tile tasks only: {seconds:6.1f} s, peak RSS of the process tree {peak_mb:.0f} MB",
+                    flush=True,
+                )
         if len(rows) > 1:
             print(f"  --jobs {rows[-1][0]} / --jobs {rows[0][0]}: {rows[0][1] / rows[-1][1]:.2f}x")
+
+
+def run_tile_tasks(folder: str, stain: str, out: str, jobs: str) -> None:
+    """What `cleihc quantify FOLDER --stain STAIN --jobs N` does, with no slide handed to a worker whole."""
+    from cleihc._malloc import one_heap_for_all_threads
+    from cleihc.batch import run_batch
+    from cleihc.parallel import DaskRunner
+    from cleihc.protocol import load_protocol
+
+    one_heap_for_all_threads()
+    with DaskRunner(jobs=int(jobs), whole_slide_max_px=0) as runner:
+        summary = run_batch([folder], load_protocol(stain), out_dir=out, runner=runner)
+    if summary.failed:
+        raise SystemExit(f"failed: {summary.failed}")
 
 
 if __name__ == "__main__":

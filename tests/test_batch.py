@@ -101,12 +101,30 @@ def test_kill_9_then_rerun_gives_the_same_tables(study, serial_run, tmp_path):
 
 
 def test_two_jobs_equal_serial(study, serial_run, tmp_path):
+    # Small slides on a local cluster: each one a task, measured and written by a worker.
     _, ref = serial_run
     out = tmp_path / "jobs2"
-    assert (
-        main(["quantify", *_good(study), "--stain", "cd3", "--out", str(out), "--jobs", "2", "--quiet"]) == 0
-    )
+    empty = tmp_path / "no-annotations"
+    empty.mkdir()
+    args = ["quantify", str(study), "--stain", "cd3", "--out", str(out), "--jobs", "2", "--quiet"]
+    assert main([*args, "--regions", str(empty)]) == 1
     pd.testing.assert_frame_equal(_table(ref), _table(out))
+    pd.testing.assert_frame_equal(pd.read_csv(ref / "failures.csv"), pd.read_csv(out / "failures.csv"))
+    for name in ("S01_pre_cd3", "S02_pre_cd3"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(ref / "cells" / f"{name}.parquet"),
+            pd.read_parquet(out / "cells" / f"{name}.parquet"),
+        )
+    runs = [__import__("json").loads((d / "run.json").read_text()) for d in (ref, out)]
+    # Outcomes in input order however the tasks finished; the same inputs recorded.
+    assert [(o["slide"], o["status"]) for o in runs[0]["outcomes"]] == [
+        (o["slide"], o["status"]) for o in runs[1]["outcomes"]
+    ]
+    assert [i["sha256"] for i in runs[0]["inputs"]] == [i["sha256"] for i in runs[1]["inputs"]]
+    log = (out / "run.log").read_text()
+    assert "whole slides on workers: 5, slides split into tile tasks: 0" in log
+    # A worker's log lines reach the run log, tagged with their slide.
+    assert "[S02_pre_cd3]: " in log and "no annotation file for slide" in log.split("[S02_pre_cd3]: ", 1)[1]
 
 
 def _free_port() -> int:
@@ -160,6 +178,8 @@ def test_remote_dask_scheduler_equals_serial(study, serial_run, tmp_path):
         )
         assert status == 0
         pd.testing.assert_frame_equal(_table(ref), _table(out))
+        # Remote workers may not see the results folder: tile tasks only, the files written here.
+        assert "whole slides on workers: 0, slides split into tile tasks: 3" in (out / "run.log").read_text()
     finally:
         for p in (worker, sched):
             p.terminate()

@@ -29,6 +29,15 @@ def test_dask_runner_runs_a_plan_twice_and_equals_serial():
     serial = finalize(plan, SerialRunner().iter_results(plan))
     with DaskRunner(jobs=2) as runner:
         runs = [finalize(plan, runner.iter_results(plan)) for _ in range(2)]
+        # Whole-slide tasks go through map_unordered: each call's result with its position; errors raised here.
+        assert runner.whole_slide_max_px == 10_000 * 10_000
+        assert sorted(runner.map_unordered(divmod, [(7, 2), (9, 4), (1, 1)])) == [
+            (0, (3, 1)),
+            (1, (2, 1)),
+            (2, (1, 0)),
+        ]
+        with pytest.raises(ZeroDivisionError):
+            list(runner.map_unordered(divmod, [(1, 0)]))
         # Workers run cleihc.tile_engine only: pandas and scikit-image (about 90 MB a process) stay out.
         heavy = runner.client.run(
             lambda: sorted(m for m in ("pandas", "pyarrow", "skimage") if m in sys.modules)

@@ -32,7 +32,7 @@ from cleihc.io import atomic_write, sha256_file
 from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
 from cleihc.pipeline import SlidePlan, measure_plan, plan_slide, slide_stem
 from cleihc.protocol import Protocol
-from cleihc.slide import is_slide
+from cleihc.slide import is_slide, open_slide
 
 __all__ = [
     "BatchSummary",
@@ -310,14 +310,55 @@ def run_batch(
     emit(Event("batch_start", total=len(slides)))
     existing = {rec["slide"]: rec for rec in read_slide_records(out)}
     seen_stems: dict[str, Path] = {}
-    inputs_record = []
     # Each slide once, in order; a second input with the same stem is answered where it stands.
     queue: list[tuple[Path, str, Path | None]] = []
     for path in slides:
         stem = slide_stem(path)
         queue.append((path, stem, seen_stems.get(stem)))
         seen_stems.setdefault(stem, path)
-    unique = [k for k, (_, _, first) in enumerate(queue) if first is None]
+    outcomes: dict[int, SlideOutcome] = {}  # by queue position: reported in input order however they finish
+    inputs: dict[int, list[dict[str, Any]]] = {}
+
+    def finished(k: int, outcome: SlideOutcome) -> None:
+        outcomes[k] = outcome
+        if outcome.status == "done":
+            log.info("%s: done in %.1f s", outcome.slide, outcome.seconds)
+        elif outcome.status == "skipped":
+            log.info("%s: skipped (%s)", outcome.slide, outcome.reason)
+        else:  # info, not warning: the console lists failures itself at the end
+            log.info("%s: failed: %s", outcome.slide, outcome.reason)
+        message = {"done": f"{outcome.seconds:.1f} s", "skipped": ""}.get(outcome.status, outcome.reason)
+        emit(Event("slide_done", outcome.slide, status=outcome.status, message=message))
+
+    for k, (path, stem, first) in enumerate(queue):
+        if first is not None:
+            finished(
+                k,
+                SlideOutcome(
+                    stem, str(path), "failed", f"another input has the same name ({first}); rename one"
+                ),
+            )
+    todo = [k for k in range(len(queue)) if k not in outcomes]
+    max_px = getattr(runner, "whole_slide_max_px", 0)
+    whole = [k for k in todo if max_px and _analysis_px(queue[k][0], protocol, mpp) <= max_px]
+    tiled = sorted(set(todo) - set(whole))
+    if hasattr(runner, "map_unordered"):
+        log.info("whole slides on workers: %d, slides split into tile tasks: %d", len(whole), len(tiled))
+    options = dict(out=out, protocol=protocol, force=force, regions=regions, mpp=mpp, tile_size=tile_size)
+    if whole:
+        # Small slides, one task each on a local cluster: the worker hashes, plans, measures and writes the
+        # slide (files atomically, as here), and this process only collects what happened.
+        calls = [(queue[k][0], queue[k][1], existing.get(queue[k][1]), metadata, options) for k in whole]
+        for j, (outcome, record, lines) in runner.map_unordered(_whole_slide_task, calls):
+            k = whole[j]
+            token = _CURRENT_SLIDE.set(outcome.slide)
+            try:
+                for level, name, message in lines:  # the worker's log lines, into this run's log
+                    logging.getLogger(name).log(level, "%s", message)
+                inputs[k] = record
+                finished(k, outcome)
+            finally:
+                _CURRENT_SLIDE.reset(token)
 
     # Look-ahead: the next slide is hashed and planned in a second thread while this one is measured and its
     # outputs written. Planning is whole-slide work in this process that would otherwise leave the tile workers
@@ -326,37 +367,20 @@ def run_batch(
     prepared: dict[int, Future[_Prepared]] = {}
 
     def prepare(u: int) -> None:
-        if u < len(unique) and u not in prepared:
-            path, stem, _ = queue[unique[u]]
-            prepared[u] = ahead.submit(
-                _prepare,
-                path,
-                stem,
-                out=out,
-                existing=existing,
-                protocol=protocol,
-                force=force,
-                regions=regions,
-                mpp=mpp,
-                tile_size=tile_size,
-            )
+        if u < len(tiled) and u not in prepared:
+            path, stem, _ = queue[tiled[u]]
+            prepared[u] = ahead.submit(_prepare, path, stem, existing=existing, **options)
 
     try:
-        u = 0
-        for path, stem, first in queue:
-            if first is not None:
-                summary.outcomes.append(
-                    SlideOutcome(
-                        stem, str(path), "failed", f"another input has the same name ({first}); rename one"
-                    )
-                )
-                continue
+        for u, k in enumerate(tiled):
+            path, stem, _ = queue[k]
             prepare(u)
             prepare(u + 1)
             t0 = time.perf_counter()
             emit(Event("slide_start", stem))
             token = _CURRENT_SLIDE.set(stem)
             try:
+                inputs[k] = []
                 outcome = _measure_prepared(
                     prepared.pop(u).result(),
                     path,
@@ -366,22 +390,15 @@ def run_batch(
                     runner=runner,
                     emit=emit,
                     t0=t0,
-                    inputs_record=inputs_record,
+                    inputs_record=inputs[k],
                 )
-                if outcome.status == "done":
-                    log.info("%s: done in %.1f s", stem, outcome.seconds)
-                elif outcome.status == "skipped":
-                    log.info("%s: skipped (%s)", stem, outcome.reason)
-                else:  # info, not warning: the console lists failures itself at the end
-                    log.info("%s: failed: %s", stem, outcome.reason)
+                finished(k, outcome)
             finally:
                 _CURRENT_SLIDE.reset(token)
-            u += 1
-            summary.outcomes.append(outcome)
-            message = {"done": f"{outcome.seconds:.1f} s", "skipped": ""}.get(outcome.status, outcome.reason)
-            emit(Event("slide_done", stem, status=outcome.status, message=message))
     finally:
         ahead.shutdown(wait=True, cancel_futures=True)
+    summary.outcomes.extend(outcomes[k] for k in sorted(outcomes))
+    inputs_record = [rec for k in sorted(inputs) for rec in inputs[k]]
     lead = ("subject", "timepoint", "group", *metadata.lead_columns)
     rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
     summary.seconds = time.perf_counter() - started
@@ -471,6 +488,7 @@ def _measure_prepared(
     emit: Callable[[Event], None],
     t0: float,
     inputs_record: list[dict[str, Any]],
+    write_threads: int = 2,
 ) -> SlideOutcome:
     """Measure a prepared slide and write its outputs (or apply its saved corrections); never raises."""
     if prep.digest is not None:
@@ -499,7 +517,7 @@ def _measure_prepared(
         if meta:
             for k, v in reversed(list(meta.items())):
                 result.regions.insert(0, k, v)
-        write_slide_outputs(result, out, extra={"metadata": meta})
+        write_slide_outputs(result, out, extra={"metadata": meta}, threads=write_threads)
         if prep.corrections_sha256 is not None:  # later runs honour a reviewer's saved corrections
             apply_saved_corrections(out, stem)
         return SlideOutcome(stem, str(path), "done", seconds=time.perf_counter() - t0)
@@ -511,6 +529,74 @@ def _measure_prepared(
         log.error("%s: %s\n%s", path, exc, trace)
         reason = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see run.log"
         return SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0)
+
+
+def _analysis_px(path: Path, protocol: Protocol, mpp: float | None) -> int:
+    """The slide's size in analysis pixels; 0 when it cannot be read (its task then reports why)."""
+    try:
+        with open_slide(path, mpp=mpp) as slide:
+            w, h = slide.analysis_resolution(protocol.analysis.mpp_um).dimensions_a
+        return w * h
+    except Exception:
+        return 0
+
+
+class _Lines(logging.Handler):
+    """Collects a worker's log lines for the run log of the process that started the batch."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[int, str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.name, record.getMessage()))
+
+
+def _whole_slide_task(
+    path: Path,
+    stem: str,
+    record: dict[str, Any] | None,
+    metadata: StudyMetadata,
+    options: dict[str, Any],
+) -> tuple[SlideOutcome, list[dict[str, Any]], list[tuple[int, str, str]]]:
+    """One slide from start to finish in a worker process: what :func:`run_batch` does for it serially.
+
+    Returns the outcome, the slide's input record and the log lines it made. Never raises for a bad slide.
+    """
+    from cleihc._malloc import release_free_heap
+
+    t0 = time.perf_counter()
+    logger = logging.getLogger("cleihc")
+    handler, level = _Lines(), logger.level
+    logger.addHandler(handler)
+    # A reader's own complaints about a damaged file (reported by cleihc in one line) follow the command's
+    # logging settings rather than going to the worker's stderr.
+    logging.getLogger("tifffile").addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    prep = None
+    try:
+        prep = _prepare(path, stem, existing={stem: record} if record else {}, **options)
+        inputs_record: list[dict[str, Any]] = []
+        outcome = _measure_prepared(
+            prep,
+            path,
+            stem,
+            out=options["out"],
+            metadata=metadata,
+            runner=None,
+            emit=lambda e: None,
+            t0=t0,
+            inputs_record=inputs_record,
+            write_threads=1,  # the other workers use the other cores
+        )
+    finally:
+        logger.removeHandler(handler)
+        logging.getLogger("tifffile").removeHandler(handler)
+        logger.setLevel(level)
+        del prep
+        release_free_heap()  # the next slide's peak does not stack on this one's freed arrays
+    return outcome, inputs_record, handler.lines
 
 
 def _write_failures(out: Path, failed: Iterable[SlideOutcome]) -> None:

@@ -65,7 +65,9 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
         df.to_parquet(tmp, index=False)
 
 
-def write_slide_outputs(result: Any, out_dir: str | os.PathLike[str], *, extra: dict | None = None) -> Path:
+def write_slide_outputs(
+    result: Any, out_dir: str | os.PathLike[str], *, extra: dict | None = None, threads: int = 2
+) -> Path:
     """Write every per-slide output of a :class:`cleihc.pipeline.Result`; the record last.
 
     Parameters
@@ -74,6 +76,9 @@ def write_slide_outputs(result: Any, out_dir: str | os.PathLike[str], *, extra: 
     out_dir : path
     extra : dict, optional
         More fields for the slide record (for example study metadata).
+    threads : int
+        Files written at once. One where other processes already use every core (a worker measuring a whole
+        slide): no faster then, and the files' temporaries do not add up.
 
     Returns
     -------
@@ -93,7 +98,7 @@ def write_slide_outputs(result: Any, out_dir: str | os.PathLike[str], *, extra: 
         jobs.append((lambda res, path: _write_parquet(res.cells, path), out / "cells" / f"{stem}.parquet"))
     # Independent files, each written atomically: two at a time (deflate, PNG and Parquet encoders release the
     # GIL), about 1.7x faster than one after another. The record, which marks the slide as done, comes last.
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cleihc-write") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="cleihc-write") as pool:
         for future in [pool.submit(write, result, path) for write, path in jobs]:
             future.result()  # the first failure, once every file has been attempted
     record = {
@@ -277,17 +282,21 @@ def write_qc_png(result: Any, path: Path, *, max_size_px: int = 1600) -> None:
         w0 = slide.dimensions[0]
     th, tw = thumb.shape[:2]
     scale = tw / w0  # thumbnail px per level-0 px
-    rgb = thumb.astype(np.float32)
     # Positive overlay: red tint proportional to the positive fraction of the raster cell under each thumbnail
-    # pixel (only those cells are looked at; float32 throughout: a big slide's QC image stays small in memory).
+    # pixel (only those cells are looked at), in bands of rows: float32 temporaries of a whole 1600 px thumbnail
+    # were 150 MB of a small slide's peak, written while its other files are.
     _, fh, fw = result.raster.bin_px.shape
     ys = np.clip(((np.arange(th) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fh - 1)
     xs = np.clip(((np.arange(tw) + 0.5) / scale / plan.raster_downsample).astype(int), 0, fw - 1)
-    f = np.nan_to_num(result.raster.positive_fraction_at(ys, xs), nan=0.0)[..., None]
     tint = np.array([230.0, 0.0, 40.0], dtype=np.float32) * np.float32(0.6)
-    rgb *= np.float32(1.0) - np.float32(0.6) * f
-    rgb += tint * f
-    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    pixels = np.empty_like(thumb)
+    for rows in row_blocks((th, tw), cells=1 << 18):
+        f = np.nan_to_num(result.raster.positive_fraction_at(ys[rows], xs), nan=0.0)[..., None]
+        band = thumb[rows].astype(np.float32)
+        band *= np.float32(1.0) - np.float32(0.6) * f
+        band += tint * f
+        pixels[rows] = np.clip(band, 0, 255)
+    img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
 
     def outline(geom: Any, colour: tuple[int, int, int], width: int) -> None:

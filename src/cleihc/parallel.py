@@ -6,6 +6,10 @@ and :func:`cleihc.pipeline.finalize` sums them in tile order whatever order they
 Workers open a slide by path and keep it open for the tiles that follow (reopening it per task made reads about
 3x slower). A remote cluster (``scheduler="tcp://host:8786"``) therefore needs the slides at the same path on every
 worker: shared storage such as NFS or a mounted bucket.
+
+A local cluster also runs small slides whole, one task per slide (:meth:`DaskRunner.map_unordered`, used by
+:func:`cleihc.batch.run_batch`): a small slide's tiles take about as long as this process's own share of it
+(hashing, planning, summing, writing its files), which would otherwise run beside the workers on the same cores.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -23,7 +27,7 @@ from cleihc._malloc import release_free_heap, restore_adaptive_mmap
 from cleihc.slide import Slide, open_slide
 from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
 
-__all__ = ["DaskRunner", "SerialRunner", "make_runner"]
+__all__ = ["WHOLE_SLIDE_MAX_PX", "DaskRunner", "SerialRunner", "make_runner"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,11 @@ Progress = Callable[[int, int], None]
 # Per worker process: slides kept open by (path, mpp override), a few at a time.
 _OPEN_SLIDES: OrderedDict[tuple[str, Any], Slide] = OrderedDict()
 _MAX_OPEN = 4
+
+#: Slides of at most this many analysis pixels (a 10,000 x 10,000 px slide at the analysis resolution) run as one
+#: task each on a local cluster. A worker then holds what a serial run holds (about 450-550 MB at this size), so
+#: two workers stay within 1.5 GB; larger slides are split into tile tasks, whose memory does not grow with them.
+WHOLE_SLIDE_MAX_PX = 10_000 * 10_000
 
 
 def _worker_slide(path: str, mpp: Any) -> Slide:
@@ -111,6 +120,7 @@ class SerialRunner(AbstractContextManager):
     """Tiles one after another in this process."""
 
     description = "serial"
+    whole_slide_max_px = 0  # slides are never handed out whole: there is no one to hand them to
 
     def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
         """Yield each tile's result as it is made."""
@@ -132,12 +142,28 @@ class DaskRunner(AbstractContextManager):
         Worker processes of a local cluster (one thread each); default one per core.
     scheduler : str, optional
         Address of an existing cluster (``tcp://host:port``); `jobs` is then ignored.
+    whole_slide_max_px : int, optional
+        On a local cluster, a batch runs slides of at most this many analysis pixels as one task each (their
+        files written by the worker); 0 splits every slide into tile tasks. A remote cluster always gets tile
+        tasks: its workers may not see the results folder.
+
+    Attributes
+    ----------
+    whole_slide_max_px : int
+        0 for a remote cluster.
     """
 
-    def __init__(self, *, jobs: int | None = None, scheduler: str | None = None):
+    def __init__(
+        self,
+        *,
+        jobs: int | None = None,
+        scheduler: str | None = None,
+        whole_slide_max_px: int = WHOLE_SLIDE_MAX_PX,
+    ):
         from distributed import Client, LocalCluster
 
         self._cluster = None
+        self.whole_slide_max_px = 0 if scheduler else int(whole_slide_max_px)
         if scheduler:
             self.client = Client(scheduler, timeout="30s")
             self.description = f"dask scheduler {scheduler}"
@@ -167,8 +193,10 @@ class DaskRunner(AbstractContextManager):
                 )
             self.client = Client(self._cluster)
             self.description = f"dask local cluster, {n} worker processes"
-        # Once per run, not once per slide: the first tiles would otherwise wait for imports and kernel loading.
-        self.client.run(_warm_up)
+        self.client.run(
+            restore_adaptive_mmap
+        )  # every task, tile or whole slide, allocates as fast as serially
+        self._warm = False
 
     def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
         """Yield tile results as tasks finish (in no fixed order), so the caller folds them without a backlog."""
@@ -176,6 +204,11 @@ class DaskRunner(AbstractContextManager):
 
         if not plan.tiles:
             return
+        if not self._warm:
+            # Once per run, before the first tiles, which would otherwise wait for imports and kernel loading
+            # while the others run. A whole-slide task needs no such start: it loads only what it uses.
+            self.client.run(_warm_up)
+            self._warm = True
         # Ship the plan to every worker once, not with every task; tiles never need the compartment masks (the
         # bulk of a plan), only finalize does.
         tile_plan = dataclasses.replace(plan, compartment_masks={}, regions=())
@@ -207,6 +240,29 @@ class DaskRunner(AbstractContextManager):
             for fut in futures:
                 fut.release()
             plan_future.release()
+
+    def map_unordered(
+        self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]
+    ) -> Iterator[tuple[int, Any]]:
+        """``(k, fn(*calls[k]))`` for every call, as its task finishes (in no fixed order).
+
+        One task per call, each worker taking the next as it frees up; an exception in `fn` is raised here.
+        """
+        from distributed import as_completed
+
+        run_id = uuid.uuid4().hex  # keys unique per run, as in iter_results
+        futures = {
+            self.client.submit(fn, *args, key=f"call-{run_id}-{k}", pure=False): k
+            for k, args in enumerate(calls)
+        }
+        try:
+            for fut in as_completed(futures):
+                result = fut.result()
+                fut.release()
+                yield futures[fut], result
+        finally:
+            for fut in futures:
+                fut.release()
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
