@@ -135,6 +135,55 @@ def test_two_jobs_equal_serial(study, serial_run, tmp_path):
     assert "[S02_pre_cd3]: " in log and "no annotation file for slide" in log.split("[S02_pre_cd3]: ", 1)[1]
 
 
+def test_whole_slide_tasks_report_tile_progress(study, tmp_path):
+    from cleihc.batch import run_batch
+    from cleihc.parallel import DaskRunner
+    from cleihc.protocol import load_protocol
+
+    events = []
+    with DaskRunner(jobs=2) as runner:
+        summary = run_batch(
+            _good(study),
+            load_protocol("cd3"),
+            out_dir=tmp_path / "out",
+            runner=runner,
+            tile_size=256,  # several tiles a slide
+            on_event=events.append,
+        )
+    assert [o.status for o in summary.outcomes] == ["done"] * 3
+    for name in ("S01_pre_cd3", "S01_post_cd3", "S02_pre_cd3"):
+        mine = [e for e in events if e.slide == name]
+        kinds = [e.kind for e in mine]
+        # started, its tiles counted up to the total, then done; nothing after
+        assert kinds[0] == "slide_start" and kinds[-1] == "slide_done" and set(kinds[1:-1]) == {"tile"}
+        done = [e.done for e in mine[1:-1]]
+        assert done == sorted(done) and done[-1] == mine[-2].total >= 2
+
+
+def test_progress_display_keeps_a_bar_per_running_slide(monkeypatch):
+    from cleihc.batch import Event
+    from cleihc.cli.quantify import _Display
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    display = _Display(quiet=False)
+    try:
+        display.event(Event("batch_start", total=2))
+        for name in ("a", "b"):  # two workers, two slides at once
+            display.event(Event("slide_start", name))
+            display.event(Event("tile", name, done=1, total=4))
+        assert sorted(display._tile_tasks) == ["a", "b"]
+        display.event(Event("slide_done", "a", status="done"))
+        display.event(Event("tile", "a", done=2, total=4))  # late: ignored
+        assert list(display._tile_tasks) == ["b"]
+        bar = display._progress.tasks[-1]
+        assert (bar.description.strip(), bar.completed, bar.total) == ("b", 1, 4)
+        display.event(Event("slide_done", "b", status="done"))
+        assert display._tile_tasks == {}
+        assert display._progress.tasks[0].completed == 2
+    finally:
+        display.close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -38,6 +38,16 @@ def test_dask_runner_runs_a_plan_twice_and_equals_serial():
         ]
         with pytest.raises(ZeroDivisionError):
             list(runner.map_unordered(divmod, [(1, 0)]))
+        # Messages from inside the tasks reach on_message in this thread while they run (tile progress).
+        got = []
+
+        def square(x, topic):
+            __import__("cleihc.parallel").parallel.send_message(topic, [x, x * x])
+            __import__("time").sleep(1.0)  # delivery is not awaited: let it arrive before the result
+            return x
+
+        assert sorted(runner.map_unordered(square, [(2,), (3,)], on_message=got.append)) == [(0, 2), (1, 3)]
+        assert sorted(got) == [(2, 4), (3, 9)]
         # Workers run cleihc.tile_engine only: pandas and scikit-image (about 90 MB a process) stay out.
         heavy = runner.client.run(
             lambda: sorted(m for m in ("pandas", "pyarrow", "skimage") if m in sys.modules)

@@ -349,8 +349,23 @@ def run_batch(
         # Small slides, one task each on a local cluster: the worker hashes, plans, measures and writes the
         # slide (files atomically, as here), and this process only collects what happened.
         calls = [(queue[k][0], queue[k][1], existing.get(queue[k][1]), metadata, options) for k in whole]
-        for j, (outcome, record, lines) in runner.map_unordered(_whole_slide_task, calls):
+        running: set[str] = set()
+        ended: set[str] = set()
+
+        def tile_progress(msg: list[Any]) -> None:  # a worker's tiles, while its slide runs
+            stem, done, total = msg
+            if stem in ended:  # a late message: the slide's result came first
+                return
+            if stem not in running:
+                running.add(stem)
+                emit(Event("slide_start", stem))
+            emit(Event("tile", stem, done=int(done), total=int(total)))
+
+        for j, (outcome, record, lines) in runner.map_unordered(
+            _whole_slide_task, calls, on_message=tile_progress
+        ):
             k = whole[j]
+            ended.add(outcome.slide)
             token = _CURRENT_SLIDE.set(outcome.slide)
             try:
                 for level, name, message in lines:  # the worker's log lines, into this run's log
@@ -558,12 +573,19 @@ def _whole_slide_task(
     record: dict[str, Any] | None,
     metadata: StudyMetadata,
     options: dict[str, Any],
+    topic: str | None = None,
 ) -> tuple[SlideOutcome, list[dict[str, Any]], list[tuple[int, str, str]]]:
     """One slide from start to finish in a worker process: what :func:`run_batch` does for it serially.
 
-    Returns the outcome, the slide's input record and the log lines it made. Never raises for a bad slide.
+    Returns the outcome, the slide's input record and the log lines it made; sends its tile progress to `topic`
+    (:func:`cleihc.parallel.send_message`). Never raises for a bad slide.
     """
     from cleihc._malloc import release_free_heap
+    from cleihc.parallel import send_message
+
+    def emit(e: Event) -> None:
+        if topic is not None and e.kind == "tile":
+            send_message(topic, [e.slide, e.done, e.total])
 
     t0 = time.perf_counter()
     logger = logging.getLogger("cleihc")
@@ -585,7 +607,7 @@ def _whole_slide_task(
             out=options["out"],
             metadata=metadata,
             runner=None,
-            emit=lambda e: None,
+            emit=emit,
             t0=t0,
             inputs_record=inputs_record,
             write_threads=1,  # the other workers use the other cores

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +29,7 @@ from cleihc._malloc import release_free_heap, restore_adaptive_mmap
 from cleihc.slide import Slide, open_slide
 from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
 
-__all__ = ["WHOLE_SLIDE_MAX_PX", "DaskRunner", "SerialRunner", "make_runner"]
+__all__ = ["WHOLE_SLIDE_MAX_PX", "DaskRunner", "SerialRunner", "make_runner", "send_message"]
 
 log = logging.getLogger(__name__)
 
@@ -242,25 +244,47 @@ class DaskRunner(AbstractContextManager):
             plan_future.release()
 
     def map_unordered(
-        self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]
+        self,
+        fn: Callable[..., Any],
+        calls: Sequence[tuple[Any, ...]],
+        *,
+        on_message: Callable[[Any], None] | None = None,
     ) -> Iterator[tuple[int, Any]]:
         """``(k, fn(*calls[k]))`` for every call, as its task finishes (in no fixed order).
 
         One task per call, each worker taking the next as it frees up; an exception in `fn` is raised here.
+        With `on_message`, each call gets one more argument, a topic: what the task passes to
+        :func:`send_message` with it reaches ``on_message(msg)``, called in this thread while the tasks run
+        (progress from inside a worker). Messages that arrive after the last result are dropped.
         """
         from distributed import as_completed
 
         run_id = uuid.uuid4().hex  # keys unique per run, as in iter_results
+        topic = f"cleihc-{run_id}"
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        extra: tuple[str, ...] = ()
+        if on_message is not None:
+            self.client.subscribe_topic(topic, lambda event: inbox.put(event[1]))  # in the client's thread
+            extra = (topic,)
         futures = {
-            self.client.submit(fn, *args, key=f"call-{run_id}-{k}", pure=False): k
+            self.client.submit(fn, *args, *extra, key=f"call-{run_id}-{k}", pure=False): k
             for k, args in enumerate(calls)
         }
         try:
-            for fut in as_completed(futures):
-                result = fut.result()
-                fut.release()
-                yield futures[fut], result
+            pending = as_completed(futures)
+            while not pending.is_empty():
+                while on_message is not None and not inbox.empty():
+                    on_message(inbox.get())
+                batch = pending.next_batch(block=False)
+                if not batch:
+                    time.sleep(0.05)
+                for fut in batch:
+                    result = fut.result()
+                    fut.release()
+                    yield futures[fut], result
         finally:
+            if on_message is not None:
+                self.client.unsubscribe_topic(topic)
             for fut in futures:
                 fut.release()
 
@@ -268,6 +292,14 @@ class DaskRunner(AbstractContextManager):
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def send_message(topic: str, msg: Any) -> None:
+    """From a task of :meth:`DaskRunner.map_unordered`, send `msg` (str, numbers, lists of them) to its
+    ``on_message``. Delivery goes through the scheduler and is not awaited: for progress, not for results."""
+    from distributed import get_worker
+
+    get_worker().log_event(topic, msg)
 
 
 def make_runner(*, jobs: int | None = None, scheduler: str | None = None) -> SerialRunner | DaskRunner:

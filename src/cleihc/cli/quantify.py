@@ -147,7 +147,7 @@ class _Display:
         self.tty = sys.stderr.isatty()
         self._progress = None
         self._slides_task = None
-        self._tile_task = None
+        self._tile_tasks: dict[str, Any] = {}  # a bar per slide being measured (several with --jobs)
         self._n = 0
         if not quiet and self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -168,13 +168,13 @@ class _Display:
         if self._progress is not None:
             if e.kind == "batch_start":
                 self._progress.update(self._slides_task, total=e.total)
-            elif e.kind == "slide_start":
-                if self._tile_task is not None:
-                    self._progress.remove_task(self._tile_task)
-                self._tile_task = self._progress.add_task(f"  {e.slide}", total=None)
-            elif e.kind == "tile" and self._tile_task is not None:
-                self._progress.update(self._tile_task, completed=e.done, total=e.total)
+            elif e.kind == "slide_start" and e.slide not in self._tile_tasks:
+                self._tile_tasks[e.slide] = self._progress.add_task(f"  {e.slide}", total=None)
+            elif e.kind == "tile" and e.slide in self._tile_tasks:
+                self._progress.update(self._tile_tasks[e.slide], completed=e.done, total=e.total)
             elif e.kind == "slide_done":
+                if e.slide in self._tile_tasks:
+                    self._progress.remove_task(self._tile_tasks.pop(e.slide))
                 self._n += 1
                 self._progress.update(self._slides_task, completed=self._n)
                 if e.status == "failed":
