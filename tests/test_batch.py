@@ -160,6 +160,40 @@ def test_whole_slide_tasks_report_tile_progress(study, tmp_path):
         assert done == sorted(done) and done[-1] == mine[-2].total >= 2
 
 
+def test_a_slide_whose_worker_dies_fails_alone(study, tmp_path):
+    from types import SimpleNamespace
+
+    from distributed import KilledWorker
+
+    from cleihc.batch import run_batch
+    from cleihc.protocol import load_protocol
+
+    class DyingFirstWorker:
+        """The runner interface run_batch uses, tasks run here; the first slide's worker "dies" as Dask reports."""
+
+        whole_slide_max_px = 10**9
+
+        def map_unordered(self, fn, calls, *, on_message=None):
+            for k, args in enumerate(calls):
+                if k == 0:
+                    yield k, None, KilledWorker("call-0", SimpleNamespace(address="tcp://127.0.0.1:1"), 1)
+                else:
+                    yield k, fn(*args, None), None
+
+    summary = run_batch(
+        _good(study), load_protocol("cd3"), out_dir=tmp_path / "out", runner=DyingFirstWorker()
+    )
+    assert [(o.slide, o.status) for o in summary.outcomes] == [
+        ("S01_pre_cd3", "failed"),
+        ("S01_post_cd3", "done"),
+        ("S02_pre_cd3", "done"),
+    ]
+    reason = summary.outcomes[0].reason
+    assert "worker process measuring it stopped" in reason and "cleihc info" in reason and "\n" not in reason
+    assert pd.read_csv(tmp_path / "out" / "failures.csv")["slide"].tolist() == ["S01_pre_cd3"]
+    assert sorted(_table(tmp_path / "out")["slide"].unique()) == ["S01_post_cd3", "S02_pre_cd3"]
+
+
 def test_progress_display_keeps_a_bar_per_running_slide(monkeypatch):
     from cleihc.batch import Event
     from cleihc.cli.quantify import _Display

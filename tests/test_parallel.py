@@ -29,25 +29,22 @@ def test_dask_runner_runs_a_plan_twice_and_equals_serial():
     serial = finalize(plan, SerialRunner().iter_results(plan))
     with DaskRunner(jobs=2) as runner:
         runs = [finalize(plan, runner.iter_results(plan)) for _ in range(2)]
-        # Whole-slide tasks go through map_unordered: each call's result with its position; errors raised here.
+        # Whole-slide tasks go through map_unordered: each call's result with its position, or its error.
         assert runner.whole_slide_max_px == 10_000 * 10_000
-        assert sorted(runner.map_unordered(divmod, [(7, 2), (9, 4), (1, 1)])) == [
-            (0, (3, 1)),
-            (1, (2, 1)),
-            (2, (1, 0)),
-        ]
-        with pytest.raises(ZeroDivisionError):
-            list(runner.map_unordered(divmod, [(1, 0)]))
+        got = sorted(runner.map_unordered(divmod, [(7, 2), (1, 0), (1, 1)]), key=lambda r: r[0])
+        assert [(k, res) for k, res, _ in got] == [(0, (3, 1)), (1, None), (2, (1, 0))]
+        assert [type(err).__name__ for _, _, err in got] == ["NoneType", "ZeroDivisionError", "NoneType"]
         # Messages from inside the tasks reach on_message in this thread while they run (tile progress).
-        got = []
+        messages = []
 
         def square(x, topic):
             __import__("cleihc.parallel").parallel.send_message(topic, [x, x * x])
             __import__("time").sleep(1.0)  # delivery is not awaited: let it arrive before the result
             return x
 
-        assert sorted(runner.map_unordered(square, [(2,), (3,)], on_message=got.append)) == [(0, 2), (1, 3)]
-        assert sorted(got) == [(2, 4), (3, 9)]
+        results = runner.map_unordered(square, [(2,), (3,)], on_message=messages.append)
+        assert sorted(results) == [(0, 2, None), (1, 3, None)]
+        assert sorted(messages) == [(2, 4), (3, 9)]
         # Workers run cleihc.tile_engine only: pandas and scikit-image (about 90 MB a process) stay out.
         heavy = runner.client.run(
             lambda: sorted(m for m in ("pandas", "pyarrow", "skimage") if m in sys.modules)
@@ -58,6 +55,18 @@ def test_dask_runner_runs_a_plan_twice_and_equals_serial():
         profiling = runner.client.run(
             lambda: __import__("dask").config.get("distributed.worker.profile.enabled")
         )
+        # A call whose worker dies (a reader crashing on a damaged file) fails alone, after one retry; the
+        # workers started again are set up as the first were.
+        died = list(runner.map_unordered(lambda x: __import__("os")._exit(3) if x else x, [(1,), (0,)]))
+        assert sorted((k, res, type(err).__name__) for k, res, err in died) == [
+            (0, None, "KilledWorker"),
+            (1, 0, "NoneType"),
+        ]
+        runner.client.wait_for_workers(2)
+        again = runner.client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
+        plugins = runner.client.run(lambda dask_worker: sorted(dask_worker.plugins))
+    assert list(again.values()) == ["1", "1"]
+    assert all("cleihc-fast-alloc" in names for names in plugins.values())
     assert list(heavy.values()) == [[], []]
     assert list(arenas.values()) == ["1", "1"]
     assert list(profiling.values()) == [False, False]

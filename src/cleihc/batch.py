@@ -361,10 +361,17 @@ def run_batch(
                 emit(Event("slide_start", stem))
             emit(Event("tile", stem, done=int(done), total=int(total)))
 
-        for j, (outcome, record, lines) in runner.map_unordered(
-            _whole_slide_task, calls, on_message=tile_progress
-        ):
+        for j, result, error in runner.map_unordered(_whole_slide_task, calls, on_message=tile_progress):
             k = whole[j]
+            if error is None:
+                outcome, record, lines = result
+            else:  # the task never raises for a bad slide: its worker died (a reader crash, memory)
+                path, stem, _ = queue[k]
+                outcome, record = (
+                    SlideOutcome(stem, str(path), "failed", _unforeseen_reason(error, path)),
+                    [],
+                )
+                lines = [(logging.ERROR, log.name, f"{path}: {type(error).__name__}: {error}")]
             ended.add(outcome.slide)
             token = _CURRENT_SLIDE.set(outcome.slide)
             try:
@@ -542,8 +549,20 @@ def _measure_prepared(
     except Exception as exc:  # an unforeseen failure: isolate the slide, log the traceback, keep going
         trace = prep.traceback if exc is prep.error else traceback.format_exc()
         log.error("%s: %s\n%s", path, exc, trace)
-        reason = f"internal error ({type(exc).__name__}: {' '.join(str(exc).split())}); see run.log"
-        return SlideOutcome(stem, str(path), "failed", reason, time.perf_counter() - t0)
+        return SlideOutcome(
+            stem, str(path), "failed", _unforeseen_reason(exc, path), time.perf_counter() - t0
+        )
+
+
+def _unforeseen_reason(error: BaseException, path: Path) -> str:
+    """One line for an unforeseen failure: a Dask worker that died on the slide (a tile task or a whole-slide
+    task, twice), or an error of cleihc itself."""
+    if type(error).__name__ == "KilledWorker":  # distributed's, not imported for a serial run
+        return (
+            "the worker process measuring it stopped twice (a crash reading the file, or memory); "
+            f"check it with `cleihc info {path}`, or measure it alone without --jobs"
+        )
+    return f"internal error ({type(error).__name__}: {' '.join(str(error).split())}); see run.log"
 
 
 def _analysis_px(path: Path, protocol: Protocol, mpp: float | None) -> int:

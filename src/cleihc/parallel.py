@@ -102,6 +102,17 @@ def _warm_up() -> None:
     )
 
 
+def _fast_alloc_plugin() -> Any:
+    """A Dask worker plugin that calls :func:`restore_adaptive_mmap` in every worker, present and future."""
+    from distributed import WorkerPlugin  # here: the serial command never imports Dask
+
+    class FastAlloc(WorkerPlugin):
+        def setup(self, worker: Any) -> None:
+            restore_adaptive_mmap()
+
+    return FastAlloc()
+
+
 def _run_tiles(plan: SlidePlan, tile_positions: list[int]) -> list[TileResult]:
     """Dask task: a run of neighbouring tiles, with the slide kept open in this worker."""
     slide = _worker_slide(plan.slide_path, plan.mpp_override)
@@ -183,6 +194,9 @@ class DaskRunner(AbstractContextManager):
                 "distributed.worker.profile.enabled": False,
                 "distributed.worker.memory.monitor-interval": "1s",
                 "distributed.admin.tick.interval": "200ms",
+                # A task whose worker dies is tried once more, not three times: here a worker dies of a slide
+                # (a reader crashing on a damaged file, memory), and every retry costs a worker restart.
+                "distributed.scheduler.allowed-failures": 1,
             }
             # Processes, one thread each: numba kernels and decoders then use every core without the GIL.
             with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **quiet}):
@@ -195,9 +209,9 @@ class DaskRunner(AbstractContextManager):
                 )
             self.client = Client(self._cluster)
             self.description = f"dask local cluster, {n} worker processes"
-        self.client.run(
-            restore_adaptive_mmap
-        )  # every task, tile or whole slide, allocates as fast as serially
+        # Every task, tile or whole slide, allocates as fast as serially; a plugin, so that a worker started again
+        # after a crash is set up too.
+        self.client.register_plugin(_fast_alloc_plugin(), name="cleihc-fast-alloc")
         self._warm = False
 
     def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
@@ -249,11 +263,12 @@ class DaskRunner(AbstractContextManager):
         calls: Sequence[tuple[Any, ...]],
         *,
         on_message: Callable[[Any], None] | None = None,
-    ) -> Iterator[tuple[int, Any]]:
-        """``(k, fn(*calls[k]))`` for every call, as its task finishes (in no fixed order).
+    ) -> Iterator[tuple[int, Any, BaseException | None]]:
+        """``(k, fn(*calls[k]), None)`` for every call, as its task finishes (in no fixed order), or
+        ``(k, None, error)`` for a call that raised or whose worker died (``distributed.KilledWorker``): one
+        failing call never stops the others.
 
-        One task per call, each worker taking the next as it frees up; an exception in `fn` is raised here.
-        With `on_message`, each call gets one more argument, a topic: what the task passes to
+        One task per call, each worker taking the next as it frees up. With `on_message`, each call gets one more argument, a topic: what the task passes to
         :func:`send_message` with it reaches ``on_message(msg)``, called in this thread while the tasks run
         (progress from inside a worker). Messages that arrive after the last result are dropped.
         """
@@ -279,9 +294,12 @@ class DaskRunner(AbstractContextManager):
                 if not batch:
                     time.sleep(0.05)
                 for fut in batch:
-                    result = fut.result()
+                    try:
+                        result, error = fut.result(), None
+                    except Exception as exc:  # the call's own error, or KilledWorker
+                        result, error = None, exc
                     fut.release()
-                    yield futures[fut], result
+                    yield futures[fut], result, error
         finally:
             if on_message is not None:
                 self.client.unsubscribe_topic(topic)
