@@ -46,6 +46,8 @@ def main():
         _warm_up()  # with Dask, this process only plans and folds, as in `cleihc quantify --jobs N`
     t0 = time.perf_counter()
     with make_runner(jobs=jobs) as runner:
+        if jobs > 1:  # the workers' imports and kernels, as _warm_up above: not in the tiles' time
+            runner.ready()
         res = quantify(path, stain, runner=runner if jobs > 1 else None)
         seconds = time.perf_counter() - t0
         # Sum of every process's own peak (this one, Dask's nannies and workers): an upper bound of the memory
@@ -104,7 +106,9 @@ print(json.dumps({"seconds": seconds, "tiles": len(data), "read_mp": len(data) *
 
 def _child(code: str, *args: str) -> dict:
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, check=False
+    )
     if out.returncode:
         raise SystemExit(f"benchmark step failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,7 +154,9 @@ def main() -> None:
                 f"peak RSS {r['peak_rss_mb']:.0f} MB (process + workers)",
                 flush=True,
             )
-    print("\nsummary (MP of tissue per second at analysis resolution; the floor is the time to decode the same")
+    print(
+        "\nsummary (MP of tissue per second at analysis resolution; the floor is the time to decode the same"
+    )
     print("JPEG tiles alone, expressed for the same tissue)")
     print(f"  slide {args.width} x {args.height} px at 0.5 um/px")
     for stain, jobs, mps, floor_mps, rss in rows:

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -212,7 +213,12 @@ class DaskRunner(AbstractContextManager):
         # Every task, tile or whole slide, allocates as fast as serially; a plugin, so that a worker started again
         # after a crash is set up too.
         self.client.register_plugin(_fast_alloc_plugin(), name="cleihc-fast-alloc")
-        self._warm = False
+        # Workers import the engine and load its kernels (seconds) while this process finds, hashes and plans the
+        # first slide; the first tiles wait for it (they would otherwise wait in turn, one worker idle). A
+        # whole-slide task does not wait: it shares the imports under way.
+        warm = ThreadPoolExecutor(1, "cleihc-warm-up")
+        self._warming: Future[Any] | None = warm.submit(self.client.run, _warm_up)
+        warm.shutdown(wait=False)  # the one task still runs; the thread ends with it
 
     def iter_results(self, plan: SlidePlan, *, progress: Progress | None = None) -> Iterator[TileResult]:
         """Yield tile results as tasks finish (in no fixed order), so the caller folds them without a backlog."""
@@ -220,11 +226,7 @@ class DaskRunner(AbstractContextManager):
 
         if not plan.tiles:
             return
-        if not self._warm:
-            # Once per run, before the first tiles, which would otherwise wait for imports and kernel loading
-            # while the others run. A whole-slide task needs no such start: it loads only what it uses.
-            self.client.run(_warm_up)
-            self._warm = True
+        self.ready()
         # Ship the plan to every worker once, not with every task; tiles never need the compartment masks (the
         # bulk of a plan), only finalize does.
         tile_plan = dataclasses.replace(plan, compartment_masks={}, regions=())
@@ -306,7 +308,19 @@ class DaskRunner(AbstractContextManager):
             for fut in futures:
                 fut.release()
 
+    def ready(self) -> None:
+        """Wait until every worker has imported the engine and loaded its kernels (raising the error of a worker that
+        could not, e.g. without cleihc installed). Tiles wait for this by themselves; a benchmark timing tiles
+        calls it first."""
+        if self._warming is not None:
+            warming, self._warming = self._warming, None
+            warming.result()
+
     def __exit__(self, *exc: object) -> None:
+        try:
+            self.ready()
+        except Exception:  # closing anyway; an error that mattered was met by the tasks
+            pass
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
