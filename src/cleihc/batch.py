@@ -364,20 +364,18 @@ def run_batch(
         for j, result, error in runner.map_unordered(_whole_slide_task, calls, on_message=tile_progress):
             k = whole[j]
             if error is None:
-                outcome, record, lines = result
+                outcome, input_records, lines = result
             else:  # the task never raises for a bad slide: its worker died (a reader crash, memory)
                 path, stem, _ = queue[k]
-                outcome, record = (
-                    SlideOutcome(stem, str(path), "failed", _unforeseen_reason(error, path)),
-                    [],
-                )
+                outcome = SlideOutcome(stem, str(path), "failed", _unforeseen_reason(error, path))
+                input_records = []
                 lines = [(logging.ERROR, log.name, f"{path}: {type(error).__name__}: {error}")]
             ended.add(outcome.slide)
             token = _CURRENT_SLIDE.set(outcome.slide)
             try:
                 for level, name, message in lines:  # the worker's log lines, into this run's log
                     logging.getLogger(name).log(level, "%s", message)
-                inputs[k] = record
+                inputs[k] = input_records
                 finished(k, outcome)
             finally:
                 _CURRENT_SLIDE.reset(token)
@@ -635,7 +633,7 @@ def _whole_slide_task(
         logger.removeHandler(handler)
         logging.getLogger("tifffile").removeHandler(handler)
         logger.setLevel(level)
-        del prep
+        del prep  # its plan: freed before the heap is trimmed
         release_free_heap()  # the next slide's peak does not stack on this one's freed arrays
     return outcome, inputs_record, handler.lines
 

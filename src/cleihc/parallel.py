@@ -41,8 +41,8 @@ _OPEN_SLIDES: OrderedDict[tuple[str, Any], Slide] = OrderedDict()
 _MAX_OPEN = 4
 
 #: Slides of at most this many analysis pixels (a 10,000 x 10,000 px slide at the analysis resolution) run as one
-#: task each on a local cluster. A worker then holds what a serial run holds (about 450-550 MB at this size), so
-#: two workers stay within 1.5 GB; larger slides are split into tile tasks, whose memory does not grow with them.
+#: task each on a local cluster. A worker then holds what a serial run holds, plus Dask (550-650 MB at this size),
+#: so two workers stay within 1.5 GB; larger slides are split into tile tasks, whose memory does not grow with them.
 WHOLE_SLIDE_MAX_PX = 10_000 * 10_000
 
 
@@ -270,9 +270,10 @@ class DaskRunner(AbstractContextManager):
         ``(k, None, error)`` for a call that raised or whose worker died (``distributed.KilledWorker``): one
         failing call never stops the others.
 
-        One task per call, each worker taking the next as it frees up. With `on_message`, each call gets one more argument, a topic: what the task passes to
-        :func:`send_message` with it reaches ``on_message(msg)``, called in this thread while the tasks run
-        (progress from inside a worker). Messages that arrive after the last result are dropped.
+        One task per call, each worker taking the next as it frees up. With `on_message`, each call gets one more
+        argument, a topic: what the task passes to :func:`send_message` with it reaches ``on_message(msg)``,
+        called in this thread while the tasks run (progress from inside a worker). Messages that arrive after
+        the last result are dropped.
         """
         from distributed import as_completed
 
@@ -309,9 +310,9 @@ class DaskRunner(AbstractContextManager):
                 fut.release()
 
     def ready(self) -> None:
-        """Wait until every worker has imported the engine and loaded its kernels (raising the error of a worker that
-        could not, e.g. without cleihc installed). Tiles wait for this by themselves; a benchmark timing tiles
-        calls it first."""
+        """Wait until every worker has imported the engine and loaded its kernels (raising the error of a worker
+        that could not, e.g. without cleihc installed). Tiles wait for this by themselves; a benchmark timing
+        tiles calls it first."""
         if self._warming is not None:
             warming, self._warming = self._warming, None
             warming.result()
