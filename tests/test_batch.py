@@ -232,6 +232,15 @@ def test_progress_display_keeps_a_bar_per_running_slide(monkeypatch):
         display.close()
 
 
+def test_jobs_alone_means_one_worker_per_core():
+    from cleihc.cli import build_parser
+
+    def jobs(*extra):
+        return build_parser().parse_args(["quantify", "slides/", "--stain", "cd3", *extra]).jobs
+
+    assert (jobs(), jobs("--jobs", "3"), jobs("--jobs")) == (None, 3, os.cpu_count())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

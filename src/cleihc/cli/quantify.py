@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,12 @@ def register(sub: Any) -> None:
         help="tile size in analysis pixels (results do not depend on it)",
     )
     p.add_argument(
-        "--jobs", type=int, metavar="N", help="worker processes on a local Dask cluster (default 1: serial)"
+        "--jobs",
+        type=int,
+        nargs="?",
+        const=os.cpu_count() or 1,
+        metavar="N",
+        help="worker processes on a local Dask cluster; --jobs alone: one per core (default: serial)",
     )
     p.add_argument("--scheduler", metavar="ADDRESS", help="existing Dask scheduler, e.g. tcp://10.0.0.5:8786")
     p.add_argument("--force", action="store_true", help="recompute slides whose results are current")
