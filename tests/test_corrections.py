@@ -145,8 +145,15 @@ def test_save_reload_history_and_cli_honours_corrections(results, tmp_path, caps
     assert main(["quantify", str(slide), "--stain", "cxcl10", "--out", str(out), "--quiet"]) == 0
     pd.testing.assert_frame_equal(table, pd.read_csv(out / "regions.csv"))
     write_corrections(out, "S05_pre_cxcl10", Corrections(), author="tester3")
-    assert main(["quantify", str(slide), "--stain", "cxcl10", "--out", str(out), "--quiet"]) == 0
+    # --jobs 2: the slide goes to a Dask worker whole, which re-applies the corrections there
+    assert (
+        main(["quantify", str(slide), "--stain", "cxcl10", "--out", str(out), "--quiet", "--jobs", "2"]) == 0
+    )
     assert not pd.read_csv(out / "regions.csv")["corrected"].any()
+    assert (
+        "S05_pre_cxcl10: skipped (results are current; corrections re-applied)"
+        in (out / "run.log").read_text()
+    )
 
 
 def test_review_status(results):
