@@ -81,24 +81,13 @@ def test_second_run_skips_and_force_recomputes(study, serial_run, capsys):
     pd.testing.assert_frame_equal(before, _table(out))
 
 
-@pytest.mark.parametrize(
-    "jobs", ["1", "2"]
-)  # 2: whole slides written by Dask workers, killed with the command
+# jobs 2: whole slides written by Dask workers, killed with the command
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_kill_9_then_rerun_gives_the_same_tables(study, serial_run, tmp_path, jobs):
     _, ref = serial_run
     out = tmp_path / "killed"
-    args = [
-        *CLEIHC,
-        "quantify",
-        *_good(study),
-        "--stain",
-        "cd3",
-        "--out",
-        str(out),
-        "--quiet",
-        "--jobs",
-        jobs,
-    ]
+    args = [*CLEIHC, "quantify", *_good(study), "--stain", "cd3", "--out", str(out)]
+    args += ["--quiet", "--jobs", jobs]
     proc = subprocess.Popen(
         args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
