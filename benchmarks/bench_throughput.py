@@ -31,6 +31,7 @@ RUNNER = r"""
 import json, os, sys, time
 import psutil
 from cleihc.pipeline import quantify
+from cleihc._malloc import restore_adaptive_mmap
 from cleihc.parallel import _warm_up, make_runner
 
 
@@ -44,6 +45,7 @@ def main():
     path, stain, jobs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if jobs == 1:  # compiled kernels loaded (or compiled, after an edit) before the clock, as in the workers;
         _warm_up()  # with Dask, this process only plans and folds, as in `cleihc quantify --jobs N`
+        restore_adaptive_mmap()  # as `cleihc quantify` sets it for its serial tiles
     t0 = time.perf_counter()
     with make_runner(jobs=jobs) as runner:
         if jobs > 1:  # the workers' imports and kernels, as _warm_up above: not in the tiles' time

@@ -38,12 +38,14 @@ def release_free_heap() -> None:
 
 
 def restore_adaptive_mmap() -> None:
-    """Let glibc serve tile-sized buffers from its heap again in a Dask worker.
+    """Let glibc serve tile-sized buffers from its heap (in a Dask worker, again).
 
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off glibc's adaptive
     mmap threshold: every buffer over 128 KiB is then a fresh ``mmap`` whose pages fault in on first touch, and
     tiles ran 1.3-1.7x slower than in a plain process here. Raising both thresholds restores plain-process speed;
-    per-tile memory is bounded by the tile size, so little is left unreturned.
+    per-tile memory is bounded by the tile size, so little is left unreturned. A plain process gains too (glibc's
+    adaptive threshold still maps the first large buffers fresh): `cleihc quantify` sets it for serial runs, where
+    the 10k CD3 slide's tiles took 5.9-6.0 s against 6.35-6.7 s without it.
     """
     libc = _libc()
     if libc is not None:

@@ -302,18 +302,10 @@ _NO_PLANE = np.zeros((0, 0), dtype=np.float32)  # gaussian_kernel: nothing to ad
 _NO_MASK = np.zeros((0, 0), dtype=np.uint8)  # measure_kernel: no pigment test
 
 
-def _smooth(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Float32 Gaussian, bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest",
-    truncate=4, output=np.float32)`` (axis 0 then axis 1, float64 accumulation, float32 in between) at a
-    fraction of its cost."""
-    image = np.ascontiguousarray(image, dtype=np.float32)
-    out = np.empty_like(image)
-    _smooth_into(image, sigma_px, out)
-    return out
-
-
 def _smooth_into(image: np.ndarray, sigma_px: float, out: np.ndarray) -> None:
-    """:func:`_smooth` of ``image`` written into ``out`` (both float32, C-contiguous; ``out`` may be ``image``)."""
+    """Float32 Gaussian of ``image`` into ``out`` (both float32, C-contiguous; ``out`` may be ``image``),
+    bit-identical to ``ndimage.gaussian_filter(image, sigma_px, mode="nearest", truncate=4, output=np.float32)``
+    (axis 0 then axis 1, float64 accumulation, float32 in between) at a fraction of its cost."""
     if sigma_px <= 1e-15:  # scipy skips an axis whose sigma is this small
         np.copyto(out, image)
         return

@@ -62,7 +62,6 @@ def _worker_slide(path: str, mpp: Any) -> Slide:
 
 def _warm_up() -> None:
     """Import the engine and load its compiled kernels in a worker, before any tile waits for it (seconds)."""
-    restore_adaptive_mmap()
     # What unpickling a plan and the first read import (the protocol's parameter classes, the tissue mask, the
     # slide readers, the JPEG decoder): about 0.5 s that the first slide's first tiles would otherwise wait for.
     import imagecodecs
