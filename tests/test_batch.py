@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -447,3 +448,25 @@ def load_cd3():
     from cleihc.protocol import load_protocol
 
     return load_protocol("cd3")
+
+
+def test_console_warnings_name_their_slide(tmp_path):
+    """A slide stained otherwise (Alcian blue measured as CD3) is measured, and the console's warning says which
+    slide it is about (the next slide is planned while the current one is measured)."""
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    slides = [str(SAMPLE_IMAGES / "S01_pre_gag-alcian.svs"), str(SAMPLE_IMAGES / "S01_pre_cd3.svs")]
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [*CLEIHC, "quantify", *slides, "--stain", "cd3", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "stains:" in line]
+    assert len(warned) == 1 and warned[0].startswith("WARNING cleihc.pipeline [S01_pre_gag-alcian]: stains: ")
+    assert "2 done" in proc.stdout
+    record = json.loads((out / "slides" / "S01_pre_gag-alcian.json").read_text())
+    assert record["provenance"]["stain_fit"]["explained"] is False
+    assert any(w.startswith("stains:") for w in record["provenance"]["warnings"])

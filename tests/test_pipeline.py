@@ -337,3 +337,30 @@ def test_fixed_white_background_still_finds_grey_glass(tmp_path):
     res = quantify(path, proto)
     tissue_mm2 = res.regions.set_index("region").loc["tissue", "region_area_mm2"]
     assert tissue_mm2 == pytest.approx(1200 * 800 * MPP * MPP / 1e6, rel=0.03)
+
+
+def test_slide_stained_otherwise_is_reported(caplog):
+    """An Alcian blue slide measured as CD3 (hematoxylin + DAB): its blue reads as "DAB"; the plan says so in a
+    warning and in provenance. The CD3 slide itself and the Alcian blue slide with its own protocol do not warn."""
+    from cleihc.pipeline import plan_slide, provenance
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    alcian = SAMPLE_IMAGES / "S01_pre_gag-alcian.svs"
+    with caplog.at_level("WARNING", logger="cleihc.pipeline"):
+        plan = plan_slide(alcian, "cd3")
+    assert not plan.stain_fit.explained and plan.stain_fit.off_plane_fraction > 0.3
+    (message,) = [w for w in plan.warnings if w.startswith("stains:")]
+    assert "dab-positive tissue has colours that hematoxylin and dab do not make" in message
+    assert message in caplog.text
+    record = provenance(plan, {})["stain_fit"]
+    assert record == {
+        "positive_px": plan.stain_fit.positive_px,
+        "off_plane_px": plan.stain_fit.off_plane_px,
+        "angle_deg": 15.0,
+        "explained": False,
+    }
+    for path, protocol in ((alcian, "gag-alcian"), (SAMPLE_IMAGES / "S01_pre_cd3.svs", "cd3")):
+        plan = plan_slide(path, protocol)
+        assert plan.stain_fit.explained and plan.stain_fit.positive_px > 500
+        assert plan.stain_fit.off_plane_px == 0
+        assert not [w for w in plan.warnings if w.startswith("stains:")]

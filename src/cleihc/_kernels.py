@@ -24,6 +24,7 @@ __all__ = [
     "glass_histogram_kernel",
     "median_cross_kernel",
     "recompose_kernel",
+    "stain_fit_kernel",
     "tissue_colour_kernel",
 ]
 
@@ -55,6 +56,34 @@ def concentration_kernel(rgb, lut, col, out):  # pragma: no cover - compiled
     for i in range(h):
         for j in range(w):
             out[i, j] = lr[rgb[i, j, 0]] * c0 + lg[rgb[i, j, 1]] * c1 + lb[rgb[i, j, 2]] * c2
+
+
+@njit(cache=True, nogil=True, fastmath=False)
+def stain_fit_kernel(rgb, mask, lut, col, normal, positive_od, sin2, out):  # pragma: no cover - compiled
+    """Among ``mask`` pixels, count those whose concentration (as :func:`concentration_kernel` with ``col``) is at
+    least ``positive_od`` (``out[0]``) and, of them, those whose OD vector lies further from the stains' plane
+    than the angle whose squared sine is ``sin2``: ``(od . normal)^2 > sin2 * |od|^2`` (``out[1]``)."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    c0, c1, c2 = col[0], col[1], col[2]
+    n0, n1, n2 = normal[0], normal[1], normal[2]
+    lr, lg, lb = lut[0], lut[1], lut[2]
+    n_pos = 0
+    n_off = 0
+    for i in range(h):
+        for j in range(w):
+            if not mask[i, j]:
+                continue
+            r = lr[rgb[i, j, 0]]
+            g = lg[rgb[i, j, 1]]
+            b = lb[rgb[i, j, 2]]
+            if r * c0 + g * c1 + b * c2 < positive_od:
+                continue
+            n_pos += 1
+            d = r * n0 + g * n1 + b * n2
+            if d * d > sin2 * (r * r + g * g + b * b):
+                n_off += 1
+    out[0] = n_pos
+    out[1] = n_off
 
 
 @njit(cache=True, nogil=True, fastmath=False)

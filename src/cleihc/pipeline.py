@@ -55,11 +55,13 @@ from cleihc.regions import (
 )
 from cleihc.slide import Slide, open_slide, slide_stem
 from cleihc.stains import (
+    StainFit,
     StainMatrix,
     check_drift,
     concentration,
     estimate_background,
     estimate_macenko,
+    stain_fit,
 )
 from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
 from cleihc.tiling import TileGrid
@@ -220,6 +222,7 @@ def plan_slide(
         downsample=overview_ds,
     )
     stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
+    fit = _check_stain_fit(proto, stains, overview, tissue_ov, warnings)
     overview_wh = (overview.shape[1], overview.shape[0])
     # Automatic compartments need one channel of the overview, not its RGB: dropped before they run.
     auto_compartments = proto.compartments.enabled and not user_epidermis
@@ -311,6 +314,7 @@ def plan_slide(
         warnings=tuple(warnings),
         timings_s=timings,
         roi=roi,
+        stain_fit=fit,
     )
 
 
@@ -352,6 +356,26 @@ def _resolve_stains(
             warnings.append(message)
         stains = estimated.with_background(background)
     return stains
+
+
+def _check_stain_fit(
+    proto: Protocol, stains: StainMatrix, overview: np.ndarray, tissue_ov: np.ndarray, warnings: list[str]
+) -> StainFit:
+    """Warn when the slide's target-positive colours are not the protocol's stains (an H&E or Alcian blue slide
+    measured as DAB): deconvolution would report them as positive all the same."""
+    fit = stain_fit(
+        overview, stains, target=proto.target, positive_od=proto.thresholds.positive_od, tissue_mask=tissue_ov
+    )
+    if not fit.explained:
+        message = (
+            f"stains: {fit.off_plane_fraction:.0%} of the {proto.target}-positive tissue has colours that "
+            f"{proto.counterstain} and {proto.target} do not make (more than {fit.angle_deg:g} degrees off their "
+            "plane): the slide looks stained with something else (H&E, Alcian blue?); check the slide and "
+            "the protocol before trusting its numbers"
+        )
+        log.warning(message)
+        warnings.append(message)
+    return fit
 
 
 def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
@@ -601,6 +625,14 @@ def provenance(plan: SlidePlan, timings: dict[str, float]) -> dict[str, Any]:
             "threshold_od": plan.tissue.threshold_od,
         },
         "regions": [{"name": r.name, "source": r.source} for r in plan.regions],
+        "stain_fit": None
+        if plan.stain_fit is None
+        else {
+            "positive_px": plan.stain_fit.positive_px,
+            "off_plane_px": plan.stain_fit.off_plane_px,
+            "angle_deg": plan.stain_fit.angle_deg,
+            "explained": plan.stain_fit.explained,
+        },
         "warnings": list(plan.warnings),
         "timings_s": timings,
     }

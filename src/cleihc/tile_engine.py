@@ -18,7 +18,7 @@ from cleihc.cells import detect_cells_od, detect_pigment_od, residual_channel
 from cleihc.measure import RasterWindow, accumulate_area, accumulate_area_rgb
 from cleihc.protocol import Protocol
 from cleihc.slide import AnalysisResolution, Slide, open_slide
-from cleihc.stains import StainMatrix, concentrations
+from cleihc.stains import StainFit, StainMatrix, concentrations
 from cleihc.tiling import Tile, TileGrid
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class SlidePlan:
     warnings: tuple[str, ...]
     timings_s: dict[str, float]
     roi: Any = None
+    stain_fit: StainFit | None = None  # how well the stains explain the target-positive tissue (overview)
 
     @property
     def raster_downsample(self) -> float:

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     one_heap_for_all_threads()  # before the look-ahead, writer and Dask threads start
     restore_adaptive_mmap()  # serial tiles allocate as Dask workers do (plugin): 8-10 % faster here
     handler = _attach_run_log(out / "run.log")
+    untag_console = _tag_console()
     display = _Display(quiet=args.quiet)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     t0 = time.perf_counter()
@@ -120,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         display.close()
+        untag_console()
         logging.getLogger("cleihc").removeHandler(handler)
         handler.close()
     for o in summary.failed:
@@ -144,6 +147,26 @@ def _attach_run_log(path: Path) -> logging.Handler:
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     return handler
+
+
+def _tag_console() -> Callable[[], None]:
+    """Console log lines name their slide too (planning runs ahead, and warnings come from workers); returns the
+    function that puts the console handlers back as they were."""
+    from cleihc.batch import SlideLogFilter
+
+    tagger = SlideLogFilter()
+    fmt = logging.Formatter("%(levelname)s %(name)s [%(slide)s]: %(message)s")
+    saved = [(h, h.formatter) for h in logging.getLogger().handlers]
+    for h, _ in saved:
+        h.addFilter(tagger)
+        h.setFormatter(fmt)
+
+    def untag() -> None:
+        for h, f in saved:
+            h.removeFilter(tagger)
+            h.setFormatter(f)
+
+    return untag
 
 
 class _Display:
