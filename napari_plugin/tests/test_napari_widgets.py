@@ -63,6 +63,21 @@ def test_quantify_widget_runs_a_protocol(make_napari_viewer, qtbot, sample_slide
     assert (tmp_path / "out" / "slides" / f"{result.slide}.json").is_file()
     assert (tmp_path / "out" / "regions.csv").is_file()
     assert cells.metadata["cleihc"]["out_dir"] == str(tmp_path / "out")
+    assert widget.status.text().startswith(f"Done: {result.slide}") and "stains:" not in widget.status.text()
+
+
+def test_quantify_widget_shows_the_plans_warnings(make_napari_viewer, qtbot):
+    slide = Path(__file__).resolve().parents[2] / "sample_images" / "S01_pre_gag-alcian.svs"
+    viewer = make_napari_viewer()
+    viewer.open(str(slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")  # an Alcian blue slide measured as hematoxylin + DAB
+    widget.run()
+    _wait_worker(qtbot, widget)
+    assert widget.result is not None, widget.status.text()
+    lines = widget.status.text().splitlines()
+    assert lines[0].startswith("Done: S01_pre_gag-alcian")
+    assert any(line.startswith("Warning: stains: ") for line in lines[1:])
 
 
 def test_quantify_cancel_ends_the_worker_cleanly(make_napari_viewer, qtbot, sample_slide):

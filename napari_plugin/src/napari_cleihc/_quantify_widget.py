@@ -415,9 +415,12 @@ class QuantifyWidget(QWidget):
             self.table.set_frame(pd.DataFrame(ResultsSlide.load(out_dir, result.slide).record["rows"]))
         else:
             self.table.set_frame(result.regions)
+        # The plan's warnings (a slide stained otherwise, no epidermis found...) are what a reviewer must see.
+        warnings = "".join(f"\nWarning: {w}" for w in result.provenance.get("warnings", ()))
         self.status.setText(
             f"Done: {result.slide}, {len(result.regions)} regions, {len(result.cells)} cells"
             + (f"; saved in {out_dir}" if out_dir else "")
+            + warnings
         )
 
     def _on_finished(self) -> None:
