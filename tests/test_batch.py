@@ -470,3 +470,108 @@ def test_console_warnings_name_their_slide(tmp_path):
     record = json.loads((out / "slides" / "S01_pre_gag-alcian.json").read_text())
     assert record["provenance"]["stain_fit"]["explained"] is False
     assert any(w.startswith("stains:") for w in record["provenance"]["warnings"])
+    # --quiet: the summary only; the warning is still in run.log.
+    quiet = subprocess.run(
+        [*CLEIHC, "quantify", slides[0], "--stain", "cd3", "--out", str(out), "--force", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    assert quiet.stdout.startswith("1 done, 0 skipped, 0 failed")
+    log = (out / "run.log").read_text().splitlines()
+    assert sum("[S01_pre_gag-alcian]: stains: " in line for line in log) == 2
+
+
+def _box(path: Path, x1: int) -> None:
+    feature = {
+        "type": "Feature",
+        "properties": {"classification": {"name": "lesion"}},
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[100, 100], [x1, 100], [x1, 500], [100, 500], [100, 100]]],
+        },
+    }
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+
+
+def test_changed_annotations_or_mpp_are_measured_again(study, tmp_path, capsys):
+    """Resume skips a slide only when this run would give the same results: an edited --regions file, one taken
+    away, or another --mpp measures it again; the same arguments skip it."""
+    slide = _good(study)[0]
+    out, regions = tmp_path / "out", tmp_path / "S01_pre_cd3.geojson"
+    args = ["quantify", slide, "--stain", "cd3", "--out", str(out), "--quiet"]
+
+    def lesion_mm2() -> float:
+        t = _table(out)
+        return float(t.loc[t["region"] == "lesion", "region_area_mm2"].iloc[0])
+
+    _box(regions, 300)
+    assert main([*args, "--regions", str(regions)]) == 0
+    small = lesion_mm2()
+    assert main([*args, "--regions", str(tmp_path)]) == 0  # the same file, found in its folder: current
+    assert "0 done, 1 skipped" in capsys.readouterr().out
+    _box(regions, 700)
+    assert main([*args, "--regions", str(regions)]) == 0
+    assert "1 done, 0 skipped" in capsys.readouterr().out
+    assert lesion_mm2() == pytest.approx(small * 3, rel=0.05)  # 600 x 400 px against 200 x 400 px
+    assert main(args) == 0  # no annotations any more
+    assert "1 done" in capsys.readouterr().out and "lesion" not in set(_table(out)["region"])
+    tissue_mm2 = float(_table(out).query("region == 'tissue'")["region_area_mm2"].iloc[0])
+    assert main([*args, "--mpp", "0.25"]) == 0
+    assert "1 done" in capsys.readouterr().out
+    assert float(_table(out).query("region == 'tissue'")["region_area_mm2"].iloc[0]) == pytest.approx(
+        tissue_mm2 / 4,
+        rel=0.05,  # tissue is found on a grid of another size
+    )
+    log = (out / "run.log").read_text()
+    assert (
+        "measured again: its --regions annotations changed" in log and "measured again: --mpp changed" in log
+    )
+    # A record from before these fields were kept is not taken as current.
+    rec_path = out / "slides" / "S01_pre_cd3.json"
+    record = json.loads(rec_path.read_text())
+    del record["regions_sha256"]
+    rec_path.write_text(json.dumps(record))
+    assert main([*args, "--mpp", "0.25"]) == 0
+    assert "1 done" in capsys.readouterr().out
+
+
+def test_new_study_metadata_updates_skipped_slides(study, tmp_path, capsys):
+    """Metadata changes no measurement: a rerun with --samples skips the slides and gives their rows the new
+    lead columns (corrected rows and the automatic rows kept beside them alike)."""
+    from shapely.geometry import box
+
+    from cleihc.corrections import Corrections, apply_saved_corrections, write_corrections
+
+    good = _good(study)
+    out = tmp_path / "out"
+    args = ["quantify", *good, "--stain", "cd3", "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    # A reviewer's exclusion on one slide: its record then has corrected and automatic rows.
+    write_corrections(out, "S01_pre_cd3", Corrections(exclusions=(box(100, 100, 400, 400),)))
+    apply_saved_corrections(out, "S01_pre_cd3")
+    before = _table(out)
+    assert before["corrected"].any()
+    capsys.readouterr()
+    samples = tmp_path / "samples.csv"
+    samples.write_text(
+        "slide,subject,timepoint\nS01_pre_cd3,S01,pre\nS01_post_cd3,S01,post\nS02_pre_cd3,S02,pre\n"
+    )
+    assert main([*args, "--samples", str(samples)]) == 0
+    assert "0 done, 3 skipped" in capsys.readouterr().out
+    after = _table(out)
+    assert list(after.columns[:3]) == ["subject", "timepoint", "slide"]
+    assert after.set_index(["slide", "region"])["subject"].to_dict() == {
+        (s, r): s[:3] for s, r in zip(before["slide"], before["region"], strict=True)
+    }
+    pd.testing.assert_frame_equal(
+        after.drop(columns=["subject", "timepoint", "corrected"], errors="ignore"),
+        before.drop(columns=["corrected"], errors="ignore"),
+    )
+    record = json.loads((out / "slides" / "S01_pre_cd3.json").read_text())
+    assert record["metadata"] == {"subject": "S01", "timepoint": "pre"}
+    assert all(row["subject"] == "S01" for key in ("rows", "automatic_rows") for row in record[key])
+    # And back: without --samples the columns go again.
+    assert main(args) == 0
+    assert "subject" not in _table(out).columns

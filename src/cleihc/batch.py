@@ -12,6 +12,7 @@ import contextvars
 import csv
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ from cleihc.io import atomic_write, sha256_file
 from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
 from cleihc.pipeline import SlidePlan, measure_plan, plan_slide, slide_stem
 from cleihc.protocol import Protocol
+from cleihc.regions import regions_file_for_slide
 from cleihc.slide import is_slide, open_slide
 
 __all__ = [
@@ -248,12 +250,35 @@ class StudyMetadata:
         return tuple(cols)
 
 
-def _is_current(record: dict[str, Any], *, input_sha256: str, protocol_sha256: str) -> bool:
-    return (
-        record.get("input_sha256") == input_sha256
-        and record.get("protocol_sha256") == protocol_sha256
-        and record.get("cleihc_version") == __version__
+_UNKNOWN = object()  # a record older than a field of the resume key: not current
+
+
+def _stale_because(
+    record: dict[str, Any],
+    *,
+    input_sha256: str,
+    protocol_sha256: str,
+    regions_sha256: str | None,
+    mpp_override: list[float] | None,
+) -> str:
+    """Why a slide's saved results are not those this run would make ("" when they are): the slide file, the
+    protocol, cleihc, the slide's annotation file (``--regions``) or ``--mpp`` changed."""
+    provenance = record.get("provenance") or {}
+    checks = (
+        (record.get("input_sha256") == input_sha256, "the slide file changed"),
+        (record.get("protocol_sha256") == protocol_sha256, "the protocol changed"),
+        (record.get("cleihc_version") == __version__, "another cleihc version made them"),
+        (record.get("regions_sha256", _UNKNOWN) == regions_sha256, "its --regions annotations changed"),
+        (provenance.get("mpp_override", _UNKNOWN) == mpp_override, "--mpp changed"),
     )
+    return next((why for same, why in checks if not same), "")
+
+
+def _with_metadata(
+    rows: list[dict[str, Any]], old: dict[str, Any], new: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Rows with their study-metadata columns replaced (they lead each row, as when the slide was measured)."""
+    return [{**new, **{k: v for k, v in row.items() if k not in old}} for row in rows]
 
 
 def run_batch(
@@ -455,6 +480,8 @@ class _Prepared:
     skip: bool = False
     corrections_sha256: str | None = None
     corrections_changed: bool = False
+    regions_sha256: str | None = None
+    record: dict[str, Any] | None = None  # the saved results' record, when they are current
     plan: SlidePlan | None = None
     error: Exception | None = None
     traceback: str = ""
@@ -481,14 +508,24 @@ def _prepare(
         rec = existing.get(stem)
         corr = corrections_path(out, stem)
         prep.corrections_sha256 = sha256_file(corr) if corr.exists() else None
-        if (
-            not force
-            and rec is not None
-            and _is_current(rec, input_sha256=prep.digest, protocol_sha256=protocol.sha256)
-        ):
+        regions_file = None if regions is None else regions_file_for_slide(regions, path)
+        prep.regions_sha256 = None if regions_file is None else sha256_file(regions_file)
+        stale = "no results yet" if rec is None else "--force"
+        if not force and rec is not None:
+            stale = _stale_because(
+                rec,
+                input_sha256=prep.digest,
+                protocol_sha256=protocol.sha256,
+                regions_sha256=prep.regions_sha256,
+                mpp_override=None if mpp is None else [float(mpp), float(mpp)],
+            )
+        if not stale:
             prep.skip = True
+            prep.record = rec
             prep.corrections_changed = rec.get("corrections_sha256") != prep.corrections_sha256
         else:
+            if rec is not None:
+                log.info("%s: measured again: %s", stem, stale)
             prep.plan = plan_slide(path, protocol, regions=regions, mpp=mpp, tile_size=tile_size)
     except Exception as exc:  # reported when the batch reaches this slide, in order
         prep.error, prep.traceback = exc, traceback.format_exc()
@@ -520,9 +557,14 @@ def _measure_prepared(
             raise prep.error
         if prep.skip:
             reason = "results are current"
+            meta = metadata.for_slide(stem)
+            saved_meta = (prep.record or {}).get("metadata") or {}
+            if meta != saved_meta:  # --samples / --name-pattern changed: the rows' lead columns, no re-run
+                _update_metadata(out, stem, saved_meta, meta)
+                reason += "; study metadata updated"
             if prep.corrections_changed:  # corrections changed: recompute, no re-run
                 apply_saved_corrections(out, stem)
-                reason = "results are current; corrections re-applied"
+                reason += "; corrections re-applied"
             return SlideOutcome(stem, str(path), "skipped", reason)
 
         def progress(done: int, total: int) -> None:
@@ -537,7 +579,8 @@ def _measure_prepared(
         if meta:
             for k, v in reversed(list(meta.items())):
                 result.regions.insert(0, k, v)
-        write_slide_outputs(result, out, extra={"metadata": meta}, threads=write_threads)
+        extra = {"metadata": meta, "regions_sha256": prep.regions_sha256}
+        write_slide_outputs(result, out, extra=extra, threads=write_threads)
         if prep.corrections_sha256 is not None:  # later runs honour a reviewer's saved corrections
             apply_saved_corrections(out, stem)
         return SlideOutcome(stem, str(path), "done", seconds=time.perf_counter() - t0)
@@ -550,6 +593,17 @@ def _measure_prepared(
         return SlideOutcome(
             stem, str(path), "failed", _unforeseen_reason(exc, path), time.perf_counter() - t0
         )
+
+
+def _update_metadata(out: Path, stem: str, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Give a slide's saved record the study metadata of this run (atomically; the measurements stay)."""
+    path = out / "slides" / f"{stem}.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("rows", "automatic_rows"):  # automatic_rows: kept beside corrected rows
+        if key in record:
+            record[key] = _with_metadata(record[key], old, new)
+    record["metadata"] = new
+    write_json(path, record)
 
 
 def _unforeseen_reason(error: BaseException, path: Path) -> str:

@@ -54,6 +54,7 @@ __all__ = [
     "merge_regions",
     "rasterize",
     "read_regions",
+    "regions_file_for_slide",
     "regions_for_slide",
     "regions_to_geojson",
     "skin_compartments",
@@ -531,9 +532,31 @@ def regions_for_slide(
     RegionsError
         The path does not exist, the folder holds several files for the slide, or the file is unusable.
     """
+    found = regions_file_for_slide(path_or_folder, slide_path)
+    if found is None:
+        log.info(
+            "%s: no annotation file for slide %s (looked for %s.{geojson,json,xml})",
+            path_or_folder,
+            slide_path,
+            slide_stem(slide_path),
+        )
+        return []
+    return read_regions(found)
+
+
+def regions_file_for_slide(
+    path_or_folder: str | os.PathLike[str], slide_path: str | os.PathLike[str]
+) -> Path | None:
+    """The annotation file :func:`regions_for_slide` reads for a slide, or None when a folder has none for it.
+
+    Raises
+    ------
+    RegionsError
+        The path does not exist, or the folder holds several files for the slide.
+    """
     p = Path(path_or_folder)
     if p.is_file():
-        return read_regions(p)
+        return p
     if not p.is_dir():
         raise RegionsError("regions path not found; give an annotation file or a folder of them", path=p)
     stem = slide_stem(slide_path)
@@ -541,15 +564,10 @@ def regions_for_slide(
     found = sorted(
         (wanted[f.name.lower()], f) for f in p.iterdir() if f.name.lower() in wanted and f.is_file()
     )
-    if not found:
-        log.info(
-            "%s: no annotation file for slide %s (looked for %s.{geojson,json,xml})", p, slide_path, stem
-        )
-        return []
     if len(found) > 1:
         names = ", ".join(f.name for _, f in found)
         raise RegionsError(f"several annotation files for slide {stem!r} ({names}); keep one", path=p)
-    return read_regions(found[0][1])
+    return found[0][1] if found else None
 
 
 def regions_to_geojson(regions: Iterable[Region]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     one_heap_for_all_threads()  # before the look-ahead, writer and Dask threads start
     restore_adaptive_mmap()  # serial tiles allocate as Dask workers do (plugin): 8-10 % faster here
     handler = _attach_run_log(out / "run.log")
-    untag_console = _tag_console()
+    untag_console = _tag_console(quiet=args.quiet)
     display = _Display(quiet=args.quiet)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     t0 = time.perf_counter()
@@ -149,22 +149,26 @@ def _attach_run_log(path: Path) -> logging.Handler:
     return handler
 
 
-def _tag_console() -> Callable[[], None]:
-    """Console log lines name their slide too (planning runs ahead, and warnings come from workers); returns the
-    function that puts the console handlers back as they were."""
+def _tag_console(*, quiet: bool) -> Callable[[], None]:
+    """Console log lines name their slide too (planning runs ahead, and warnings come from workers), and with
+    --quiet only errors show (warnings stay in run.log); returns the function that puts the console handlers
+    back as they were."""
     from cleihc.batch import SlideLogFilter
 
     tagger = SlideLogFilter()
     fmt = logging.Formatter("%(levelname)s %(name)s [%(slide)s]: %(message)s")
-    saved = [(h, h.formatter) for h in logging.getLogger().handlers]
-    for h, _ in saved:
+    saved = [(h, h.formatter, h.level) for h in logging.getLogger().handlers]
+    for h, _, level in saved:
         h.addFilter(tagger)
         h.setFormatter(fmt)
+        if quiet:
+            h.setLevel(max(level, logging.ERROR))
 
     def untag() -> None:
-        for h, f in saved:
+        for h, f, level in saved:
             h.removeFilter(tagger)
             h.setFormatter(f)
+            h.setLevel(level)
 
     return untag
 
