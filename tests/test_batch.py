@@ -575,3 +575,39 @@ def test_new_study_metadata_updates_skipped_slides(study, tmp_path, capsys):
     # And back: without --samples the columns go again.
     assert main(args) == 0
     assert "subject" not in _table(out).columns
+
+
+def test_results_folders_inside_the_inputs_are_not_slides(study, tmp_path, capsys):
+    """`cleihc quantify . --out ./results`, twice: the results' OME-TIFF masks and PNG thumbnails (readable
+    images) are not taken for slides, nor are files in hidden folders; a results folder named as an input is an
+    error that says so."""
+    from cleihc.batch import discover_slides, is_results_folder
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(_good(study)[0], folder / "S01_pre_cd3.svs")
+    (folder / ".cache").mkdir()
+    shutil.copy(_good(study)[1], folder / ".cache" / "S01_post_cd3.svs")
+    out = folder / "results"
+    args = ["quantify", str(folder), "--stain", "cd3", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out), "--force"]) == 0  # its masks/ and qc/ are there now
+    assert main([*args, "--out", str(folder / "other")]) == 0  # and when they are another run's
+    assert capsys.readouterr().out.count("1 done, 0 skipped, 0 failed") == 3
+    assert is_results_folder(out) and not is_results_folder(folder)
+    assert discover_slides([str(folder)]) == ([folder / "S01_pre_cd3.svs"], [])
+    slides, failures = discover_slides([str(out)])
+    assert slides == [] and [f.reason for f in failures] == [
+        "a cleihc results folder, not slides: give the folder of the slides"
+    ]
+
+
+def test_unwritable_output_is_one_line(study, serial_run, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["quantify", _good(study)[0], "--stain", "cd3", "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cleihc quantify: error: cannot make the results folder") and err.count("\n") == 1
+    assert main(["tables", str(serial_run[1]), "--out", str(blocker / "study.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("cleihc tables: error: ") and "Traceback" not in err and err.count("\n") == 1

@@ -43,6 +43,7 @@ __all__ = [
     "SlideOutcome",
     "StudyMetadata",
     "discover_slides",
+    "is_results_folder",
     "run_batch",
 ]
 
@@ -114,12 +115,45 @@ class BatchSummary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcome]]:
+def is_results_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether a folder holds cleihc results (``run.json``, or the ``masks`` and ``qc`` folders a run writes first).
+
+    Its masks are pyramidal OME-TIFFs and its QC images PNGs: searched as inputs, they would pass for slides.
+    """
+    p = Path(path)
+    return (p / "run.json").is_file() or ((p / "masks").is_dir() and (p / "qc").is_dir())
+
+
+def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
+    """Every file under `folder` (sorted), passing over hidden files and folders, results folders and `skip`."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        keep = []
+        for d in dirs:
+            sub = here / d
+            if d.startswith("."):
+                continue
+            if sub.resolve() in skip or is_results_folder(sub):
+                log.info("%s: a cleihc results folder, not searched for slides", sub)
+                continue
+            keep.append(d)
+        dirs[:] = keep
+        found.extend(here / f for f in files if not f.startswith("."))
+    return sorted(found)
+
+
+def discover_slides(
+    inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike[str]] = ()
+) -> tuple[list[Path], list[SlideOutcome]]:
     """Expand files, folders (recursively, slides recognised by content) and globs into slide paths.
 
     Returns the slides (sorted, deduplicated) and a failure for each named input that is missing or not a slide.
-    Files met inside folders that are not slides (sidecars, notes) are passed over silently.
+    Files met inside folders that are not slides (sidecars, notes) are passed over silently, and so are hidden
+    files and folders, cleihc results folders (:func:`is_results_folder`) and the folders in `exclude` (this run's
+    results folder, which may still be empty).
     """
+    skip = {Path(e).resolve() for e in exclude}
     slides: dict[Path, None] = {}
     failures: list[SlideOutcome] = []
     empty_patterns: list[str] = []
@@ -137,13 +171,11 @@ def discover_slides(inputs: Sequence[str]) -> tuple[list[Path], list[SlideOutcom
             p = Path(m)
             if globbed and p.is_file() and (p.name.lower().endswith(_SIDECAR_SUFFIXES) or not is_slide(p)):
                 continue  # a pattern also catches sidecars and notes: pass them over, as in folders
-            if p.is_dir():
-                for f in sorted(p.rglob("*")):
-                    if (
-                        f.is_file()
-                        and not f.name.startswith(".")
-                        and not f.name.lower().endswith(_SIDECAR_SUFFIXES)
-                    ):
+            if p.is_dir() and is_results_folder(p):
+                fail(m, "a cleihc results folder, not slides: give the folder of the slides")
+            elif p.is_dir():
+                for f in _files_under(p, skip):
+                    if f.is_file() and not f.name.lower().endswith(_SIDECAR_SUFFIXES):
                         if is_slide(f):
                             slides[f] = None
                         elif f.suffix.lower() in _SLIDE_SUFFIXES:
@@ -329,7 +361,7 @@ def run_batch(
         stale.unlink(missing_ok=True)
     emit = on_event or (lambda e: None)
     metadata = metadata or StudyMetadata()
-    slides, failures = discover_slides(inputs)
+    slides, failures = discover_slides(inputs, exclude=[out])
     summary = BatchSummary(out)
     summary.outcomes.extend(failures)
     emit(Event("batch_start", total=len(slides)))

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except OSError as exc:  # a file cleihc cannot write or read (a bad --out, a full disk): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"cleihc {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -93,7 +93,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"cleihc quantify: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = args.out or Path("cleihc-results") / protocol.name
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"cleihc quantify: error: cannot make the results folder {out} ({exc.strerror}); give another --out",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     one_heap_for_all_threads()  # before the look-ahead, writer and Dask threads start
     restore_adaptive_mmap()  # serial tiles allocate as Dask workers do (plugin): 8-10 % faster here
     handler = _attach_run_log(out / "run.log")
