@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -14,6 +16,7 @@ from cleihc import open_slide
 from napari_cleihc._edits import AutomaticResults, cell_edits, painted_exclusions, region_corrections
 from napari_cleihc._layers import (
     CLASS_NAMES,
+    ResultsSlide,
     cell_classes,
     class_fields,
     geometries_from_shapes,
@@ -231,3 +234,19 @@ def test_protocol_with_threshold():
     assert lower.sha256 != cd3.sha256 and lower.stains.matrix == cd3.stains.matrix
     with pytest.raises(CleihcError):
         protocol_with_threshold(cd3, cd3.thresholds.bins_od[1] + 0.1)  # not below the moderate bin
+
+
+def test_results_of_a_run_given_a_relative_path_open_from_anywhere(sample_slide, tmp_path, monkeypatch):
+    """`cleihc quantify S01.svs` run in the slides' folder records the path as given (relative); a reviewer who
+    opens the results from another folder still gets the slide image, through the absolute path recorded."""
+    from cleihc.cli import main
+
+    monkeypatch.chdir(sample_slide.parent)
+    out = tmp_path / "out"
+    assert main(["quantify", sample_slide.name, "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    monkeypatch.chdir(tmp_path)
+    rs = ResultsSlide.load(out, sample_slide.stem)
+    assert rs.record["path"] == sample_slide.name and not Path(rs.record["path"]).exists()
+    assert rs.slide_path == sample_slide.resolve()
+    roles = [kw["metadata"]["cleihc"]["role"] for _, kw, _ in get_results_reader(str(out))(str(out))]
+    assert "slide" in roles

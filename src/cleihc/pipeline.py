@@ -602,6 +602,9 @@ def provenance(plan: SlidePlan, timings: dict[str, float]) -> dict[str, Any]:
         "cleihc_version": __version__,
         "slide": {
             "path": str(path),
+            "absolute_path": str(
+                path.resolve()
+            ),  # `path` is as given, maybe relative to where the run started
             "size_bytes": path.stat().st_size,
             "sha256": sha256_file(path),
         },

@@ -609,7 +609,13 @@ class ResultsSlide:
 
     @property
     def slide_path(self) -> Path:
-        return Path(self.record["path"])
+        """The slide's file: its path as the run was given it, or, when that was relative to another working
+        folder, the absolute path the run recorded."""
+        given = Path(self.record["path"])
+        if given.is_file():
+            return given
+        recorded = (self.record.get("provenance") or {}).get("slide", {}).get("absolute_path")
+        return Path(recorded) if recorded and Path(recorded).is_file() else given
 
     @property
     def mpp_override(self) -> tuple[float, float] | None:
