@@ -611,3 +611,28 @@ def test_unwritable_output_is_one_line(study, serial_run, tmp_path, capsys):
     assert main(["tables", str(serial_run[1]), "--out", str(blocker / "study.csv")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("cleihc tables: error: ") and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_slides_without_study_metadata_are_named(study, tmp_path, capsys):
+    """A slide the name pattern does not fit, or the samples CSV lacks, would be a row with empty subject and
+    timepoint, dropped by a statistics package without a word: the run log says which and why."""
+    good = _good(study)
+    samples = tmp_path / "samples.csv"
+    samples.write_text("slide,subject\nS01_pre_cd3,S01\nS01_post_cd3.svs,S01\nS09_pre_cd3,S09\n")
+    out = tmp_path / "out"
+    args = ["quantify", *good, "--stain", "cd3", "--out", str(out), "--quiet"]
+    assert main([*args, "--samples", str(samples)]) == 0
+    log = (out / "run.log").read_text()
+    assert "[S02_pre_cd3]: S02_pre_cd3: no study metadata: it has no row in samples.csv" in log
+    assert "no study metadata" not in log.replace("S02_pre_cd3: no study", "")
+    assert "1 samples-CSV rows name no slide of this run: S09_pre_cd3" in log
+    assert main([*args, "--name-pattern", "{subject}-{timepoint}"]) == 0
+    log = (out / "run.log").read_text()
+    for slide in ("S01_pre_cd3", "S01_post_cd3", "S02_pre_cd3"):
+        assert (
+            f"{slide}: no study metadata: its name does not match --name-pattern '{{subject}}-{{timepoint}}'"
+            in log
+        )
+    samples.write_text("slide,subject\nS01_pre_cd3,S01\nS01_pre_cd3.svs,S02\n")
+    assert main([*args, "--samples", str(samples)]) == 2
+    assert "slide 'S01_pre_cd3' has two rows in the samples CSV; keep one" in capsys.readouterr().err

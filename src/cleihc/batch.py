@@ -217,6 +217,8 @@ class StudyMetadata:
         self.columns: list[str] = []
         self._table: dict[str, dict[str, str]] = {}
         self._regex: re.Pattern[str] | None = None
+        self._samples_name = None if samples is None else Path(samples).name
+        self._pattern = name_pattern
         if samples is not None:
             self._read_samples(Path(samples))
         if name_pattern:
@@ -241,7 +243,23 @@ class StudyMetadata:
         self.columns = [c for c in df.columns if c != "slide"]
         for row in df.to_dict(orient="records"):
             key = slide_stem(row.pop("slide").strip())
+            if key in self._table:  # which row would win is a guess: the user says
+                raise CleihcError(f"slide {key!r} has two rows in the samples CSV; keep one", path=path)
             self._table[key] = row
+
+    def unmatched(self, stem: str) -> str:
+        """Why a slide gets no metadata from a source it was given ("" when every source has it)."""
+        why = []
+        if self._regex is not None and not self._regex.match(stem):
+            why.append(f"its name does not match --name-pattern {self._pattern!r}")
+        if self._samples_name is not None and stem not in self._table:
+            why.append(f"it has no row in {self._samples_name}")
+        return " and ".join(why)
+
+    def rows_without_slide(self, stems: Iterable[str]) -> list[str]:
+        """Samples-CSV slides that are none of `stems` (a typo, or a slide of another run)."""
+        have = set(stems)
+        return [k for k in self._table if k not in have]
 
     @staticmethod
     def _compile(pattern: str) -> re.Pattern[str]:
@@ -362,6 +380,9 @@ def run_batch(
     emit = on_event or (lambda e: None)
     metadata = metadata or StudyMetadata()
     slides, failures = discover_slides(inputs, exclude=[out])
+    extra = metadata.rows_without_slide(slide_stem(p) for p in slides)
+    if extra:  # info only: one samples CSV often serves runs of several stains
+        log.info("%d samples-CSV rows name no slide of this run: %s", len(extra), ", ".join(extra[:20]))
     summary = BatchSummary(out)
     summary.outcomes.extend(failures)
     emit(Event("batch_start", total=len(slides)))
@@ -587,6 +608,8 @@ def _measure_prepared(
     try:
         if prep.error is not None:
             raise prep.error
+        if metadata.unmatched(stem):
+            log.warning("%s: no study metadata: %s", stem, metadata.unmatched(stem))
         if prep.skip:
             reason = "results are current"
             meta = metadata.for_slide(stem)
