@@ -636,3 +636,17 @@ def test_slides_without_study_metadata_are_named(study, tmp_path, capsys):
     samples.write_text("slide,subject\nS01_pre_cd3,S01\nS01_pre_cd3.svs,S02\n")
     assert main([*args, "--samples", str(samples)]) == 2
     assert "slide 'S01_pre_cd3' has two rows in the samples CSV; keep one" in capsys.readouterr().err
+
+
+def test_tables_count_each_slide_once(serial_run, tmp_path, capsys):
+    _, out = serial_run
+    once, twice = tmp_path / "once.csv", tmp_path / "twice.csv"
+    assert main(["tables", str(out), "--out", str(once)]) == 0
+    assert main(["tables", str(out), str(out) + "/", "--out", str(twice)]) == 0  # one folder, given twice
+    assert once.read_bytes() == twice.read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    assert main(["tables", str(out), str(copy), "--out", str(tmp_path / "x.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "stained 'cd3' is in two results folders" in err and not (tmp_path / "x.csv").exists()

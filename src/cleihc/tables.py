@@ -60,6 +60,21 @@ def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _refuse_duplicates(folders: Sequence[Path], parts: Sequence[pd.DataFrame]) -> None:
+    """Two results folders holding the same slide for the same stain would count it twice in any statistic."""
+    seen: dict[tuple[str, str], Path] = {}
+    for folder, part in zip(folders, parts, strict=True):
+        if part.empty:
+            continue
+        for slide, stain in part[["slide", "stain"]].drop_duplicates().itertuples(index=False):
+            first = seen.setdefault((slide, stain), folder)
+            if first != folder:
+                raise CleihcError(
+                    f"slide {slide!r} stained {stain!r} is in two results folders ({first} and {folder}); "
+                    "merge one run per stain, or remove the slide's record from one of them"
+                )
+
+
 def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     """One long table for all slides, stains and regions.
 
@@ -74,7 +89,9 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         Columns: the study metadata present (subject, timepoint, group, then any others), slide, stain, region,
         metric, value, unit, and last `corrected` (True where the row includes manual corrections).
     """
+    folders = list(dict.fromkeys(Path(f).resolve() for f in folders))  # a folder given twice counts once
     parts = [regions_table(f) for f in folders]
+    _refuse_duplicates(folders, parts)
     wide = (
         pd.concat([p for p in parts if len(p)], ignore_index=True)
         if any(len(p) for p in parts)
