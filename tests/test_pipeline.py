@@ -364,3 +364,28 @@ def test_slide_stained_otherwise_is_reported(caplog):
         assert plan.stain_fit.explained and plan.stain_fit.positive_px > 500
         assert plan.stain_fit.off_plane_px == 0
         assert not [w for w in plan.warnings if w.startswith("stains:")]
+
+
+def test_annotations_off_the_slide_are_reported():
+    """Annotations in the wrong frame (exported from a downsampled image) would give zero or partial regions
+    silently: a region mostly off the slide is named in a warning with the slide's and its own extent."""
+    import shapely
+
+    from cleihc.pipeline import plan_slide
+    from cleihc.regions import Region
+
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    regions = [
+        Region("far", shapely.box(5000, 5000, 6000, 6000), "test"),
+        Region("half", shapely.box(1000, 1000, 3000, 3000), "test"),  # 400 x 700 of its 2000 x 2000 px on it
+        Region("edge", shapely.box(1000, 1000, 1600, 1400), "test"),  # 2/3 on it: drawn over the edge, fine
+    ]
+    plan = plan_slide(SAMPLE_IMAGES / "S01_pre_cd3.svs", "cd3", regions=regions)
+    notes = [w for w in plan.warnings if w.startswith("regions:")]
+    assert notes == [
+        "regions: 'far' lies 100% outside the slide (1400 x 1700 px; the region spans x 5000..6000, "
+        "y 5000..6000): annotation coordinates must be level-0 pixels of this slide",
+        "regions: 'half' lies 93% outside the slide (1400 x 1700 px; the region spans x 1000..3000, "
+        "y 1000..3000): annotation coordinates must be level-0 pixels of this slide",
+    ]

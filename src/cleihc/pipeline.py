@@ -212,6 +212,7 @@ def plan_slide(
                 "um/px to bound memory"
             )
         user_regions = _user_regions(regions, slide_path)
+        _check_region_bounds(user_regions, slide.dimensions, warnings)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
     # The slide, and its cache of decoded tiles, is closed here: what follows works on whole-slide arrays only.
@@ -316,6 +317,24 @@ def plan_slide(
         roi=roi,
         stain_fit=fit,
     )
+
+
+def _check_region_bounds(regions: Sequence[Region], dimensions: tuple[int, int], warnings: list[str]) -> None:
+    """Warn about annotations mostly off the slide: coordinates not in level-0 pixels (exported from a
+    downsampled image or another scan) would otherwise give regions of zero or partial area without a word."""
+    w, h = dimensions
+    frame = shapely.box(0, 0, w, h)
+    for r in regions:
+        area = r.geometry.area
+        inside = r.geometry.intersection(frame).area
+        if area > 0 and inside < 0.5 * area:
+            minx, miny, maxx, maxy = (round(v) for v in r.geometry.bounds)
+            message = (
+                f"regions: {r.name!r} lies {1 - inside / area:.0%} outside the slide ({w} x {h} px; the region spans "
+                f"x {minx}..{maxx}, y {miny}..{maxy}): annotation coordinates must be level-0 pixels of this slide"
+            )
+            log.warning(message)
+            warnings.append(message)
 
 
 def _user_regions(regions: Any, slide_path: str | os.PathLike[str]) -> list[Region]:
