@@ -373,7 +373,6 @@ def test_annotations_off_the_slide_are_reported():
 
     from cleihc.pipeline import plan_slide
     from cleihc.regions import Region
-
     from cleihc_testdata import SAMPLE_IMAGES
 
     regions = [
@@ -389,3 +388,30 @@ def test_annotations_off_the_slide_are_reported():
         "regions: 'half' lies 93% outside the slide (1400 x 1700 px; the region spans x 1000..3000, "
         "y 1000..3000): annotation coordinates must be level-0 pixels of this slide",
     ]
+
+
+def test_user_regions_named_like_known_regions_but_for_case_replace_them():
+    """QuPath classes are usually capitalised: an "Epidermis" annotation replaces the automatic epidermis (one
+    row, the dermis and bands follow it) rather than adding a second region; two such shapes are one region."""
+    import shapely
+
+    from cleihc.pipeline import plan_slide, region_masks_on_raster
+    from cleihc.regions import Region
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    top, second = shapely.box(0, 0, 1400, 192), shapely.box(0, 192, 704, 304)  # on the 8-px overview grid
+    regions = [
+        Region("Epidermis", top, "test"),
+        Region("EPIDERMIS", second, "test"),
+        Region("Lesion", shapely.box(100, 400, 500, 800), "test"),
+    ]
+    plan = plan_slide(SAMPLE_IMAGES / "S01_pre_cd3.svs", "cd3", regions=regions)
+    names = [r.name for r in plan.regions]
+    assert names.count("epidermis") == 1 and "Epidermis" not in names and "EPIDERMIS" not in names
+    assert "Lesion" in names  # not a known region: kept as written
+    (epi,) = [r for r in plan.regions if r.name == "epidermis"]
+    assert epi.source == "test" and epi.geometry.equals(shapely.union_all([top, second]))
+    # The dermis follows the given epidermis: it starts where the epidermis ends (no overlap).
+    masks = region_masks_on_raster(plan)
+    assert masks["epidermis"].any() and masks["dermis"].any()
+    assert not (masks["dermis"] & masks["epidermis"]).any()

@@ -211,7 +211,7 @@ def plan_slide(
                 f"large slide: compartments found at {overview_um:.2f} um/px and totals kept at {raster_um:.2f} "
                 "um/px to bound memory"
             )
-        user_regions = _user_regions(regions, slide_path)
+        user_regions = _canonical_names(_user_regions(regions, slide_path), proto)
         _check_region_bounds(user_regions, slide.dimensions, warnings)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
@@ -317,6 +317,31 @@ def plan_slide(
         roi=roi,
         stain_fit=fit,
     )
+
+
+def _canonical_names(regions: Sequence[Region], proto: Protocol) -> list[Region]:
+    """User regions named like a known region but for case ("Epidermis", QuPath's capitalised classes) take the
+    known name, so they replace the automatic region (and move the dermis and bands) instead of adding a row;
+    regions that then share a name are one region (their union)."""
+    known = {n.lower(): n for n in ("tissue", *COMPARTMENT_NAMES, *proto.regions.report)}
+    by_name: dict[str, list[Region]] = {}
+    for r in regions:
+        name = known.get(r.name.lower(), r.name)
+        if name != r.name:
+            log.info("region %r taken as %r", r.name, name)
+        by_name.setdefault(name, []).append(dataclasses.replace(r, name=name))
+    out = []
+    for group in by_name.values():
+        if len(group) == 1:
+            out.append(group[0])
+        else:
+            union = shapely.union_all([g.geometry for g in group])
+            out.append(
+                dataclasses.replace(
+                    group[0], geometry=union, properties={**group[0].properties, "merged": len(group)}
+                )
+            )
+    return out
 
 
 def _check_region_bounds(regions: Sequence[Region], dimensions: tuple[int, int], warnings: list[str]) -> None:
