@@ -650,3 +650,14 @@ def test_tables_count_each_slide_once(serial_run, tmp_path, capsys):
     assert main(["tables", str(out), str(copy), "--out", str(tmp_path / "x.csv")]) == 1
     err = capsys.readouterr().err
     assert "stained 'cd3' is in two results folders" in err and not (tmp_path / "x.csv").exists()
+
+
+def test_a_results_folder_of_another_protocol_is_refused(study, serial_run, tmp_path, capsys):
+    """Measuring with CD8 into the CD3 results folder would overwrite the CD3 results of any slide in both runs:
+    refused (exit 2), nothing written. A new version of the same protocol replaces them, as resume means."""
+    _, out = serial_run
+    before = {p.name: p.read_bytes() for p in (out / "slides").glob("*.json")}
+    assert main(["quantify", _good(study)[0], "--stain", "cd8", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: it holds results of protocol 'cd3' (3 slides)" in err and "cleihc-results/cd8/" in err
+    assert {p.name: p.read_bytes() for p in (out / "slides").glob("*.json")} == before

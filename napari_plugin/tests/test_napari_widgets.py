@@ -392,3 +392,13 @@ def test_npe2_manifest_validates():
     out = subprocess.run([str(npe2), "validate", PLUGIN], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "valid" in out.stdout
+
+
+def test_quantify_widget_refuses_another_protocols_folder(make_napari_viewer, sample_slide, results_dir):
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd8")  # the results folder holds cd3 results
+    widget.out_edit.setText(str(results_dir))
+    assert widget.run() is None and widget.worker is None
+    assert "holds results of protocol 'cd3'" in widget.status.text()

@@ -30,7 +30,13 @@ from cleihc import __version__
 from cleihc.corrections import apply_saved_corrections, corrections_path
 from cleihc.errors import CleihcError, SlideNotFoundError
 from cleihc.io import atomic_write, sha256_file
-from cleihc.outputs import read_slide_records, rebuild_tables, write_json, write_slide_outputs
+from cleihc.outputs import (
+    check_results_folder,
+    read_slide_records,
+    rebuild_tables,
+    write_json,
+    write_slide_outputs,
+)
 from cleihc.pipeline import SlidePlan, measure_plan, plan_slide, slide_stem
 from cleihc.protocol import Protocol
 from cleihc.regions import regions_file_for_slide
@@ -377,6 +383,8 @@ def run_batch(
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.rglob(".*.partial"):  # left by a run that was killed mid-write; never a finished output
         stale.unlink(missing_ok=True)
+    existing = {rec["slide"]: rec for rec in read_slide_records(out)}
+    check_results_folder(out, protocol, records=existing.values())
     emit = on_event or (lambda e: None)
     metadata = metadata or StudyMetadata()
     slides, failures = discover_slides(inputs, exclude=[out])
@@ -386,7 +394,6 @@ def run_batch(
     summary = BatchSummary(out)
     summary.outcomes.extend(failures)
     emit(Event("batch_start", total=len(slides)))
-    existing = {rec["slide"]: rec for rec in read_slide_records(out)}
     seen_stems: dict[str, Path] = {}
     # Each slide once, in order; a second input with the same stem is answered where it stands.
     queue: list[tuple[Path, str, Path | None]] = []

@@ -17,6 +17,7 @@ __all__ = [
     "NotBrightfieldError",
     "ProtocolError",
     "RegionsError",
+    "ResultsFolderError",
     "SlideError",
     "SlideNotFoundError",
     "SlidePermissionError",
@@ -76,6 +77,10 @@ class ProtocolError(CleihcError, ValueError):
 
 class RegionsError(CleihcError, ValueError):
     """An annotation (regions) file is missing, malformed or hostile."""
+
+
+class ResultsFolderError(CleihcError, ValueError):
+    """A results folder holds another protocol's results: measuring into it would overwrite them."""
 
 
 class NoTissueError(CleihcError, ValueError):

@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cleihc.errors import ResultsFolderError
 from cleihc.geometry import feature_collection, to_feature
 from cleihc.io import atomic_path, atomic_write, jsonable
 from cleihc.measure import row_blocks
 
 __all__ = [
     "SLIDE_RECORD_VERSION",
+    "check_results_folder",
     "read_slide_records",
     "rebuild_tables",
     "write_json",
@@ -115,6 +118,39 @@ def write_slide_outputs(
     path = out / "slides" / f"{stem}.json"
     write_json(path, record)
     return path
+
+
+def check_results_folder(
+    out_dir: str | os.PathLike[str], protocol: Any, *, records: Iterable[dict[str, Any]] | None = None
+) -> None:
+    """Refuse a results folder that holds another protocol's results: measuring a slide it has with this one
+    would overwrite them. (A new version of the same protocol is meant to replace them.)
+
+    Parameters
+    ----------
+    out_dir : path
+    protocol : cleihc.protocol.Protocol
+    records : iterable of dict, optional
+        The folder's slide records, when already read.
+
+    Raises
+    ------
+    ResultsFolderError
+    """
+    records = read_slide_records(out_dir) if records is None else records
+    names = Counter(
+        ((rec.get("provenance") or {}).get("protocol") or {}).get("protocol", {}).get("name")
+        for rec in records
+    )
+    names.pop(None, None)
+    names.pop(protocol.name, None)
+    if names:
+        other, n = names.most_common(1)[0]
+        raise ResultsFolderError(
+            f"it holds results of protocol {other!r} ({n} slides), which measuring with {protocol.name!r} could "
+            f"overwrite; give another results folder (the command's default is cleihc-results/{protocol.name}/)",
+            path=out_dir,
+        )
 
 
 def read_slide_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -344,6 +344,14 @@ class QuantifyWidget(QWidget):
         out_dir = self.out_edit.text().strip() or None
         if scope != "whole slide":
             out_dir = None  # region runs are exploratory: the results folder holds whole-slide results only
+        if out_dir is not None:
+            from cleihc.outputs import check_results_folder
+
+            try:  # another protocol's results there would be overwritten
+                check_results_folder(out_dir, protocol)
+            except CleihcError as exc:
+                self.status.setText(str(exc))
+                return None
         self._cancel.clear()
         cancel, signals = self._cancel, self._signals
         path = meta["slide_path"]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cleihc.errors import CleihcError
+from cleihc.errors import CleihcError, ResultsFolderError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
                 arguments=arguments,
                 on_event=display.event,
             )
+    except ResultsFolderError as exc:
+        print(f"cleihc quantify: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except OSError as exc:  # e.g. a Dask scheduler that cannot be reached
         print(f"cleihc quantify: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_FAILED
