@@ -661,3 +661,17 @@ def test_a_results_folder_of_another_protocol_is_refused(study, serial_run, tmp_
     err = capsys.readouterr().err
     assert f"{out}: it holds results of protocol 'cd3' (3 slides)" in err and "cleihc-results/cd8/" in err
     assert {p.name: p.read_bytes() for p in (out / "slides").glob("*.json")} == before
+
+
+def test_identical_slide_files_are_named(study, tmp_path):
+    """A slide copied (or renamed since its first run) has rows under both names: a statistic would count that
+    section twice, so the run says which files are one."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(_good(study)[0], folder / "S01_pre_cd3.svs")
+    shutil.copy(_good(study)[0], folder / "S01_pre_cd3_rescan.svs")
+    shutil.copy(_good(study)[1], folder / "S01_post_cd3.svs")
+    out = tmp_path / "out"
+    assert main(["quantify", str(folder), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    warned = [line for line in (out / "run.log").read_text().splitlines() if "are the same file" in line]
+    assert len(warned) == 1 and "slides S01_pre_cd3, S01_pre_cd3_rescan are the same file" in warned[0]

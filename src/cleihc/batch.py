@@ -504,6 +504,8 @@ def run_batch(
         ahead.shutdown(wait=True, cancel_futures=True)
     summary.outcomes.extend(outcomes[k] for k in sorted(outcomes))
     inputs_record = [rec for k in sorted(inputs) for rec in inputs[k]]
+    records = read_slide_records(out)
+    _warn_identical_files(records)
     lead = ("subject", "timepoint", "group", *metadata.lead_columns)
     rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
     summary.seconds = time.perf_counter() - started
@@ -520,9 +522,7 @@ def run_batch(
             "failures": [{"slide": o.slide, "path": o.path, "reason": o.reason} for o in summary.failed],
             "seconds": summary.seconds,
             "slides": {
-                rec["slide"]: rec.get("provenance", {})
-                for rec in read_slide_records(out)
-                if rec["slide"] in seen_stems
+                rec["slide"]: rec.get("provenance", {}) for rec in records if rec["slide"] in seen_stems
             },
         },
     )
@@ -655,6 +655,22 @@ def _measure_prepared(
         return SlideOutcome(
             stem, str(path), "failed", _unforeseen_reason(exc, path), time.perf_counter() - t0
         )
+
+
+def _warn_identical_files(records: Iterable[dict[str, Any]]) -> None:
+    """Name slides of the folder whose files are identical (a copy, or a slide renamed since its first run):
+    each has a row, so a statistic would count that section twice."""
+    by_digest: dict[str, list[str]] = {}
+    for rec in records:
+        by_digest.setdefault(str(rec.get("input_sha256")), []).append(rec["slide"])
+    for digest, stems in by_digest.items():
+        if len(stems) > 1 and digest != "None":
+            log.warning(
+                "slides %s are the same file (sha256 %s...): each has rows in the tables; if one was renamed or "
+                "copied, remove its record from slides/",
+                ", ".join(sorted(stems)),
+                digest[:12],
+            )
 
 
 def _update_metadata(out: Path, stem: str, old: dict[str, Any], new: dict[str, Any]) -> None:
