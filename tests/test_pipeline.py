@@ -415,3 +415,20 @@ def test_user_regions_named_like_known_regions_but_for_case_replace_them():
     masks = region_masks_on_raster(plan)
     assert masks["epidermis"].any() and masks["dermis"].any()
     assert not (masks["dermis"] & masks["epidermis"]).any()
+
+
+def test_mpp_override_that_contradicts_the_file_is_reported():
+    """--mpp given for a whole batch also reaches slides with their own value: a contradiction is a warning."""
+    from cleihc.pipeline import plan_slide
+    from cleihc.slide import open_slide
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    path = SAMPLE_IMAGES / "S01_pre_cd3.svs"
+    with open_slide(path, mpp=0.25) as slide:
+        assert slide.file_mpp == (0.5, 0.5) and slide.mpp == (0.25, 0.25)
+    plan = plan_slide(path, "cd3", mpp=0.25)
+    assert (
+        "--mpp 0.25 overrides the file's 0.5 um/px: lengths scale by 0.5, areas and densities by its square"
+        in plan.warnings
+    )
+    assert not [w for w in plan_slide(path, "cd3", mpp=0.501).warnings if w.startswith("--mpp")]  # within 2 %

@@ -187,6 +187,19 @@ def plan_slide(
     warnings: list[str] = []
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
+        file_mpp = slide.file_mpp
+        if (
+            mpp_override is not None
+            and file_mpp is not None
+            and abs(mpp_override[0] / file_mpp[0] - 1) > 0.02
+        ):
+            # --mpp is given for a batch: a slide that has its own value may not need (or fit) it.
+            message = (
+                f"--mpp {mpp_override[0]:g} overrides the file's {file_mpp[0]:g} um/px: lengths scale by "
+                f"{mpp_override[0] / file_mpp[0]:.3g}, areas and densities by its square"
+            )
+            log.warning(message)
+            warnings.append(message)
         # Tissue is told from the glass as it looks on this slide, even when the protocol fixes I0 for the stain
         # arithmetic: a fixed white I0 against grey glass (OD sum 0.1-0.2) would make every pixel tissue.
         # The protocol's colour is used where the slide shows no glass.

@@ -361,6 +361,11 @@ class Slide:
         return self._meta.mpp_source
 
     @property
+    def file_mpp(self) -> tuple[float, float] | None:
+        """The file's own level-0 (x, y) microns per pixel, whatever the override; None when it has none."""
+        return self._meta.mpp_um
+
+    @property
     def mpp(self) -> tuple[float, float]:
         """Level-0 (x, y) microns per pixel; MissingMppError when neither the file nor the user gives it.
 
