@@ -432,3 +432,11 @@ def test_mpp_override_that_contradicts_the_file_is_reported():
         in plan.warnings
     )
     assert not [w for w in plan_slide(path, "cd3", mpp=0.501).warnings if w.startswith("--mpp")]  # within 2 %
+    # A scan coarser than the protocol's resolution is measured as it is, and said so.
+    coarse = plan_slide(path, "cd3", mpp=1.0)
+    assert coarse.resolution.mpp_um == (1.0, 1.0)
+    assert (
+        "measured at 1 um/px, the scan's own resolution, coarser than the protocol's 0.5 um/px: nuclei and thin "
+        "structures are found less reliably" in coarse.warnings
+    )
+    assert not [w for w in plan.warnings if w.startswith("measured at")]

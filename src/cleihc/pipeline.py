@@ -187,6 +187,13 @@ def plan_slide(
     warnings: list[str] = []
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
+        if resolution.mpp_um[0] > 1.25 * proto.analysis.mpp_um:
+            message = (
+                f"measured at {resolution.mpp_um[0]:g} um/px, the scan's own resolution, coarser than the "
+                f"protocol's {proto.analysis.mpp_um:g} um/px: nuclei and thin structures are found less reliably"
+            )
+            log.warning(message)
+            warnings.append(message)
         file_mpp = slide.file_mpp
         if (
             mpp_override is not None
