@@ -524,3 +524,16 @@ def test_stain_fit_on_real_images():
     he = _overview(shared_file("cmu1_small_region_svs", "CMU-1-Small-Region.svs"))
     fit = stains.stain_fit(he, hd, target="dab", positive_od=0.2)
     assert fit.positive_px > 10_000 and fit.off_plane_fraction > 0.12 and not fit.explained
+
+
+def test_stain_fit_melanin_is_not_another_stain():
+    """Melanin (neutral brown, about 3 degrees off the hematoxylin-DAB plane) must not make a pigmented CD3 skin
+    slide look stained otherwise."""
+    from cleihc import synthetic
+
+    syn = synthetic.render_skin(
+        stain="cd3", width_px=700, height_px=600, seed=3, params=synthetic.SkinParams(melanin=1.0)
+    )
+    m = stains.preset("hdab", background_rgb=tuple(syn.truth["stains"]["background_rgb"]))
+    fit = stains.stain_fit(syn.rgb, m, target="dab", positive_od=0.2)
+    assert fit.positive_px > 2000 and fit.off_plane_px == 0
