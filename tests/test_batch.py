@@ -579,8 +579,8 @@ def test_new_study_metadata_updates_skipped_slides(study, tmp_path, capsys):
 
 def test_results_folders_inside_the_inputs_are_not_slides(study, tmp_path, capsys):
     """`cleihc quantify . --out ./results`, twice: the results' OME-TIFF masks and PNG thumbnails (readable
-    images) are not taken for slides, nor are files in hidden folders; a results folder named as an input is an
-    error that says so."""
+    images) are not taken for slides, nor are files in hidden folders or a QuPath project's thumbnails; a results
+    folder named as an input is an error that says so."""
     from cleihc.batch import discover_slides, is_results_folder
 
     folder = tmp_path / "slides"
@@ -588,6 +588,10 @@ def test_results_folders_inside_the_inputs_are_not_slides(study, tmp_path, capsy
     shutil.copy(_good(study)[0], folder / "S01_pre_cd3.svs")
     (folder / ".cache").mkdir()
     shutil.copy(_good(study)[1], folder / ".cache" / "S01_post_cd3.svs")
+    qupath = folder / "qupath" / "data" / "1"  # a QuPath project beside the slides: its thumbnails are JPEGs
+    qupath.mkdir(parents=True)
+    (folder / "qupath" / "project.qpproj").write_text("{}")
+    Image.new("RGB", (64, 48), (230, 200, 210)).save(qupath / "thumbnail.jpg")
     out = folder / "results"
     args = ["quantify", str(folder), "--stain", "cd3", "--quiet"]
     assert main([*args, "--out", str(out)]) == 0

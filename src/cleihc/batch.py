@@ -131,7 +131,8 @@ def is_results_folder(path: str | os.PathLike[str]) -> bool:
 
 
 def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
-    """Every file under `folder` (sorted), passing over hidden files and folders, results folders and `skip`."""
+    """Every file under `folder` (sorted), passing over hidden files and folders, results folders, QuPath
+    projects and `skip`."""
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):
         here = Path(root)
@@ -142,6 +143,9 @@ def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
                 continue
             if sub.resolve() in skip or is_results_folder(sub):
                 log.info("%s: a cleihc results folder, not searched for slides", sub)
+                continue
+            if (sub / "project.qpproj").is_file():  # its thumbnails are JPEGs, not slides
+                log.info("%s: a QuPath project, not searched for slides", sub)
                 continue
             keep.append(d)
         dirs[:] = keep
@@ -156,8 +160,8 @@ def discover_slides(
 
     Returns the slides (sorted, deduplicated) and a failure for each named input that is missing or not a slide.
     Files met inside folders that are not slides (sidecars, notes) are passed over silently, and so are hidden
-    files and folders, cleihc results folders (:func:`is_results_folder`) and the folders in `exclude` (this run's
-    results folder, which may still be empty).
+    files and folders, cleihc results folders (:func:`is_results_folder`), QuPath projects (``project.qpproj``)
+    and the folders in `exclude` (this run's results folder, which may still be empty).
     """
     skip = {Path(e).resolve() for e in exclude}
     slides: dict[Path, None] = {}
