@@ -533,8 +533,8 @@ def regions_for_slide(
         The path does not exist, the folder holds several files for the slide, or the file is unusable.
     """
     found = regions_file_for_slide(path_or_folder, slide_path)
-    if found is None:
-        log.info(
+    if found is None:  # a warning: rows of the annotated regions will be missing for this slide
+        log.warning(
             "%s: no annotation file for slide %s (looked for %s.{geojson,json,xml})",
             path_or_folder,
             slide_path,
