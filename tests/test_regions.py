@@ -16,6 +16,7 @@ from cleihc.regions import (
     merge_regions,
     rasterize,
     read_regions,
+    regions_file_for_slide,
     regions_for_slide,
     regions_to_geojson,
     write_geojson,
@@ -331,6 +332,15 @@ def test_regions_for_slide_file_folder_and_ome_stem(tmp_path, caplog):
         regions_for_slide(folder, "S1.svs")
     with pytest.raises(RegionsError, match="not found"):
         regions_for_slide(tmp_path / "missing", "S1.svs")
+    # QuPath scripts export `<image name>.geojson`, the image name keeping its extension.
+    _write(folder, "S5.svs.geojson", fc)
+    _write(folder, "S6.ome.tif.GeoJSON", fc)
+    assert regions_for_slide(folder, "/slides/S5.svs")[0].geometry.area == 6000
+    assert regions_file_for_slide(folder, "/slides/S6.ome.tif") == folder / "S6.ome.tif.GeoJSON"
+    assert regions_file_for_slide(folder, "/slides/S5.ndpi") is None  # another slide's file name
+    _write(folder, "S5.geojson", fc)
+    with pytest.raises(RegionsError, match="several annotation files for slide 'S5'"):
+        regions_for_slide(folder, "/slides/S5.svs")
 
 
 # --- merge_regions ----------------------------------------------------------------------------------------------

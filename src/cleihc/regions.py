@@ -518,7 +518,8 @@ def regions_for_slide(
     ----------
     path_or_folder : str or PathLike
         One annotation file (used for the slide), or a folder holding ``<slide stem>.geojson``, ``.json`` or
-        ``.xml`` (for ``name.ome.tif`` the stem is ``name``; the match ignores case).
+        ``.xml`` (for ``name.ome.tif`` the stem is ``name``), or the same after the slide's whole file name
+        (``name.ome.tif.geojson``, as QuPath scripts export them); the match ignores case.
     slide_path : str or PathLike
         The slide.
 
@@ -535,7 +536,7 @@ def regions_for_slide(
     found = regions_file_for_slide(path_or_folder, slide_path)
     if found is None:  # a warning: rows of the annotated regions will be missing for this slide
         log.warning(
-            "%s: no annotation file for slide %s (looked for %s.{geojson,json,xml})",
+            "%s: no annotation file for slide %s (looked for %s[.ext].{geojson,json,xml})",
             path_or_folder,
             slide_path,
             slide_stem(slide_path),
@@ -560,7 +561,12 @@ def regions_file_for_slide(
     if not p.is_dir():
         raise RegionsError("regions path not found; give an annotation file or a folder of them", path=p)
     stem = slide_stem(slide_path)
-    wanted = {f"{stem}{ext}".lower(): i for i, ext in enumerate(REGION_FILE_EXTENSIONS)}
+    # `<stem>.geojson`, or `<file name>.geojson` as QuPath scripts name exports (getImageName() + ".geojson").
+    wanted = {
+        f"{base}{ext}".lower(): i
+        for base in (stem, Path(slide_path).name)
+        for i, ext in enumerate(REGION_FILE_EXTENSIONS)
+    }
     found = sorted(
         (wanted[f.name.lower()], f) for f in p.iterdir() if f.name.lower() in wanted and f.is_file()
     )

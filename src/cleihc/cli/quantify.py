@@ -35,7 +35,9 @@ def register(sub: Any) -> None:
         "--out", metavar="DIR", type=Path, help="results folder (default ./cleihc-results/<stain>/)"
     )
     p.add_argument(
-        "--regions", metavar="PATH", help="annotation file, or folder of <slide stem>.geojson/.xml"
+        "--regions",
+        metavar="PATH",
+        help="annotation file, or folder of <slide stem>.geojson/.xml (or <slide file name>.geojson, as QuPath exports)",
     )
     p.add_argument(
         "--samples", metavar="CSV", help="study metadata: a 'slide' column plus subject, timepoint, ..."
