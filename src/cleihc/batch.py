@@ -619,8 +619,9 @@ def _measure_prepared(
     try:
         if prep.error is not None:
             raise prep.error
-        if metadata.unmatched(stem):
-            log.warning("%s: no study metadata: %s", stem, metadata.unmatched(stem))
+        missing = metadata.unmatched(stem)
+        if missing:
+            log.warning("%s: no study metadata: %s", stem, missing)
         if prep.skip:
             reason = "results are current"
             meta = metadata.for_slide(stem)

@@ -53,7 +53,7 @@ from cleihc.regions import (
     regions_for_slide,
     skin_compartments,
 )
-from cleihc.slide import Slide, open_slide, slide_stem
+from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 from cleihc.stains import (
     StainFit,
     StainMatrix,
@@ -187,26 +187,7 @@ def plan_slide(
     warnings: list[str] = []
     with open_slide(slide_path, mpp=mpp_override) as slide:
         resolution = slide.analysis_resolution(proto.analysis.mpp_um)  # raises MissingMppError first
-        if resolution.mpp_um[0] > 1.25 * proto.analysis.mpp_um:
-            message = (
-                f"measured at {resolution.mpp_um[0]:g} um/px, the scan's own resolution, coarser than the "
-                f"protocol's {proto.analysis.mpp_um:g} um/px: nuclei and thin structures are found less reliably"
-            )
-            log.warning(message)
-            warnings.append(message)
-        file_mpp = slide.file_mpp
-        if (
-            mpp_override is not None
-            and file_mpp is not None
-            and abs(mpp_override[0] / file_mpp[0] - 1) > 0.02
-        ):
-            # --mpp is given for a batch: a slide that has its own value may not need (or fit) it.
-            message = (
-                f"--mpp {mpp_override[0]:g} overrides the file's {file_mpp[0]:g} um/px: lengths scale by "
-                f"{mpp_override[0] / file_mpp[0]:.3g}, areas and densities by its square"
-            )
-            log.warning(message)
-            warnings.append(message)
+        _check_resolution(slide, resolution, proto, mpp_override, warnings)
         # Tissue is told from the glass as it looks on this slide, even when the protocol fixes I0 for the stain
         # arithmetic: a fixed white I0 against grey glass (OD sum 0.1-0.2) would make every pixel tissue.
         # The protocol's colour is used where the slide shows no glass.
@@ -339,6 +320,36 @@ def plan_slide(
     )
 
 
+def _warn(warnings: list[str], message: str) -> None:
+    """A warning of the plan: logged now (console, run.log) and kept with the slide's results."""
+    log.warning(message)
+    warnings.append(message)
+
+
+def _check_resolution(
+    slide: Slide,
+    resolution: AnalysisResolution,
+    proto: Protocol,
+    mpp_override: tuple[float, float] | None,
+    warnings: list[str],
+) -> None:
+    """Warn about a scan coarser than the protocol's resolution, and about an --mpp that contradicts the file
+    (--mpp is given for a whole batch, and reaches slides that carry their own value)."""
+    if resolution.mpp_um[0] > 1.25 * proto.analysis.mpp_um:
+        _warn(
+            warnings,
+            f"measured at {resolution.mpp_um[0]:g} um/px, the scan's own resolution, coarser than the "
+            f"protocol's {proto.analysis.mpp_um:g} um/px: nuclei and thin structures are found less reliably",
+        )
+    file_mpp = slide.file_mpp
+    if mpp_override is not None and file_mpp is not None and abs(mpp_override[0] / file_mpp[0] - 1) > 0.02:
+        _warn(
+            warnings,
+            f"--mpp {mpp_override[0]:g} overrides the file's {file_mpp[0]:g} um/px: lengths scale by "
+            f"{mpp_override[0] / file_mpp[0]:.3g}, areas and densities by its square",
+        )
+
+
 def _canonical_names(regions: Sequence[Region], proto: Protocol) -> list[Region]:
     """User regions named like a known region but for case ("Epidermis", QuPath's capitalised classes) take the
     known name, so they replace the automatic region (and move the dermis and bands) instead of adding a row;
@@ -374,12 +385,12 @@ def _check_region_bounds(regions: Sequence[Region], dimensions: tuple[int, int],
         inside = r.geometry.intersection(frame).area
         if area > 0 and inside < 0.5 * area:
             minx, miny, maxx, maxy = (round(v) for v in r.geometry.bounds)
-            message = (
-                f"regions: {r.name!r} lies {1 - inside / area:.0%} outside the slide ({w} x {h} px; the region spans "
-                f"x {minx}..{maxx}, y {miny}..{maxy}): annotation coordinates must be level-0 pixels of this slide"
+            _warn(
+                warnings,
+                f"regions: {r.name!r} lies {1 - inside / area:.0%} outside the slide ({w} x {h} px; the region "
+                f"spans x {minx}..{maxx}, y {miny}..{maxy}): annotation coordinates must be level-0 pixels of "
+                "this slide",
             )
-            log.warning(message)
-            warnings.append(message)
 
 
 def _user_regions(regions: Any, slide_path: str | os.PathLike[str]) -> list[Region]:
@@ -431,14 +442,13 @@ def _check_stain_fit(
         overview, stains, target=proto.target, positive_od=proto.thresholds.positive_od, tissue_mask=tissue_ov
     )
     if not fit.explained:
-        message = (
+        _warn(
+            warnings,
             f"stains: {fit.off_plane_fraction:.0%} of the {proto.target}-positive tissue has colours that "
             f"{proto.counterstain} and {proto.target} do not make (more than {fit.angle_deg:g} degrees off their "
             "plane): the slide looks stained with something else (H&E, Alcian blue?); check the slide and "
-            "the protocol before trusting its numbers"
+            "the protocol before trusting its numbers",
         )
-        log.warning(message)
-        warnings.append(message)
     return fit
 
 
