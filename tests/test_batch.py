@@ -319,7 +319,9 @@ def test_metadata_and_tidy_table(study, tmp_path):
         "value",
         "unit",
         "corrected",
+        "review",
     ]
+    assert set(long["review"]) == {"unreviewed"}
     # every wide value appears once in the long table, with its unit
     wide = table.set_index(["slide", "region"])
     row = long[
@@ -332,6 +334,13 @@ def test_metadata_and_tidy_table(study, tmp_path):
     assert row["unit"].iloc[0] == "1/mm2"
     assert set(long["subject"]) == {"S01"} and set(long["timepoint"]) == {"pre", "post"}
     assert len(long) == len(tidy([out]))
+    # A reviewer flags a slide (napari review queue): the table says so, for the statistician to filter on.
+    from cleihc.corrections import set_review_status
+
+    set_review_status(out, "S01_post_cd3", "flagged", author="rev", note="fold across the dermis")
+    long = tidy([out])
+    assert set(long.loc[long.slide == "S01_post_cd3", "review"]) == {"flagged"}
+    assert set(long.loc[long.slide == "S01_pre_cd3", "review"]) == {"unreviewed"}
 
 
 def test_name_pattern_metadata(study, tmp_path):

@@ -22,7 +22,7 @@ from cleihc.outputs import read_slide_records
 __all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "tidy"]
 
 #: Columns that identify a row rather than measure something.
-ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected")
+ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected", "review")
 
 _METADATA_ORDER = ("subject", "timepoint", "group")
 
@@ -57,7 +57,14 @@ def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
             path=folder,
         )
     rows = [row for rec in read_slide_records(folder) for row in rec["rows"]]
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if len(table):
+        # A reviewer's verdict (napari review queue): a statistician keeps or drops flagged slides by it.
+        from cleihc.corrections import review_status
+
+        status = {slide: s["status"] for slide, s in review_status(folder).items()}
+        table["review"] = table["slide"].map(status).fillna("unreviewed")
+    return table
 
 
 def _refuse_duplicates(folders: Sequence[Path], parts: Sequence[pd.DataFrame]) -> None:
@@ -87,7 +94,8 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns: the study metadata present (subject, timepoint, group, then any others), slide, stain, region,
-        metric, value, unit, and last `corrected` (True where the row includes manual corrections).
+        metric, value, unit, and last `corrected` (True where the row includes manual corrections) and `review`
+        (the slide's review state: unreviewed, reviewed or flagged).
     """
     folders = list(dict.fromkeys(Path(f).resolve() for f in folders))  # a folder given twice counts once
     parts = [regions_table(f) for f in folders]
@@ -103,12 +111,11 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     meta = [c for c in wide.columns if c not in ID_COLUMNS and c not in numeric]
     meta = [c for c in _METADATA_ORDER if c in meta] + [c for c in meta if c not in _METADATA_ORDER]
     ids = [*meta, "slide", "stain", "region"]
-    if "corrected" in wide.columns:
-        ids.append("corrected")
+    ids += [c for c in ("corrected", "review") if c in wide.columns]
     long = wide.melt(id_vars=ids, value_vars=numeric, var_name="metric", value_name="value")
     long = long.dropna(subset=["value"])
     long["unit"] = long["metric"].map(metric_unit)
     long = long.sort_values([*ids, "metric"], kind="stable").reset_index(drop=True)
-    # The contract's columns first; `corrected` (rows that include manual corrections) last.
+    # The contract's columns first; `corrected` and `review` last.
     order = [*meta, "slide", "stain", "region", "metric", "value", "unit"]
     return long[order + [c for c in long.columns if c not in order]]
