@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bool(args.x) != bool(args.y):
         p.error("give both --x and --y, or neither")
-    study = read_study(args.study, timepoint_required=False)
+    study = read_study(args.study, timepoint_required=False, keep_flagged=args.keep_flagged)
     res = correlate(study, x=args.x, y=args.y, metric_x=args.metric_x, metric_y=args.metric_y, pool=args.pool)
     written = write_tables(args.out, {"stain_correlations.csv": res})
     return print_results(res, written, empty="no pair of stains measured on the same subjects and timepoints")

@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", action="store_true", help="model log(value + 1); report ratios")
     add_metric_option(p, verb="model")
     args = p.parse_args(argv)
-    res = change_over_time(read_study(args.study), baseline=args.baseline, log=args.log, metrics=args.metric)
+    res = change_over_time(
+        read_study(args.study, keep_flagged=args.keep_flagged),
+        baseline=args.baseline,
+        log=args.log,
+        metrics=args.metric,
+    )
     written = write_tables(args.out, {"mixed_model.csv": res})
     return print_results(
         res, written, empty="nothing to model (no stain with a baseline and a later timepoint)"

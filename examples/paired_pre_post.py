@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     add_timepoint_options(p)
     add_metric_option(p)
     args = p.parse_args(argv)
-    study = read_study(args.study)
+    study = read_study(args.study, keep_flagged=args.keep_flagged)
     args.pre, args.post = two_timepoints(study, args.pre, args.post)
     res = compare_pre_post(study, metrics=args.metric, pre=args.pre, post=args.post)
     pairs = paired_table(study, metrics=args.metric, pre=args.pre, post=args.post)

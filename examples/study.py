@@ -13,6 +13,7 @@ subject, timepoint, stain, region, metric and value (subject and timepoint come 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -30,7 +31,9 @@ EARLY_TIMEPOINTS = ("screening", "baseline", "pre", "before", "w0", "week0", "da
 LATE_TIMEPOINTS = ("post", "after", "end")
 
 
-def read_study(path: str | Path, *, timepoint_required: bool = True) -> pd.DataFrame:
+def read_study(
+    path: str | Path, *, timepoint_required: bool = True, keep_flagged: bool = False
+) -> pd.DataFrame:
     """Read the tidy study table and check its columns.
 
     Parameters
@@ -40,6 +43,9 @@ def read_study(path: str | Path, *, timepoint_required: bool = True) -> pd.DataF
     timepoint_required : bool
         When False, a table without a ``timepoint`` column is accepted and every row gets timepoint ``"all"``
         (for analyses that do not compare visits).
+    keep_flagged : bool
+        Keep the slides a reviewer flagged (``review == "flagged"``: a fold, a failed stain). By default they
+        are left out, and the slides left out are named on stderr.
 
     Returns
     -------
@@ -65,6 +71,16 @@ def read_study(path: str | Path, *, timepoint_required: bool = True) -> pd.DataF
             f"{path}: missing column(s) {', '.join(missing)}; make the table with `cleihc tables` from results "
             "quantified with --name-pattern or --samples giving subject and timepoint"
         )
+    if "review" in df.columns and not keep_flagged:
+        flagged = df["review"].astype(str).eq("flagged")
+        if flagged.any():
+            names = sorted(set(df.loc[flagged, "slide"].astype(str))) if "slide" in df.columns else []
+            print(
+                f"{path}: left out {len(names)} slide(s) flagged in review ({', '.join(names)}); "
+                "--keep-flagged keeps them",
+                file=sys.stderr,
+            )
+            df = df.loc[~flagged].reset_index(drop=True)
     if "timepoint" not in df.columns:
         df["timepoint"] = "all"
     df["subject"] = df["subject"].astype(str)
@@ -225,11 +241,15 @@ def study_parser(doc: str) -> argparse.ArgumentParser:
     Returns
     -------
     argparse.ArgumentParser
-        With the positional ``study`` and ``--out`` (default ``stats``); the script adds its own options.
+        With the positional ``study``, ``--out`` (default ``stats``) and ``--keep-flagged``; the script adds its
+        own options.
     """
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("study", help="tidy study table from `cleihc tables` (.csv or .parquet)")
     p.add_argument("--out", default="stats", help="output folder (default ./stats)")
+    p.add_argument(
+        "--keep-flagged", action="store_true", help="keep slides flagged in review (left out by default)"
+    )
     return p
 
 

@@ -255,6 +255,20 @@ def test_scripts_end_to_end_on_tidy_table(tmp_path, capsys):
         **{s: False for s in subjects[2:]},
     }
     assert "rank_biserial_r" in capsys.readouterr().out
+    # A slide flagged in review (napari's review queue) is left out, and said so; --keep-flagged keeps it.
+    from cleihc.corrections import set_review_status
+
+    set_review_status(folders[0], "P03_post_cd8", "flagged", note="fold")
+    tidy(folders).to_csv(tmp_path / "study.csv", index=False)
+    assert paired.main([str(tmp_path / "study.csv"), "--out", str(out)]) == 0
+    assert "left out 1 slide(s) flagged in review (P03_post_cd8)" in capsys.readouterr().err
+    res = pd.read_csv(out / "paired_pre_post.csv").set_index("stain")
+    assert res.loc["cd8", "p_value"].to_numpy() == pytest.approx([2 / 2**6] * 2)  # six pairs left for CD8
+    assert res.loc["cxcl10", "p_value"].to_numpy() == pytest.approx([2 / 2**7] * 2)
+    assert paired.main([str(tmp_path / "study.csv"), "--out", str(out), "--keep-flagged"]) == 0
+    assert pd.read_csv(out / "paired_pre_post.csv")["p_value"].to_numpy() == pytest.approx(
+        np.full(4, 2 / 2**7)
+    )
 
 
 def test_mixed_model_balanced_change_equals_mean_difference():
