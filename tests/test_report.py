@@ -123,6 +123,10 @@ def test_report_is_self_contained(tmp_path):
         tmp_path, "cd3", drift_deg=2.0, failures=("S09_pre_cd3",), corrected={("S01_pre_cd3", "dermis")}
     )
     cx = make_folder(tmp_path, "cxcl10")
+    from cleihc.corrections import set_review_status
+
+    set_review_status(cd3, "S02_post_cd3", "flagged", author="ana", note="fold across the dermis")
+    set_review_status(cd3, "S01_pre_cd3", "reviewed", author="ana")
     summary = build_report([cd3, cx], tmp_path / "out" / "report.html")
     text = summary.html_path.read_text(encoding="utf-8")
     p = _Collector()
@@ -151,6 +155,10 @@ def test_report_is_self_contained(tmp_path):
         f.parent == tmp_path / "out" / "report_figures" and f.stat().st_size > 0 for f in summary.figures
     )
     assert "stain drift" in body  # the warnings are listed
+    # Review states on the QC cards: a flagged slide says so with who and why.
+    assert '<p class="bad">flagged in review by ana: fold across the dermis</p>' in text
+    assert '<p class="ok">reviewed by ana</p>' in text
+    assert text.count("flagged in review") == 1
 
 
 def test_stain_drift_angles_and_background(tmp_path):

@@ -118,6 +118,18 @@ def key_metric(rows: pd.DataFrame) -> str | None:
     return None
 
 
+def _review_html(review: dict[str, str]) -> str:
+    """A QC card's line for the slide's review state (napari review queue); nothing while unreviewed."""
+    status = review.get("status", "unreviewed")
+    if status == "unreviewed":
+        return ""
+    who = f" by {review['author']}" if review.get("author") else ""
+    note = f": {review['note']}" if review.get("note") else ""
+    if status == "flagged":
+        return f'<p class="bad">flagged in review{_e(who)}{_e(note)}</p>'
+    return f'<p class="ok">{_e(status)}{_e(who)}{_e(note)}</p>'
+
+
 def stain_drift(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Stain-vector drift and background (I0) of each slide.
 
@@ -630,9 +642,15 @@ def build_report(
     sections.append(("warnings", f"Warnings ({len(warnings)})", warn_html))
 
     # ---- QC thumbnails
+    from cleihc.corrections import review_status
+
     cards = []
+    reviews: dict[str, dict[str, dict[str, str]]] = {}  # per folder: slide -> review state
     for rec in data.records:
         slide = str(rec.get("slide"))
+        if rec["_folder"] not in reviews:
+            reviews[rec["_folder"]] = review_status(rec["_folder"])
+        review = reviews[rec["_folder"]].get(slide, {})
         qc = Path(rec["_folder"]) / "qc" / f"{slide}.png"
         uri = _thumbnail_uri(qc) if qc.is_file() else None
         rows = rec.get("rows") or []
@@ -653,6 +671,7 @@ def build_report(
             f"<p>{_e(stain)}{' · ' + _e(meta_txt) if meta_txt else ''}</p><p>{_e(value)}</p>"
             + (f'<p class="warn">{nwarn} warning(s)</p>' if nwarn else "")
             + ('<p class="warn">manually corrected</p>' if corr else "")
+            + _review_html(review)
             + "</div>"
         )
     legend = (
