@@ -290,6 +290,16 @@ def test_read_truth_geojson_and_errors(tmp_path):
     (tmp_path / "badxy.csv").write_text("slide,x_px,y_px,class\na,1,2,positive\na,oops,2,negative\n")
     with pytest.raises(CleihcError, match="line 2"):
         read_truth(tmp_path / "badxy.csv")
+    # A metric column with a stray word would drop out of the comparison without a word; other text is fine.
+    (tmp_path / "mixed.csv").write_text(
+        "slide,region,subject,cells_positive\na,tissue,1,12\nb,tissue,P2,lost\n"
+    )
+    with pytest.raises(
+        CleihcError, match=r"column 'cells_positive' mixes numbers and text \('lost' on data line 2\)"
+    ):
+        read_truth(tmp_path / "mixed.csv")
+    (tmp_path / "ids.csv").write_text("slide,region,subject,cells_positive\na,tissue,1,12\nb,tissue,P2,\n")
+    assert read_truth(tmp_path / "ids.csv").values["metric"].tolist() == ["cells_positive"] * 2
     bad_point = {
         "type": "FeatureCollection",
         "features": [

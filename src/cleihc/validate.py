@@ -814,6 +814,19 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
         )
         return values, _empty_points()
     skip = {slide_col, region_col}
+    from cleihc.tables import metric_unit
+
+    for c in cols:
+        if c in skip or pd.api.types.is_numeric_dtype(df[c]) or not metric_unit(c):
+            continue  # numbers already, or not named as a metric (subject IDs, notes)
+        numbers = pd.to_numeric(df[c], errors="coerce")
+        if numbers.notna().any():  # a metric column with a stray word would be dropped without a word
+            bad = df[c][numbers.isna() & df[c].notna()]
+            raise CleihcError(
+                f"column {c!r} mixes numbers and text ({bad.iloc[0]!r} on data line {int(bad.index[0]) + 1}); "
+                "leave the cell empty for a missing value",
+                path=path,
+            )
     metric_cols = [c for c in cols if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
     if not metric_cols:
         raise CleihcError(

@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     truth = read_truth(args.truth)
     result = validate(args.folder, truth, radius_um=args.radius_um)
     out = args.out or (args.folder / "validation")
-    written = write_validation(result, out)
-    for w in result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    written = write_validation(result, out)  # result.warnings were logged (console) as they were found
     a = result.agreement
     if len(a):
         print("metric (region): n, bias [95% limits of agreement], ICC(2,1), CCC")
