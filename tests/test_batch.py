@@ -488,6 +488,7 @@ def test_console_warnings_name_their_slide(tmp_path):
     )
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
     assert quiet.stdout.startswith("1 done, 0 skipped, 0 failed")
+    assert quiet.stdout.rstrip().endswith("; 1 warning about 1 slide, see run.log")  # the summary counts them
     log = (out / "run.log").read_text().splitlines()
     assert sum("[S01_pre_gag-alcian]: stains: " in line for line in log) == 2
 

@@ -106,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     one_heap_for_all_threads()  # before the look-ahead, writer and Dask threads start
     restore_adaptive_mmap()  # serial tiles allocate as Dask workers do (plugin): 8-10 % faster here
     handler = _attach_run_log(out / "run.log")
+    warned = _WarningCount()
+    logging.getLogger("cleihc").addHandler(warned)
     untag_console = _tag_console(quiet=args.quiet)
     display = _Display(quiet=args.quiet)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
@@ -136,12 +138,15 @@ def run(args: argparse.Namespace) -> int:
         display.close()
         untag_console()
         logging.getLogger("cleihc").removeHandler(handler)
+        logging.getLogger("cleihc").removeHandler(warned)
         handler.close()
     for o in summary.failed:
         print(f"cleihc quantify: failed: {o.path}: {o.reason}", file=sys.stderr)
+    # Warnings scroll by in an overnight run (or stay in run.log with --quiet): the summary counts them.
+    noted = f"; {warned.describe()}, see run.log" if warned.count else ""
     print(
         f"{summary.count('done')} done, {summary.count('skipped')} skipped, {summary.count('failed')} failed "
-        f"in {time.perf_counter() - t0:.1f} s; results in {out}/"
+        f"in {time.perf_counter() - t0:.1f} s; results in {out}/{noted}"
     )
     return EXIT_FAILED if summary.failed else EXIT_OK
 
@@ -159,6 +164,27 @@ def _attach_run_log(path: Path) -> logging.Handler:
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     return handler
+
+
+class _WarningCount(logging.Handler):
+    """Counts the run's warnings and the slides they are about."""
+
+    def __init__(self) -> None:
+        from cleihc.batch import SlideLogFilter
+
+        super().__init__(logging.WARNING)
+        self.addFilter(SlideLogFilter())
+        self.count = 0
+        self.slides: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if getattr(record, "slide", "-") != "-":
+            self.slides.add(record.slide)
+
+    def describe(self) -> str:
+        about = f" about {len(self.slides)} slide{'s' * (len(self.slides) != 1)}" if self.slides else ""
+        return f"{self.count} warning{'s' * (self.count != 1)}{about}"
 
 
 def _tag_console(*, quiet: bool) -> Callable[[], None]:
