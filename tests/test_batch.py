@@ -689,3 +689,19 @@ def test_identical_slide_files_are_named(study, tmp_path):
     assert main(["quantify", str(folder), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
     warned = [line for line in (out / "run.log").read_text().splitlines() if "are the same file" in line]
     assert len(warned) == 1 and "slides S01_pre_cd3, S01_pre_cd3_rescan are the same file" in warned[0]
+
+
+def test_one_run_writes_a_results_folder_at_a_time(study, tmp_path, capsys):
+    """A second run into a folder another run is writing (two terminals, one study) is refused, naming the
+    holder; the lock goes with its holder (the kill -9 test reruns into a killed run's folder)."""
+    from cleihc.outputs import results_folder_lock
+
+    out = tmp_path / "out"
+    args = ["quantify", _good(study)[0], "--stain", "cd3", "--out", str(out), "--quiet"]
+    with results_folder_lock(out):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{out}: another cleihc run is writing to this folder (pid {os.getpid()})" in err
+        assert not (out / "slides").exists()
+    assert main(args) == 0
+    assert "1 done" in capsys.readouterr().out

@@ -34,6 +34,7 @@ from cleihc.outputs import (
     check_results_folder,
     read_slide_records,
     rebuild_tables,
+    results_folder_lock,
     write_json,
     write_slide_outputs,
 )
@@ -381,10 +382,45 @@ def run_batch(
     Returns
     -------
     BatchSummary
+
+    Raises
+    ------
+    ResultsFolderError
+        `out_dir` holds another protocol's results, or another run is writing to it.
     """
-    started = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with results_folder_lock(out):  # one writer per folder: a second run would measure the same slides
+        return _run_batch_locked(
+            inputs,
+            protocol,
+            out=out,
+            regions=regions,
+            metadata=metadata,
+            mpp=mpp,
+            tile_size=tile_size,
+            runner=runner,
+            force=force,
+            arguments=arguments,
+            on_event=on_event,
+        )
+
+
+def _run_batch_locked(
+    inputs: Sequence[str],
+    protocol: Protocol,
+    *,
+    out: Path,
+    regions: str | os.PathLike[str] | None,
+    metadata: StudyMetadata | None,
+    mpp: float | None,
+    tile_size: int | None,
+    runner: Any,
+    force: bool,
+    arguments: dict[str, Any] | None,
+    on_event: Callable[[Event], None] | None,
+) -> BatchSummary:
+    """:func:`run_batch` once the folder is held."""
+    started = time.perf_counter()
     for stale in out.rglob(".*.partial"):  # left by a run that was killed mid-write; never a finished output
         stale.unlink(missing_ok=True)
     existing = {rec["slide"]: rec for rec in read_slide_records(out)}

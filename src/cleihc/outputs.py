@@ -18,11 +18,13 @@ as done only when its record exists, so a run killed at any moment leaves a cons
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ __all__ = [
     "check_results_folder",
     "read_slide_records",
     "rebuild_tables",
+    "results_folder_lock",
     "write_json",
     "write_slide_outputs",
 ]
@@ -151,6 +154,42 @@ def check_results_folder(
             f"overwrite; give another results folder (the command's default is cleihc-results/{protocol.name}/)",
             path=out_dir,
         )
+
+
+@contextlib.contextmanager
+def results_folder_lock(out_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold a results folder for one writer at a time (an advisory lock on ``.cleihc.lock`` inside it).
+
+    Two runs writing one folder at once would measure the same slides twice and rebuild the tables from each
+    other's half-written state. The lock goes with its process, however it ends (even ``kill -9``).
+
+    Raises
+    ------
+    ResultsFolderError
+        Another process holds the folder.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".cleihc.lock"
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ResultsFolderError(
+                f"another cleihc run is writing to this folder ({holder}); wait for it to end, or give another "
+                "results folder",
+                path=out,
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def read_slide_records(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -368,13 +368,14 @@ class QuantifyWidget(QWidget):
                 result = quantify(path, protocol, progress=progress, **kwargs)
                 if out_dir is not None:
                     from cleihc.corrections import apply_saved_corrections, corrections_path
-                    from cleihc.outputs import rebuild_tables, write_slide_outputs
+                    from cleihc.outputs import rebuild_tables, results_folder_lock, write_slide_outputs
 
-                    write_slide_outputs(result, out_dir)
-                    if corrections_path(out_dir, result.slide).exists():
-                        apply_saved_corrections(out_dir, result.slide)  # as the CLI does: honour a review
-                    else:
-                        rebuild_tables(out_dir)
+                    with results_folder_lock(out_dir):  # not while a batch writes the same folder
+                        write_slide_outputs(result, out_dir)
+                        if corrections_path(out_dir, result.slide).exists():
+                            apply_saved_corrections(out_dir, result.slide)  # as the CLI does: honour a review
+                        else:
+                            rebuild_tables(out_dir)
             except QuantifyCancelled:
                 return ("cancelled", None, None)
             except Exception as exc:  # shown in the dock; unexpected ones are logged with their traceback
