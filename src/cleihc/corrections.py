@@ -24,6 +24,7 @@ import getpass
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,8 +406,13 @@ def apply_saved_corrections(
 REVIEW_STATES = ("unreviewed", "reviewed", "flagged")
 
 
-def review_status(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
-    """Per slide of a results folder: ``{"status", "author", "time", "note"}`` (unreviewed when never set)."""
+def review_status(
+    out_dir: str | os.PathLike[str], *, slides: Iterable[str] | None = None
+) -> dict[str, dict[str, str]]:
+    """Per slide of a results folder: ``{"status", "author", "time", "note"}`` (unreviewed when never set).
+
+    `slides` (default: every slide record of the folder) spares reading the records again when the caller has.
+    """
     out = Path(out_dir)
     path = out / "review" / "status.json"
     saved: dict[str, dict[str, str]] = {}
@@ -415,7 +421,8 @@ def review_status(out_dir: str | os.PathLike[str]) -> dict[str, dict[str, str]]:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise RegionsError("malformed review status file; fix it or move it aside", path=path) from None
-    slides = [r["slide"] for r in read_slide_records(out)]
+    if slides is None:
+        slides = [r["slide"] for r in read_slide_records(out)]
     return {s: saved.get(s, {"status": "unreviewed", "author": "", "time": "", "note": ""}) for s in slides}
 
 

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,9 @@ from cleihc.errors import ResultsFolderError
 from cleihc.geometry import feature_collection, to_feature
 from cleihc.io import atomic_path, atomic_write, jsonable
 from cleihc.measure import row_blocks
+
+if TYPE_CHECKING:
+    from cleihc.protocol import Protocol
 
 __all__ = [
     "SLIDE_RECORD_VERSION",
@@ -124,7 +127,7 @@ def write_slide_outputs(
 
 
 def check_results_folder(
-    out_dir: str | os.PathLike[str], protocol: Any, *, records: Iterable[dict[str, Any]] | None = None
+    out_dir: str | os.PathLike[str], protocol: Protocol, *, records: Iterable[dict[str, Any]] | None = None
 ) -> None:
     """Refuse a results folder that holds another protocol's results: measuring a slide it has with this one
     would overwrite them. (A new version of the same protocol is meant to replace them.)

@@ -649,8 +649,9 @@ def build_report(
     for rec in data.records:
         slide = str(rec.get("slide"))
         if rec["_folder"] not in reviews:
-            reviews[rec["_folder"]] = review_status(rec["_folder"])
-        review = reviews[rec["_folder"]].get(slide, {})
+            in_folder = [str(r.get("slide")) for r in data.records if r["_folder"] == rec["_folder"]]
+            reviews[rec["_folder"]] = review_status(rec["_folder"], slides=in_folder)
+        review = reviews[rec["_folder"]][slide]
         qc = Path(rec["_folder"]) / "qc" / f"{slide}.png"
         uri = _thumbnail_uri(qc) if qc.is_file() else None
         rows = rec.get("rows") or []

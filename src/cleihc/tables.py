@@ -62,8 +62,8 @@ def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
         # A reviewer's verdict (napari review queue): a statistician keeps or drops flagged slides by it.
         from cleihc.corrections import review_status
 
-        status = {slide: s["status"] for slide, s in review_status(folder).items()}
-        table["review"] = table["slide"].map(status).fillna("unreviewed")
+        status = review_status(folder, slides=table["slide"].unique())
+        table["review"] = table["slide"].map({slide: s["status"] for slide, s in status.items()})
     return table
 
 
