@@ -705,3 +705,34 @@ def test_one_run_writes_a_results_folder_at_a_time(study, tmp_path, capsys):
         assert not (out / "slides").exists()
     assert main(args) == 0
     assert "1 done" in capsys.readouterr().out
+
+
+def test_warnings_print_above_the_progress_bars_on_a_terminal(tmp_path):
+    """On a terminal the rich bars redraw in place: a warning written straight to the terminal landed on a bar's
+    line and the next redraw erased it. It must start on a line the display cleared for it."""
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    try:
+        master, slave = os.openpty()
+    except OSError as exc:  # pragma: no cover - every Linux CI has pseudo-terminals
+        pytest.skip(f"no pseudo-terminal here ({exc})")
+    slides = [str(SAMPLE_IMAGES / "S01_pre_gag-alcian.svs"), str(SAMPLE_IMAGES / "S01_pre_cd3.svs")]
+    cmd = [*CLEIHC, "quantify", *slides, "--stain", "cd3", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=300) == 0
+    text = b"".join(chunks).decode("utf-8", "replace")
+    at = text.index("WARNING cleihc.pipeline [S01_pre_gag-alcian]: stains:")
+    assert text[:at].endswith("\x1b[2K"), repr(
+        text[at - 80 : at]
+    )  # printed on a cleared line, above the bars

@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     handler = _attach_run_log(out / "run.log")
     warned = _WarningCount()
     logging.getLogger("cleihc").addHandler(warned)
-    untag_console = _tag_console(quiet=args.quiet)
     display = _Display(quiet=args.quiet)
+    untag_console = _tag_console(quiet=args.quiet)  # after the display: its live bars take stderr
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     t0 = time.perf_counter()
     try:
@@ -195,18 +195,24 @@ def _tag_console(*, quiet: bool) -> Callable[[], None]:
 
     tagger = SlideLogFilter()
     fmt = logging.Formatter("%(levelname)s %(name)s [%(slide)s]: %(message)s")
-    saved = [(h, h.formatter, h.level) for h in logging.getLogger().handlers]
-    for h, _, level in saved:
+    saved = [(h, h.formatter, h.level, getattr(h, "stream", None)) for h in logging.getLogger().handlers]
+    for h, _, level, stream in saved:
         h.addFilter(tagger)
         h.setFormatter(fmt)
         if quiet:
             h.setLevel(max(level, logging.ERROR))
+        if isinstance(h, logging.StreamHandler) and stream is sys.__stderr__ and sys.stderr is not stream:
+            # rich's live bars redirect sys.stderr so that lines print above them; written to the terminal
+            # directly, a warning landed on a bar's line and the next redraw erased it.
+            h.setStream(sys.stderr)
 
     def untag() -> None:
-        for h, f, level in saved:
+        for h, f, level, stream in saved:
             h.removeFilter(tagger)
             h.setFormatter(f)
             h.setLevel(level)
+            if isinstance(h, logging.StreamHandler) and stream is not None:
+                h.setStream(stream)
 
     return untag
 
