@@ -218,6 +218,10 @@ def test_progress_display_keeps_a_bar_per_running_slide(monkeypatch):
         display.event(Event("slide_done", "b", status="done"))
         assert display._tile_tasks == {}
         assert display._progress.tasks[0].completed == 2
+        # Slide names and reasons are text: brackets are not rich markup (a closing "[/...]" raised MarkupError).
+        odd = "S05[/scan 2]"
+        display.event(Event("slide_start", odd))
+        display.event(Event("slide_done", odd, status="failed", message="read error [Errno 5] in [/data/x]"))
     finally:
         display.close()
 

@@ -244,10 +244,13 @@ class _Display:
         if self.quiet:
             return
         if self._progress is not None:
+            from rich.markup import escape
+
             if e.kind == "batch_start":
                 self._progress.update(self._slides_task, total=e.total)
             elif e.kind == "slide_start" and e.slide not in self._tile_tasks:
-                self._tile_tasks[e.slide] = self._progress.add_task(f"  {e.slide}", total=None)
+                # Names and reasons are text, not rich markup: "[Errno 5]" or "[/data]" would be read as tags.
+                self._tile_tasks[e.slide] = self._progress.add_task(f"  {escape(e.slide)}", total=None)
             elif e.kind == "tile" and e.slide in self._tile_tasks:
                 self._progress.update(self._tile_tasks[e.slide], completed=e.done, total=e.total)
             elif e.kind == "slide_done":
@@ -256,7 +259,7 @@ class _Display:
                 self._n += 1
                 self._progress.update(self._slides_task, completed=self._n)
                 if e.status == "failed":
-                    self._progress.console.print(f"[red]failed[/red] {e.slide}: {e.message}")
+                    self._progress.console.print(f"[red]failed[/red] {escape(e.slide)}: {escape(e.message)}")
         elif e.kind == "slide_done":
             tail = f": {e.message}" if e.message else ""
             print(f"{e.status:>7} {e.slide}{tail}", file=sys.stderr, flush=True)
