@@ -740,3 +740,22 @@ def test_warnings_print_above_the_progress_bars_on_a_terminal(tmp_path):
     assert text[:at].endswith("\x1b[2K"), repr(
         text[at - 80 : at]
     )  # printed on a cleared line, above the bars
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"slide,subject,timepoint\nS01_pre_cd3,S01,pre\n",
+        b"\xef\xbb\xbfslide,subject,timepoint\r\nS01_pre_cd3,S01,pre\r\n",  # Excel's "CSV UTF-8" (with a BOM)
+        b"slide;subject;timepoint\nS01_pre_cd3;S01;pre\n",  # Excel in locales with a decimal comma
+        b"slide\tsubject\ttimepoint\nS01_pre_cd3\tS01\tpre\n",  # exported as text
+    ],
+)
+def test_samples_csv_as_spreadsheets_save_it(tmp_path, content):
+    from cleihc.batch import StudyMetadata
+
+    path = tmp_path / "samples.csv"
+    path.write_bytes(content)
+    meta = StudyMetadata(samples=path)
+    assert meta.columns == ["subject", "timepoint"]
+    assert meta.for_slide("S01_pre_cd3") == {"subject": "S01", "timepoint": "pre"}

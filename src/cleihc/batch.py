@@ -241,6 +241,12 @@ class StudyMetadata:
     def _read_samples(self, path: Path) -> None:
         try:
             df = pd.read_csv(path, dtype=str, keep_default_na=False)
+            if len(df.columns) == 1 and "slide" not in df.columns:
+                # Spreadsheets in many locales save "CSV" with semicolons (or tabs when exported as text).
+                for sep in (";", "\t"):
+                    if sep in df.columns[0]:
+                        df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
+                        break
         except FileNotFoundError:
             raise SlideNotFoundError("samples file not found; check the --samples path", path=path) from None
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
