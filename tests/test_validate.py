@@ -477,3 +477,14 @@ def test_synthetic_truth_without_cell_marker(tmp_path):
     assert tissue["reference"].item() == pytest.approx(
         s.truth["area_truth"]["tissue"]["positive_area_percent"]
     )
+
+
+def test_truth_csv_as_a_decimal_comma_spreadsheet_saves_it(tmp_path):
+    """Excel in locales with a decimal comma saves "CSV" as `a;b` with `12,5`: read as such."""
+    (tmp_path / "semi.csv").write_text("slide;region;positive_cells_per_mm2\nS1;tissue;450,5\nS2;dermis;3\n")
+    values = read_truth(tmp_path / "semi.csv").values
+    assert values[["slide", "region", "metric"]].to_numpy().tolist() == [
+        ["S1", "tissue", "positive_cells_per_mm2"],
+        ["S2", "dermis", "positive_cells_per_mm2"],
+    ]
+    assert values["reference"].tolist() == [450.5, 3.0]

@@ -29,7 +29,7 @@ import pandas as pd
 from cleihc import __version__
 from cleihc.corrections import apply_saved_corrections, corrections_path
 from cleihc.errors import CleihcError, SlideNotFoundError
-from cleihc.io import atomic_write, sha256_file
+from cleihc.io import atomic_write, read_user_csv, sha256_file
 from cleihc.outputs import (
     check_results_folder,
     read_slide_records,
@@ -240,13 +240,7 @@ class StudyMetadata:
 
     def _read_samples(self, path: Path) -> None:
         try:
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-            if len(df.columns) == 1 and "slide" not in df.columns:
-                # Spreadsheets in many locales save "CSV" with semicolons (or tabs when exported as text).
-                for sep in (";", "\t"):
-                    if sep in df.columns[0]:
-                        df = pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
-                        break
+            df = read_user_csv(path, dtype=str, keep_default_na=False)
         except FileNotFoundError:
             raise SlideNotFoundError("samples file not found; check the --samples path", path=path) from None
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:

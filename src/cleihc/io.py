@@ -1,4 +1,4 @@
-"""Small file utilities: atomic writes and content hashes."""
+"""Small file utilities: atomic writes, content hashes, and reading the CSV files users make."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "atomic_write", "jsonable", "sha256_file"]
+if TYPE_CHECKING:  # pandas is imported only when used: Dask workers import this module without it
+    import pandas as pd
+
+__all__ = ["atomic_path", "atomic_write", "jsonable", "read_user_csv", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -101,3 +104,23 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def read_user_csv(path: str | os.PathLike[str], **kwargs: Any) -> pd.DataFrame:
+    """A CSV a user made, as a pandas DataFrame, however their spreadsheet saved it.
+
+    Excel's "CSV UTF-8" starts with a byte-order mark (pandas drops it); in locales with a decimal comma it
+    separates fields with semicolons, and "text" exports use tabs. A file whose header reads as one column
+    holding ``;`` (then with decimal commas) or a tab is read again with that separator. `kwargs` go to
+    :func:`pandas.read_csv`; its errors propagate.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(path, **kwargs)
+    if len(df.columns) == 1:
+        header = str(df.columns[0])
+        if ";" in header:
+            return pd.read_csv(path, **{"decimal": ",", **kwargs, "sep": ";"})
+        if "\t" in header:
+            return pd.read_csv(path, **{**kwargs, "sep": "\t"})
+    return df

@@ -41,7 +41,7 @@ from scipy import optimize, sparse, stats
 from scipy.spatial import cKDTree
 
 from cleihc.errors import CleihcError
-from cleihc.io import atomic_path, atomic_write
+from cleihc.io import atomic_path, atomic_write, read_user_csv
 
 __all__ = [
     "ICC",
@@ -750,7 +750,7 @@ def _pick(columns: list[str], *names: str) -> str | None:
 
 def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     try:
-        df = pd.read_csv(path)
+        df = read_user_csv(path)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise CleihcError(
             f"cannot read the truth CSV ({' '.join(str(exc).split())}); save it as UTF-8 CSV", path=path
