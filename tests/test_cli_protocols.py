@@ -102,6 +102,16 @@ def test_stains_estimate_macenko_and_write(tmp_path, capsys):
     ref = load_protocol("cd3").stains.matrix
     assert stains.angle_deg(ref.vector("hematoxylin"), TRUTH.vector("hematoxylin")) > 3
     assert "angle" in out and "ok" in out
+    # A protocol file that exists (maybe edited by hand) is not replaced unless asked; then it is kept.
+    out_path.write_text(out_path.read_text() + "# my edit\n")
+    edited = out_path.read_text()
+    args = ["stains", "estimate", str(slide), "--protocol", "cd3", "--mpp", "2.0", "--write", str(out_path)]
+    assert main(args) == 2
+    assert f"{out_path} exists; give another --write file, or --force" in capsys.readouterr().err
+    assert out_path.read_text() == edited
+    assert main([*args, "--force"]) == 0
+    (kept,) = tmp_path.glob("cd3-lab.toml.*.bak")
+    assert kept.read_text() == edited and "# my edit" not in out_path.read_text()
 
 
 def test_stains_estimate_from_single_stain_regions(tmp_path, capsys):

@@ -15,6 +15,8 @@ import dataclasses
 import datetime as _dt
 import logging
 import math
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     est.add_argument("--mpp", type=float, metavar="UM", default=None, help="microns per pixel of level 0")
     est.add_argument(
         "--write", metavar="FILE", default=None, help="save a protocol that uses the estimated vectors"
+    )
+    est.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --write file (the old one is kept as FILE.bak)",
     )
     sub.add_parser("presets", help="list the built-in stain presets and their vectors")
     p.set_defaults(func=run)
@@ -193,6 +200,14 @@ def run(args: argparse.Namespace) -> int:
         print("sources: see STAIN_VECTORS in cleihc.stains and docs/stains.md")
         return 0
 
+    if args.write and Path(args.write).exists() and not args.force:
+        # Likely a protocol someone edited by hand: never replaced without being asked.
+        print(
+            f"cleihc stains: error: {args.write} exists; give another --write file, or --force to replace it "
+            f"(the old one is kept beside it as {Path(args.write).name}.<time>.bak)",
+            file=sys.stderr,
+        )
+        return 2
     result = estimate_for_slide(args.slide, protocol=args.protocol, regions=args.regions, mpp=args.mpp)
     proto = result["protocol"]
     est = result["stains"]
@@ -222,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
             f"({result['method']}) on {today}]".strip(),
             background=dataclasses.replace(proto.background, rgb=result["background_rgb"]),
         )
+        if Path(args.write).exists():  # --force: the replaced file stays beside the new one
+            stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+            shutil.copy2(args.write, f"{args.write}.{stamp}.bak")
         with atomic_write(args.write, mode="w") as f:
             f.write(out.to_toml())
         print(f"wrote:       {args.write} (protocol {out.name} {out.version}, sha256 {out.sha256[:12]}...)")
