@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     est.add_argument(
         "--force",
         action="store_true",
-        help="replace an existing --write file (the old one is kept as FILE.bak)",
+        help="replace an existing --write file (the old one is kept beside it, as FILE.<time>.bak)",
     )
     sub.add_parser("presets", help="list the built-in stain presets and their vectors")
     p.set_defaults(func=run)
