@@ -626,7 +626,10 @@ def _prepare(
         else:
             if rec is not None:
                 log.info("%s: measured again: %s", stem, stale)
-            prep.plan = plan_slide(path, protocol, regions=regions, mpp=mpp, tile_size=tile_size)
+            # The file found and hashed above is the one read (a folder is searched once); without one, the
+            # folder is passed on so that the plan says the slide has none.
+            given = regions if regions_file is None else regions_file
+            prep.plan = plan_slide(path, protocol, regions=given, mpp=mpp, tile_size=tile_size)
     except Exception as exc:  # reported when the batch reaches this slide, in order
         prep.error, prep.traceback = exc, traceback.format_exc()
     finally:
