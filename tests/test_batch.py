@@ -614,6 +614,12 @@ def test_results_folders_inside_the_inputs_are_not_slides(study, tmp_path, capsy
     assert capsys.readouterr().out.count("1 done, 0 skipped, 0 failed") == 3
     assert is_results_folder(out) and not is_results_folder(folder)
     assert discover_slides([str(folder)]) == ([folder / "S01_pre_cd3.svs"], [])
+    # A pattern reaching into the results (their masks are OME-TIFFs) passes over them too.
+    assert list((out / "masks").glob("*.ome.tif"))
+    assert discover_slides([str(folder / "**" / "*.tif"), str(folder / "*.svs")]) == (
+        [folder / "S01_pre_cd3.svs"],
+        [],
+    )
     slides, failures = discover_slides([str(out)])
     assert slides == [] and [f.reason for f in failures] == [
         "a cleihc results folder, not slides: give the folder of the slides"

@@ -154,6 +154,14 @@ def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
     return sorted(found)
 
 
+def _in_results_folder(path: Path, skip: set[Path]) -> bool:
+    """Whether a file is one of a run's outputs (they sit one folder down in a results folder: masks/, qc/...)."""
+    for folder in (path.parent, path.parent.parent):
+        if folder.resolve() in skip or is_results_folder(folder):
+            return True
+    return False
+
+
 def discover_slides(
     inputs: Sequence[str], *, exclude: Sequence[str | os.PathLike[str]] = ()
 ) -> tuple[list[Path], list[SlideOutcome]]:
@@ -182,6 +190,8 @@ def discover_slides(
             p = Path(m)
             if globbed and p.is_file() and (p.name.lower().endswith(_SIDECAR_SUFFIXES) or not is_slide(p)):
                 continue  # a pattern also catches sidecars and notes: pass them over, as in folders
+            if globbed and p.is_file() and _in_results_folder(p, skip):
+                continue  # "**/*.tif" also reaches the masks of earlier runs: not slides, as in folders
             if p.is_dir() and is_results_folder(p):
                 fail(m, "a cleihc results folder, not slides: give the folder of the slides")
             elif p.is_dir():
