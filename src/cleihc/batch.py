@@ -131,6 +131,11 @@ def is_results_folder(path: str | os.PathLike[str]) -> bool:
     return (p / "run.json").is_file() or ((p / "masks").is_dir() and (p / "qc").is_dir())
 
 
+def _holds_outputs(folder: Path, skip: set[Path]) -> bool:
+    """This run's results folder (`skip`, maybe still empty) or any other results folder."""
+    return folder.resolve() in skip or is_results_folder(folder)
+
+
 def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
     """Every file under `folder` (sorted), passing over hidden files and folders, results folders, QuPath
     projects and `skip`."""
@@ -142,7 +147,7 @@ def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
             sub = here / d
             if d.startswith("."):
                 continue
-            if sub.resolve() in skip or is_results_folder(sub):
+            if _holds_outputs(sub, skip):
                 log.info("%s: a cleihc results folder, not searched for slides", sub)
                 continue
             if (sub / "project.qpproj").is_file():  # its thumbnails are JPEGs, not slides
@@ -156,10 +161,7 @@ def _files_under(folder: Path, skip: set[Path]) -> list[Path]:
 
 def _in_results_folder(path: Path, skip: set[Path]) -> bool:
     """Whether a file is one of a run's outputs (they sit one folder down in a results folder: masks/, qc/...)."""
-    for folder in (path.parent, path.parent.parent):
-        if folder.resolve() in skip or is_results_folder(folder):
-            return True
-    return False
+    return _holds_outputs(path.parent, skip) or _holds_outputs(path.parent.parent, skip)
 
 
 def discover_slides(

@@ -704,12 +704,7 @@ def provenance(plan: SlidePlan, timings: dict[str, float]) -> dict[str, Any]:
         "regions": [{"name": r.name, "source": r.source} for r in plan.regions],
         "stain_fit": None
         if plan.stain_fit is None
-        else {
-            "positive_px": plan.stain_fit.positive_px,
-            "off_plane_px": plan.stain_fit.off_plane_px,
-            "angle_deg": plan.stain_fit.angle_deg,
-            "explained": plan.stain_fit.explained,
-        },
+        else {**plan.stain_fit._asdict(), "explained": plan.stain_fit.explained},
         "warnings": list(plan.warnings),
         "timings_s": timings,
     }
