@@ -253,6 +253,42 @@ def test_outputs_follow_the_contract(cd3_slide, tmp_path):
     assert rec["provenance"]["stains"]["background_rgb"]
 
 
+def test_area_outputs_follow_the_contract(tmp_path):
+    """Every area column the contract names is in an area protocol's table, `h_score` included: the mucin
+    protocols turn the H-score off, which leaves it empty (and out of the long table), never absent, since other
+    tools read the column by name."""
+    from cleihc.tables import tidy
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    path = SAMPLE_IMAGES / "S01_pre_gag-alcian.svs"
+    res = quantify(path, "gag-alcian")
+    assert load_protocol("gag-alcian").metrics.h_score is False
+    write_slide_outputs(res, tmp_path)
+    table = rebuild_tables(tmp_path)
+    for col in (
+        "slide",
+        "path",
+        "stain",
+        "protocol",
+        "protocol_sha256",
+        "region",
+        "region_area_mm2",
+        "positive_area_mm2",
+        "positive_area_percent",
+        "weak_area_percent",
+        "moderate_area_percent",
+        "strong_area_percent",
+        "positive_mean_od",
+        "h_score",
+    ):
+        assert col in table.columns, col
+    assert table["h_score"].isna().all()
+    tissue = table.set_index("region").loc["tissue"]
+    assert 0 < tissue["positive_area_percent"] < 100
+    long = tidy([tmp_path])
+    assert "h_score" not in set(long["metric"]) and "positive_area_percent" in set(long["metric"])
+
+
 def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):
     """Regression (regions helper's request): a drawn epidermis replaces the automatic one and the dermis follows."""
     feats = [

@@ -644,13 +644,17 @@ def region_rows(
             # Only the columns the metrics read: a region of a big slide would otherwise copy whole rows.
             counted = cells.loc[inside, ["positive", "intensity_class", "pigment"]] if len(cells) else cells
             row.update(cell_metrics(counted, region_area_mm2=am["region_area_mm2"]))
+            if not h_score:
+                row["cells_h_score"] = float("nan")
         if "area" in measure:
             row.update({k: v for k, v in am.items() if k != "region_area_mm2"})
             if not positive_pixel_count:
                 for k in [k for k in row if k.startswith("ppc_")]:
                     del row[k]
             if not h_score:
-                row.pop("h_score", None)
+                # `h_score` is a column of every area table (other tools read it): a protocol that finds it
+                # meaningless for its stain (histochemistry) leaves it empty rather than absent.
+                row["h_score"] = float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 

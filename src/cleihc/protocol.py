@@ -194,7 +194,8 @@ class MetricsParams:
     Attributes
     ----------
     h_score : bool
-        H-score = 1 × %weak + 2 × %moderate + 3 × %strong (0–300), for cells and for area.
+        H-score = 1 × %weak + 2 × %moderate + 3 × %strong (0–300), for cells and for area. False leaves the
+        ``h_score`` and ``cells_h_score`` columns empty (NaN; absent from the long table), never absent.
     positive_pixel_count : bool
         Aperio Positive Pixel Count compatible columns (pixel counts per bin and their ratios).
     """
