@@ -251,6 +251,10 @@ def test_outputs_follow_the_contract(cd3_slide, tmp_path):
     rec = json.loads((tmp_path / "slides" / f"{stem}.json").read_text())
     assert rec["input_sha256"] == res.provenance["slide"]["sha256"]
     assert rec["provenance"]["stains"]["background_rgb"]
+    # The slide's resolved protocol and its hash, named apart from the tables' protocol_sha256 (which differs).
+    prov = rec["provenance"]
+    assert Protocol.from_dict(prov["protocol"]).sha256 == prov["resolved_protocol_sha256"]
+    assert "protocol_sha256" not in prov and rec["protocol_sha256"] == table["protocol_sha256"].iloc[0]
 
 
 def test_area_outputs_follow_the_contract(tmp_path):

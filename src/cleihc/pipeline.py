@@ -697,8 +697,10 @@ def provenance(plan: SlidePlan, timings: dict[str, float]) -> dict[str, Any]:
             "halo_px": plan.grid.halo_px,
             "raster_factor": plan.raster_factor,
         },
+        # The protocol with this slide's vectors and I0 fixed: its hash is not the tables' protocol_sha256 (the
+        # protocol as named), hence a name of its own.
         "protocol": plan.protocol.resolved(stains=plan.stains).to_dict(),
-        "protocol_sha256": plan.protocol.resolved(stains=plan.stains).sha256,
+        "resolved_protocol_sha256": plan.protocol.resolved(stains=plan.stains).sha256,
         "stains": plan.stains.to_dict(),
         "tissue": {
             "area_mm2": plan.tissue.area_mm2,
