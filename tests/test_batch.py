@@ -676,6 +676,23 @@ def test_tables_count_each_slide_once(serial_run, tmp_path, capsys):
     assert "stained 'cd3' is in two results folders" in err and not (tmp_path / "x.csv").exists()
 
 
+def test_tables_take_a_folder_whose_every_slide_failed(study, serial_run, tmp_path, caplog):
+    """A CD8 run in which every slide failed (say, no MPP) has failures.csv and run.json but no slides/: the study
+    table is made from the other folders, with a warning, rather than refused."""
+    _, out = serial_run
+    failed = tmp_path / "cd8"
+    assert (
+        main(["quantify", str(study / "notes.svs"), "--stain", "cd8", "--out", str(failed), "--quiet"]) == 1
+    )
+    assert not (failed / "slides").exists()
+    alone, both = tmp_path / "alone.csv", tmp_path / "both.csv"
+    assert main(["tables", str(out), "--out", str(alone)]) == 0
+    assert main(["tables", str(out), str(failed), "--out", str(both)]) == 0
+    assert alone.read_bytes() == both.read_bytes()
+    assert f"{failed}: no slide was measured in this results folder" in caplog.text
+    assert main(["tables", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.csv")]) == 1
+
+
 def test_a_results_folder_of_another_protocol_is_refused(study, serial_run, tmp_path, capsys):
     """Measuring with CD8 into the CD3 results folder would overwrite the CD3 results of any slide in both runs:
     refused (exit 2), nothing written. A new version of the same protocol replaces them, as resume means."""

@@ -175,3 +175,34 @@ def test_malformed_corrections_file_is_a_one_line_error(tmp_path):
         read_corrections(path)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
     assert corrections_path(tmp_path, "x").name == "x.geojson"
+
+
+def test_corrections_keep_study_metadata_and_the_protocols_metrics(tmp_path):
+    """Regression: saving a correction emptied the slide's subject and timepoint (a dtype test that pandas 3's
+    text columns fail), so the slide fell out of every paired statistic; and the recomputed rows gained an
+    H-score the protocol (Alcian blue) turns off."""
+    import shutil
+
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    slide = tmp_path / "101_0_gag-alcian.svs"  # a numeric-looking subject and timepoint
+    shutil.copy(SAMPLE_IMAGES / "S01_pre_gag-alcian.svs", slide)
+    out = tmp_path / "out"
+    args = ["quantify", str(slide), "--stain", "gag-alcian", "--out", str(out), "--quiet"]
+    args += ["--name-pattern", "{subject}_{timepoint}_{stain}"]
+    assert main(args) == 0
+    before = pd.read_csv(out / "regions.csv", dtype={"subject": str, "timepoint": str})
+    write_corrections(out, slide.stem, Corrections(exclusions=(box(0, 0, 400, 400),)), author="tester")
+    rows = apply_saved_corrections(out, slide.stem, lead_columns=("subject", "timepoint"))
+    assert rows["corrected"].any()
+    for frame in (rows, pd.read_csv(out / "regions.csv", dtype={"subject": str, "timepoint": str})):
+        assert list(frame.columns) == list(before.columns)
+        assert (frame["subject"] == "101").all() and (frame["timepoint"] == "0").all()
+        assert (frame["stain_label"] == "gag-alcian").all()
+        assert frame["h_score"].isna().all() and frame["ppc_positivity"].notna().any()
+    tissue = _rows(rows).loc["tissue"]
+    assert tissue["region_area_mm2"] < _rows(before).loc["tissue", "region_area_mm2"]
+    # a later run keeps them
+    assert main(args) == 0
+    again = pd.read_csv(out / "regions.csv", dtype={"subject": str, "timepoint": str})
+    assert (again["subject"] == "101").all() and again["corrected"].any()

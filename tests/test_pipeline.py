@@ -291,6 +291,17 @@ def test_area_outputs_follow_the_contract(tmp_path):
     assert 0 < tissue["positive_area_percent"] < 100
     long = tidy([tmp_path])
     assert "h_score" not in set(long["metric"]) and "positive_area_percent" in set(long["metric"])
+    assert "h_score" not in long.columns  # an empty metric is not study metadata
+    assert list(long.columns) == [
+        "slide",
+        "stain",
+        "region",
+        "metric",
+        "value",
+        "unit",
+        "corrected",
+        "review",
+    ]
 
 
 def test_user_epidermis_moves_dermis_and_bands(block_slide, tmp_path):

@@ -346,12 +346,14 @@ class SlideResults:
             corrections = read_corrections(corrections_path(self.out_dir, self.slide))
         auto_rows = pd.DataFrame(self.record["rows"])
         ids_cols = [c for c in ("slide", "path", "stain", "protocol", "protocol_sha256") if c in auto_rows]
-        meta_cols = [
-            c
-            for c in auto_rows.columns
-            if auto_rows[c].dtype == object and c not in ids_cols and c != "region"
-        ]
-        ids = {c: auto_rows[c].iloc[0] for c in ids_cols + meta_cols} if len(auto_rows) else {}
+        # Study metadata by name (the record says which), never by dtype: text columns are not of dtype object
+        # under pandas 3, and a subject "101" may read as a number.
+        if "metadata" in self.record:
+            meta_cols = [c for c in (self.record["metadata"] or {}) if c in auto_rows]
+        else:  # a record from before the metadata field: the columns that lead "slide"
+            cols = list(auto_rows.columns)
+            meta_cols = cols[: cols.index("slide")] if "slide" in cols else []
+        ids = {c: auto_rows[c].iloc[0] for c in meta_cols + ids_cols} if len(auto_rows) else {}
         mpp_um = (
             self.record["provenance"]["analysis"]["mpp_um"][0]
             / self.record["provenance"]["analysis"]["downsample"]
@@ -359,6 +361,7 @@ class SlideResults:
         masks, cells, corrected = apply_corrections(
             self.masks, self.cells, corrections, raster_downsample=self.raster_downsample, mpp_um=mpp_um
         )
+        metrics = self.record["provenance"]["protocol"].get("metrics") or {}
         rows = region_rows(
             self.raster,
             masks,
@@ -367,6 +370,8 @@ class SlideResults:
             measure=self.measure,
             pixel_area_um2=self.pixel_area_um2,
             raster_downsample=self.raster_downsample,
+            h_score=bool(metrics.get("h_score", True)),
+            positive_pixel_count=bool(metrics.get("positive_pixel_count", False)),
         )
         rows = rows[
             [c for c in auto_rows.columns if c in rows.columns]

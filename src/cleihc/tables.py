@@ -10,6 +10,7 @@ Study metadata columns come first when known (from ``--samples`` or ``--name-pat
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,8 @@ import pandas as pd
 
 from cleihc.errors import CleihcError
 from cleihc.outputs import read_slide_records
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "tidy"]
 
@@ -50,21 +53,35 @@ def metric_unit(metric: str) -> str:
 
 def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
     """The per-region table of one results folder, rebuilt from its per-slide records."""
-    folder = Path(folder)
+    return _folder_table(Path(folder))[0]
+
+
+def _folder_table(folder: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The per-region table of one results folder and its study-metadata columns (as the records name them)."""
     if not (folder / "slides").is_dir():
+        if (folder / "run.json").is_file():  # a run whose every slide failed: nothing to add, nothing wrong
+            log.warning("%s: no slide was measured in this results folder (see its failures.csv)", folder)
+            return pd.DataFrame(), []
         raise CleihcError(
             "not a cleihc results folder (no slides/ inside); pass the --out folder of `cleihc quantify`",
             path=folder,
         )
-    rows = [row for rec in read_slide_records(folder) for row in rec["rows"]]
-    table = pd.DataFrame(rows)
+    records = read_slide_records(folder)
+    meta: dict[str, None] = {}
+    for rec in records:
+        if "metadata" in rec:
+            meta.update(dict.fromkeys(rec["metadata"] or {}))
+        elif rec["rows"]:  # a record from before the metadata field: the columns that lead "slide"
+            cols = list(rec["rows"][0])
+            meta.update(dict.fromkeys(cols[: cols.index("slide")] if "slide" in cols else []))
+    table = pd.DataFrame([row for rec in records for row in rec["rows"]])
     if len(table):
         # A reviewer's verdict (napari review queue): a statistician keeps or drops flagged slides by it.
         from cleihc.corrections import review_status
 
         status = review_status(folder, slides=table["slide"].unique())
         table["review"] = table["slide"].map({slide: s["status"] for slide, s in status.items()})
-    return table
+    return table, list(meta)
 
 
 def _refuse_duplicates(folders: Sequence[Path], parts: Sequence[pd.DataFrame]) -> None:
@@ -98,7 +115,8 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         (the slide's review state: unreviewed, reviewed or flagged).
     """
     folders = list(dict.fromkeys(Path(f).resolve() for f in folders))  # a folder given twice counts once
-    parts = [regions_table(f) for f in folders]
+    loaded = [_folder_table(f) for f in folders]
+    parts = [table for table, _ in loaded]
     _refuse_duplicates(folders, parts)
     wide = (
         pd.concat([p for p in parts if len(p)], ignore_index=True)
@@ -107,8 +125,17 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     )
     if wide.empty:
         return pd.DataFrame(columns=["slide", "stain", "region", "metric", "value", "unit"])
-    numeric = [c for c in wide.columns if c not in ID_COLUMNS and pd.api.types.is_numeric_dtype(wide[c])]
-    meta = [c for c in wide.columns if c not in ID_COLUMNS and c not in numeric]
+    # Metadata by name (the records say which: a subject "101" is text), then any other text column; every
+    # other column is a metric, even one empty in every row (an H-score the protocol turns off).
+    named = {c for _, cols in loaded for c in cols}
+    meta = [
+        c
+        for c in wide.columns
+        if c not in ID_COLUMNS
+        and (c in named or not (pd.api.types.is_numeric_dtype(wide[c]) or wide[c].isna().all()))
+    ]
+    numeric = [c for c in wide.columns if c not in ID_COLUMNS and c not in meta]
+    wide[numeric] = wide[numeric].astype(float)
     meta = [c for c in _METADATA_ORDER if c in meta] + [c for c in meta if c not in _METADATA_ORDER]
     ids = [*meta, "slide", "stain", "region"]
     ids += [c for c in ("corrected", "review") if c in wide.columns]
