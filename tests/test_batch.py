@@ -676,6 +676,28 @@ def test_tables_count_each_slide_once(serial_run, tmp_path, capsys):
     assert "stained 'cd3' is in two results folders" in err and not (tmp_path / "x.csv").exists()
 
 
+@pytest.mark.parametrize(
+    "how, named",
+    [
+        (["--samples", "SAMPLES"], "region"),
+        (["--samples", "SAMPLES"], "value"),
+        (["--samples", "SAMPLES"], "cells_total"),
+        (["--name-pattern", "{slide}_{timepoint}_{stain}"], "slide"),
+    ],
+)
+def test_study_columns_named_like_cleihcs_own_are_refused(study, tmp_path, capsys, how, named):
+    """A samples column `region` (the biopsy site) failed every slide with an internal error; `value` or
+    `metric` broke `cleihc tables`; `unit` was silently overwritten. Refused up front, naming the column."""
+    samples = tmp_path / "samples.csv"
+    samples.write_text(f"slide,subject,{named}\nS01_pre_cd3,S01,x\n")
+    how = [str(samples) if a == "SAMPLES" else a for a in how]
+    out = tmp_path / "out"
+    assert main(["quantify", _good(study)[0], "--stain", "cd3", "--out", str(out), *how]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{named}" in err and "one of cleihc's own column names" in err
+    assert not (out / "slides").exists()
+
+
 def test_tables_take_a_folder_whose_every_slide_failed(study, serial_run, tmp_path, caplog):
     """A CD8 run in which every slide failed (say, no MPP) has failures.csv and run.json but no slides/: the study
     table is made from the other folders, with a warning, rather than refused."""

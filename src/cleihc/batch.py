@@ -249,6 +249,22 @@ class StudyMetadata:
             for name in self._regex.groupindex:
                 if name not in self.columns:
                     self.columns.append(name)
+        self._refuse_reserved(samples, name_pattern)
+
+    def _refuse_reserved(self, samples: Any, name_pattern: str | None) -> None:
+        """A study column named like one of cleihc's own (``region``, ``value``, a metric) would overwrite it or
+        break the long table: refused before any slide is measured."""
+        reserved = _reserved_columns()
+        for name in self.columns:
+            if name in reserved:
+                where = (
+                    f"--name-pattern {name_pattern!r} has the field {{{name}}}"
+                    if name_pattern and self._regex is not None and name in self._regex.groupindex
+                    else f"the samples CSV {Path(samples).name} has a column {name!r}"
+                )
+                raise CleihcError(
+                    f"{where}, which is one of cleihc's own column names; rename it (e.g. {name}_label)"
+                )
 
     def _read_samples(self, path: Path) -> None:
         try:
@@ -321,6 +337,18 @@ class StudyMetadata:
     def lead_columns(self) -> tuple[str, ...]:
         cols = ["stain_label" if c == "stain" else c for c in self.columns]
         return tuple(cols)
+
+
+def _reserved_columns() -> frozenset[str]:
+    """Column names cleihc writes itself: identifiers, the long table's, and every metric."""
+    from cleihc.measure import AreaTotals, area_metrics, cell_metrics
+    from cleihc.tables import ID_COLUMNS
+
+    metrics = {
+        *area_metrics(AreaTotals((0, 0, 0, 0), 0.0, 0), pixel_area_um2=1.0),
+        *cell_metrics(pd.DataFrame(), region_area_mm2=0.0),
+    }
+    return frozenset({*ID_COLUMNS, "metric", "value", "unit", "folder", *metrics})  # folder: the report's
 
 
 _UNKNOWN = object()  # a record older than a field of the resume key: not current
