@@ -683,6 +683,7 @@ def test_tables_count_each_slide_once(serial_run, tmp_path, capsys):
         (["--samples", "SAMPLES"], "value"),
         (["--samples", "SAMPLES"], "cells_total"),
         (["--name-pattern", "{slide}_{timepoint}_{stain}"], "slide"),
+        (["--name-pattern", "{subject}_{unit}_{stain}"], "unit"),
     ],
 )
 def test_study_columns_named_like_cleihcs_own_are_refused(study, tmp_path, capsys, how, named):

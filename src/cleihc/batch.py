@@ -254,7 +254,7 @@ class StudyMetadata:
     def _refuse_reserved(self, samples: Any, name_pattern: str | None) -> None:
         """A study column named like one of cleihc's own (``region``, ``value``, a metric) would overwrite it or
         break the long table: refused before any slide is measured."""
-        reserved = _reserved_columns()
+        reserved = _reserved_columns() - {"stain"}  # a study's own stain name is kept as stain_label
         for name in self.columns:
             if name in reserved:
                 where = (
