@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from shapely.geometry import box
+from shapely.geometry import box, shape
 
 from cleihc.cli import main
 from cleihc.corrections import (
@@ -206,3 +206,45 @@ def test_corrections_keep_study_metadata_and_the_protocols_metrics(tmp_path):
     assert main(args) == 0
     again = pd.read_csv(out / "regions.csv", dtype={"subject": str, "timepoint": str})
     assert (again["subject"] == "101").all() and again["corrected"].any()
+
+
+def test_a_redrawn_epidermis_moves_the_dermis_and_its_bands(results):
+    """Regression: a thicker epidermis drawn in napari left the dermis where it was, so the two overlapped
+    (cells counted twice) unlike the same outline given with --regions. The dermis and the depth bands now
+    follow, and epidermis + dermis still partition the tissue."""
+    _, out, res = results
+    slide = "S05_pre_cxcl10"
+    auto = _rows(res.regions)
+    assert auto.loc["epidermis", "region_area_mm2"] + auto.loc["dermis", "region_area_mm2"] == pytest.approx(
+        auto.loc["tissue", "region_area_mm2"], rel=1e-12
+    )
+    regions = json.loads((out / "regions" / f"{slide}.geojson").read_text())
+    (epi,) = [shape(f["geometry"]) for f in regions["features"] if f["properties"]["name"] == "epidermis"]
+    thicker = epi.buffer(40)  # 20 µm at 0.5 µm/px
+    rows, _ = SlideResults.load(out, slide).recompute(Corrections(regions={"epidermis": thicker}))
+    got = _rows(rows)
+    assert got.loc["epidermis", "region_area_mm2"] > auto.loc["epidermis", "region_area_mm2"] + 0.005
+    assert got.loc["epidermis", "region_area_mm2"] + got.loc["dermis", "region_area_mm2"] == pytest.approx(
+        got.loc["tissue", "region_area_mm2"], rel=1e-12
+    )
+    for col in ("cells_total", "positive_area_mm2"):
+        assert got.loc["epidermis", col] + got.loc["dermis", col] == pytest.approx(got.loc["tissue", col])
+    assert got.loc["dermis", "corrected"] and got.loc["papillary_dermis", "corrected"]
+    assert got.loc["tissue", "region_area_mm2"] == auto.loc["tissue", "region_area_mm2"]
+    # The bands lie below the new junction: the papillary band is no longer where the epidermis now is.
+    bands = ("papillary_dermis", "superficial_dermis", "deep_dermis")
+    assert sum(got.loc[b, "region_area_mm2"] for b in bands) <= got.loc["dermis", "region_area_mm2"] + 1e-12
+    # The same outline given to a run with --regions (compartments found on the overview there, on the totals
+    # raster here): the same dermis within a few raster cells of edge.
+    from cleihc.regions import Region
+
+    slide_path, _, _ = results
+    given = _rows(quantify(slide_path, "cxcl10", regions=[Region("epidermis", thicker, "test")]).regions)
+    for name in ("epidermis", "dermis", "papillary_dermis"):
+        assert got.loc[name, "region_area_mm2"] == pytest.approx(given.loc[name, "region_area_mm2"], rel=0.01)
+    # A dermis the reviewer drew too is theirs, not moved.
+    own = box(0, 300, 1000, 800)
+    rows, _ = SlideResults.load(out, slide).recompute(
+        Corrections(regions={"epidermis": thicker, "dermis": own})
+    )
+    assert _rows(rows).loc["dermis", "region_area_mm2"] < got.loc["dermis", "region_area_mm2"]

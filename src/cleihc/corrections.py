@@ -7,7 +7,8 @@ automatic results, which are never overwritten; each save keeps the previous fil
 The file is a GeoJSON FeatureCollection in level-0 pixels. Its ``properties`` say who saved it and when; each
 feature's ``properties.kind`` says what it is:
 
-- ``"region"`` (Polygon/MultiPolygon, ``name``): replaces the region of that name;
+- ``"region"`` (Polygon/MultiPolygon, ``name``): replaces the region of that name; a redrawn ``epidermis`` moves
+  the dermis and its depth bands with it (unless they are redrawn too), as a ``--regions`` epidermis does;
 - ``"exclude"`` (Polygon/MultiPolygon): removed from tissue and every region, and its cells dropped;
 - ``"cell"`` (Point, ``action`` in add / delete / reclassify, ``positive``, ``intensity_class``): a cell edit.
   Deletions and reclassifications match the automatic cell nearest to the point within ``match_radius_um``, so
@@ -40,6 +41,8 @@ from cleihc.io import atomic_write, sha256_file
 from cleihc.measure import TotalsRaster
 from cleihc.outputs import read_slide_records, rebuild_tables, write_json
 from cleihc.pipeline import _label_cells, region_rows
+from cleihc.protocol import Protocol
+from cleihc.regions import COMPARTMENT_NAMES, CompartmentParams, compartments_from_epidermis
 
 __all__ = [
     "CellEdit",
@@ -48,6 +51,7 @@ __all__ = [
     "apply_corrections",
     "apply_saved_corrections",
     "corrections_path",
+    "excluded_cells",
     "read_corrections",
     "review_status",
     "set_review_status",
@@ -199,6 +203,55 @@ def _user() -> str:
         return "unknown"
 
 
+def excluded_cells(
+    x_px: np.ndarray,
+    y_px: np.ndarray,
+    exclusions: Iterable[Any],
+    *,
+    raster_shape: tuple[int, int],
+    raster_downsample: float,
+) -> np.ndarray:
+    """Which cells the exclusions remove: those whose centroid's totals-raster cell is excluded.
+
+    The rule :func:`apply_corrections` applies (a cell goes with the raster cell it sits on, as the area does),
+    for a caller that must tell an excluded cell from a deleted one.
+
+    Parameters
+    ----------
+    x_px, y_px : array of float
+        Cell centroids, level-0 pixels.
+    exclusions : iterable of shapely geometry
+        Level-0 pixels.
+    raster_shape : (height, width)
+        Shape of the totals raster.
+    raster_downsample : float
+        Level-0 px per raster cell.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    mask = _exclusion_mask(exclusions, raster_shape=raster_shape, raster_downsample=raster_downsample)
+    return _on_raster(np.asarray(x_px, float), np.asarray(y_px, float), mask, raster_downsample)
+
+
+def _exclusion_mask(
+    exclusions: Iterable[Any], *, raster_shape: tuple[int, int], raster_downsample: float
+) -> np.ndarray:
+    h, w = raster_shape
+    mask = np.zeros((h, w), dtype=bool)
+    for geom in exclusions:
+        mask |= rasterize(geom, shape=(w, h), downsample=raster_downsample)
+    return mask
+
+
+def _on_raster(x_px: np.ndarray, y_px: np.ndarray, mask: np.ndarray, raster_downsample: float) -> np.ndarray:
+    h, w = mask.shape
+    ix = np.clip((x_px / raster_downsample).astype(np.int64), 0, w - 1)
+    iy = np.clip((y_px / raster_downsample).astype(np.int64), 0, h - 1)
+    return mask[iy, ix] if len(x_px) else np.zeros(0, dtype=bool)
+
+
 def apply_corrections(
     masks: dict[str, np.ndarray],
     cells: pd.DataFrame,
@@ -207,6 +260,7 @@ def apply_corrections(
     raster_downsample: float,
     mpp_um: float,
     match_radius_um: float = 4.0,
+    compartments: CompartmentParams | None = None,
 ) -> tuple[dict[str, np.ndarray], pd.DataFrame, dict[str, bool]]:
     """Automatic region masks and cells, corrected.
 
@@ -223,6 +277,10 @@ def apply_corrections(
         Level-0 microns per pixel (for the match radius).
     match_radius_um : float
         How far a deletion or reclassification may be from the cell it edits.
+    compartments : CompartmentParams, optional
+        The protocol's automatic skin compartments. When they are enabled, a redrawn ``epidermis`` moves the
+        dermis and the depth bands below it (those not redrawn themselves), as a ``--regions`` epidermis does
+        in :func:`cleihc.pipeline.plan_slide`; here they are found on the totals raster.
 
     Returns
     -------
@@ -239,10 +297,21 @@ def apply_corrections(
             tissue &= m
         else:
             out[name] = m
-    exclude = np.zeros_like(tissue)
-    for geom in corrections.exclusions:
-        exclude |= rasterize(geom, shape=shape_r, downsample=raster_downsample)
+    exclude = _exclusion_mask(
+        corrections.exclusions, raster_shape=tissue.shape, raster_downsample=raster_downsample
+    )
     tissue &= ~exclude
+    if compartments is not None and compartments.enabled and "epidermis" in corrections.regions:
+        moved = compartments_from_epidermis(
+            out["epidermis"] & tissue,
+            tissue,
+            mpp_um=mpp_um * raster_downsample,
+            downsample=raster_downsample,
+            params=compartments,
+        )
+        for name in COMPARTMENT_NAMES:
+            if name != "epidermis" and name not in corrections.regions and name in moved.masks:
+                out[name] = np.asarray(moved.masks[name], dtype=bool).copy()
     for name in out:
         if name != "tissue":
             out[name] = out[name] & tissue
@@ -253,9 +322,10 @@ def apply_corrections(
     if "manual" not in cells.columns:
         cells["manual"] = False
     if len(cells) and corrections.exclusions:
-        ix = np.clip((cells["x_px"].to_numpy(float) / raster_downsample).astype(np.int64), 0, shape_r[0] - 1)
-        iy = np.clip((cells["y_px"].to_numpy(float) / raster_downsample).astype(np.int64), 0, shape_r[1] - 1)
-        cells = cells.loc[~exclude[iy, ix]].reset_index(drop=True)
+        gone = _on_raster(
+            cells["x_px"].to_numpy(float), cells["y_px"].to_numpy(float), exclude, raster_downsample
+        )
+        cells = cells.loc[~gone].reset_index(drop=True)
     radius_px = match_radius_um / mpp_um
     added = []
     touched_xy = []
@@ -354,14 +424,20 @@ class SlideResults:
             cols = list(auto_rows.columns)
             meta_cols = cols[: cols.index("slide")] if "slide" in cols else []
         ids = {c: auto_rows[c].iloc[0] for c in meta_cols + ids_cols} if len(auto_rows) else {}
+        protocol = self.record["provenance"]["protocol"]
         mpp_um = (
             self.record["provenance"]["analysis"]["mpp_um"][0]
             / self.record["provenance"]["analysis"]["downsample"]
         )
         masks, cells, corrected = apply_corrections(
-            self.masks, self.cells, corrections, raster_downsample=self.raster_downsample, mpp_um=mpp_um
+            self.masks,
+            self.cells,
+            corrections,
+            raster_downsample=self.raster_downsample,
+            mpp_um=mpp_um,
+            compartments=Protocol.from_dict(protocol).compartments,
         )
-        metrics = self.record["provenance"]["protocol"].get("metrics") or {}
+        metrics = protocol.get("metrics") or {}
         rows = region_rows(
             self.raster,
             masks,
