@@ -100,6 +100,19 @@ def test_lin_ccc_hand_computed():
     assert cc.ccc == pytest.approx(cc.pearson_r * cc.accuracy)
 
 
+def test_lin_ccc_two_pairs_and_constant_series():
+    # Two pairs: x = (1, 3), y = (2, 3): var 1 and 1/4, cov 1/2, mean shift 1/2: 2(1/2) / (1 + 1/4 + 1/4) = 2/3.
+    c = lin_ccc([1.0, 3.0], [2.0, 3.0])
+    assert c.ccc == pytest.approx(2 / 3) and c.n == 2
+    assert math.isnan(c.ci_lower) and math.isnan(c.ci_upper)  # Fisher z variance divides by n - 2
+    # Two constant series that differ: 2 s_xy = 0 over a positive mean shift, so no concordance at all.
+    c = lin_ccc([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+    assert c.ccc == 0.0
+    assert math.isnan(c.ci_lower) and math.isnan(c.pearson_r)
+    assert lin_ccc([5.0, 5.0], [5.0, 5.0]).ccc == 1.0  # constant and equal: perfect agreement
+    assert math.isnan(lin_ccc([1.0], [2.0]).ccc)
+
+
 def test_nan_pairs_are_dropped():
     ba = bland_altman([1.0, np.nan, 3.0], [2.0, 5.0, 4.0])
     assert ba.n == 2 and ba.bias == pytest.approx(1.0)
@@ -295,7 +308,7 @@ def test_read_truth_geojson_and_errors(tmp_path):
         "slide,region,subject,cells_positive\na,tissue,1,12\nb,tissue,P2,lost\n"
     )
     with pytest.raises(
-        CleihcError, match=r"column 'cells_positive' mixes numbers and text \('lost' on data line 2\)"
+        CleihcError, match=r"column 'cells_positive' holds 'lost' on data line 2, not a number"
     ):
         read_truth(tmp_path / "mixed.csv")
     (tmp_path / "ids.csv").write_text("slide,region,subject,cells_positive\na,tissue,1,12\nb,tissue,P2,\n")
@@ -488,3 +501,151 @@ def test_truth_csv_as_a_decimal_comma_spreadsheet_saves_it(tmp_path):
         ["S2", "dermis", "positive_cells_per_mm2"],
     ]
     assert values["reference"].tolist() == [450.5, 3.0]
+
+
+# ---------------------------------------------------------------------------------------------- truth matching
+def _two_region_results(tmp_path: Path, **extra: dict) -> Path:
+    slides = {
+        f"s{i}": {
+            "rows": {
+                "epidermis": {"cells_positive": 10.0 + i, "positive_area_percent": 1.0 + i},
+                "dermis": {"cells_positive": 30.0 + 2 * i, "positive_area_percent": 5.0 + i},
+            }
+        }
+        for i in range(3)
+    }
+    slides.update(extra)
+    return _results_folder(tmp_path, slides)
+
+
+def test_truth_region_names_match_ignoring_case(tmp_path):
+    """QuPath and pathologists write "Epidermis"; the results say epidermis (as --regions takes it)."""
+    out = _two_region_results(
+        tmp_path,
+        s9={
+            "rows": {"epidermis": {"cells_positive": 1.0}},
+            "cells": np.array([[100.0, 100.0, 1.0], [400.0, 400.0, 0.0]]),
+            "cell_regions": ["epidermis", "epidermis"],
+        },
+    )
+    (tmp_path / "t.csv").write_text(
+        "slide,region,cells_positive\ns0,Epidermis,11\ns0,DERMIS,31\ns1,epidermis,12\ns2,Dermis,35\n"
+    )
+    res = validate(out, read_truth(tmp_path / "t.csv"))
+    assert res.warnings == ()
+    pairs = res.pairs.set_index(["slide", "region"])
+    assert len(pairs) == 4  # not 1 (only the lower-case row) as before
+    assert pairs.loc[("s0", "epidermis"), ["reference", "measured"]].tolist() == [11.0, 10.0]
+    assert pairs.loc[("s2", "dermis"), ["reference", "measured"]].tolist() == [35.0, 34.0]
+    a = res.agreement.set_index(["metric", "region"])
+    assert a.loc[("cells_positive", "all"), "n"] == 4
+    assert a.loc[("cells_positive", "all"), "bias"] == pytest.approx(-1.0)
+    # Points in a region named "Epidermis" are scored in the results' epidermis, not in a region of their own.
+    (tmp_path / "p.csv").write_text("slide,x_px,y_px,class,region\ns9,100,100,positive,Epidermis\n")
+    r = validate(out, read_truth(tmp_path / "p.csv")).detection_by_region
+    assert set(r["region"]) == {"epidermis"}
+    assert r[(r["slide"] == "s9") & (r["label"] == "all")][["tp", "fp", "fn"]].values.tolist() == [[1, 1, 0]]
+
+
+def test_truth_values_that_match_nothing_are_reported(tmp_path):
+    out = _two_region_results(tmp_path)
+    (tmp_path / "t.csv").write_text(
+        "slide,region,metric,value\n"
+        "s0,epidermis,cells_positive,11\n"
+        "s1,epidermis,cells_positive,12\n"
+        "s0,papilary_dermis,cells_positive,63\n"  # a typo
+        "s1,lesion,cells_positive,40\n"  # a region these results do not have
+        "s2,dermis,cells_total,90\n"  # a metric they do not have
+        "s2,dermis,cells_positive,\n"  # empty: a missing value, not a lost one
+    )
+    res = validate(out, read_truth(tmp_path / "t.csv"))
+    assert res.agreement.set_index(["metric", "region"]).loc[("cells_positive", "all"), "n"] == 2
+    (w,) = res.warnings
+    assert w.startswith("3 of 5 truth values match nothing in the results and are not compared: ")
+    assert "1 with a metric the results do not have (cells_total;" in w
+    assert "2 with a region the slide's results do not have (s0/papilary_dermis/cells_positive, " in w
+    assert "s1/lesion/cells_positive; the results' regions are dermis, epidermis" in w
+    # Nothing matches at all: an error, not an empty comparison.
+    (tmp_path / "none.csv").write_text("slide,region,cells_positive\ns0,lesion,1\ns1,Lesion,2\n")
+    with pytest.raises(
+        CleihcError, match=r"none\.csv: no truth value matches a value in the results .*2 with a"
+    ):
+        validate(out, read_truth(tmp_path / "none.csv"))
+
+
+def test_truth_value_without_a_measured_value_is_reported(tmp_path):
+    out = _two_region_results(tmp_path, s9={"rows": {"dermis": {"cells_positive": None}}})
+    (tmp_path / "t.csv").write_text("slide,region,cells_positive\ns0,dermis,30\ns1,dermis,32\ns9,dermis,7\n")
+    res = validate(out, read_truth(tmp_path / "t.csv"))
+    assert res.agreement.set_index(["metric", "region"]).loc[("cells_positive", "all"), "n"] == 2
+    assert res.warnings == (
+        "1 truth value(s) have no measured value in the results (an empty cell in regions.csv) and are left out "
+        "of the statistics: s9/dermis/cells_positive",
+    )
+
+
+def test_duplicated_truth_values_are_refused(tmp_path):
+    out = _two_region_results(tmp_path)
+    # Equal values too: n would count the pair twice.
+    (tmp_path / "dup.csv").write_text(
+        "slide,region,cells_positive\ns0,dermis,30\ns1,dermis,32\ns0,dermis,30\n"
+    )
+    with pytest.raises(
+        CleihcError,
+        match=r"dup\.csv: slide 's0', region 'dermis', metric 'cells_positive' has 2 truth values "
+        r"\(data lines 1, 3\); keep one row",
+    ):
+        validate(out, read_truth(tmp_path / "dup.csv"))
+    # Names that differ only in case are one region, so two values for it.
+    (tmp_path / "case.csv").write_text(
+        "slide,region,metric,value\ns0,Dermis,cells_positive,30\ns0,dermis,cells_positive,31\n"
+    )
+    with pytest.raises(CleihcError, match=r"regions 'Dermis', 'dermis' are one region"):
+        validate(out, read_truth(tmp_path / "case.csv"))
+    # Two files of a truth folder giving the same value: both are named.
+    folder = tmp_path / "truth"
+    folder.mkdir()
+    (folder / "a.csv").write_text("slide,region,cells_positive\ns0,dermis,30\n")
+    (folder / "b.csv").write_text("slide,region,cells_positive\ns1,dermis,32\ns0,dermis,29\n")
+    with pytest.raises(CleihcError, match=r"2 truth values \(.*a\.csv data line 1; .*b\.csv data line 2\)"):
+        validate(out, read_truth(folder))
+
+
+def test_long_truth_values_are_read_as_the_wide_ones(tmp_path):
+    """Text in a value column is an error naming column, line and value in both layouts, not a silent NaN."""
+    (tmp_path / "long.csv").write_text(
+        "slide,region,metric,value\ns0,tissue,cells_positive,219\ns1,tissue,cells_positive,lost\n"
+    )
+    with pytest.raises(
+        CleihcError, match=r"long\.csv: column 'value' holds 'lost' on data line 2, not a number"
+    ):
+        read_truth(tmp_path / "long.csv")
+    # A decimal comma in a comma-separated file is ambiguous (1,234): refused with the way out, as in wide.
+    for name, text in (
+        ("long_comma.csv", 'slide,region,metric,value\ns0,tissue,cells_positive,"84,5"\n'),
+        ("wide_comma.csv", 'slide,region,cells_positive\ns0,tissue,"84,5"\n'),
+    ):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(
+            CleihcError, match=r"holds '84,5' on data line 1, not a number; write 84\.5 with a"
+        ):
+            read_truth(tmp_path / name)
+    # Empty cells are missing values; in a decimal-comma (;) file 450,5 is a number even beside a word.
+    (tmp_path / "semi.csv").write_text(
+        "slide;region;metric;value\ns0;tissue;cells_positive;450,5\ns1;tissue;cells_positive;\n"
+        "s2;tissue;cells_positive;3\n"
+    )
+    v = read_truth(tmp_path / "semi.csv").values
+    assert v["reference"].tolist()[0] == 450.5 and math.isnan(v["reference"].tolist()[1])
+    assert v["line"].tolist() == [1, 2, 3]
+    (tmp_path / "semi_word.csv").write_text(
+        "slide;region;metric;value\ns0;tissue;cells_positive;450,5\ns1;tissue;cells_positive;lost\n"
+    )
+    with pytest.raises(CleihcError, match=r"holds 'lost' on data line 2"):
+        read_truth(tmp_path / "semi_word.csv")
+    # A metric column holding only text was dropped from a wide table without a word.
+    (tmp_path / "wide_text.csv").write_text(
+        'slide,region,cells_total,cells_positive\ns0,tissue,700,"84,5"\ns1,tissue,650,"90,0"\n'
+    )
+    with pytest.raises(CleihcError, match=r"column 'cells_positive' holds '84,5' on data line 1"):
+        read_truth(tmp_path / "wide_text.csv")

@@ -278,7 +278,10 @@ def lin_ccc(reference: Any, measured: Any) -> Concordance:
     Returns
     -------
     Concordance
-        NaN where fewer than three pairs remain or both series are constant and different.
+        All NaN for fewer than two pairs. With two pairs the coefficient is defined but its interval is NaN (the
+        Fisher z variance divides by n − 2), unless agreement is perfect (interval [1, 1]). Two constant series:
+        1 when equal (perfect agreement); 0 when they differ (2·s_xy = 0 over (x̄ − ȳ)² > 0: no concordance),
+        then with NaN interval, `pearson_r` and `accuracy`, as when only one series is constant.
     """
     x, y = _pairs(reference, measured)
     n = x.size
@@ -599,7 +602,9 @@ class Truth:
     Attributes
     ----------
     values : pandas.DataFrame
-        Columns ``slide, region, metric, reference``.
+        Columns ``slide, region, metric, reference`` and where each value was read: ``source`` (the file) and
+        ``line`` (its data line in a CSV, counting from 1 below the header; 0 for JSON), so that errors can point
+        at it.
     points : pandas.DataFrame
         Columns ``slide, x_px, y_px, x_um, y_um, positive, region`` (level-0 px or µm, the other pair may be NaN;
         region "" when the truth does not say).
@@ -609,13 +614,16 @@ class Truth:
     points: pd.DataFrame
 
 
-_VALUE_COLUMNS = ["slide", "region", "metric", "reference"]
+_VALUE_COLUMNS = ["slide", "region", "metric", "reference", "source", "line"]
 _POINT_COLUMNS = ["slide", "x_px", "y_px", "x_um", "y_um", "positive", "region"]
 
 
 def _empty_values() -> pd.DataFrame:
     return pd.DataFrame(
-        {c: pd.Series(dtype="float64" if c == "reference" else "object") for c in _VALUE_COLUMNS}
+        {
+            c: pd.Series(dtype={"reference": "float64", "line": "int64"}.get(c, "object"))
+            for c in _VALUE_COLUMNS
+        }
     )
 
 
@@ -664,9 +672,10 @@ def _read_synthetic(path: Path, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.
         for key, metric in SYNTHETIC_METRICS.items():
             v = d.get(key)
             if v is not None and (marker or key not in class_metrics):
-                rows.append((slide, region, metric, float(v)))
+                rows.append((slide, region, metric, float(v), str(path), 0))
         if d.get("n_positive_cells") is not None and d.get("n_negative_cells") is not None:
-            rows.append((slide, region, "cells_total", float(d["n_positive_cells"] + d["n_negative_cells"])))
+            total = float(d["n_positive_cells"] + d["n_negative_cells"])
+            rows.append((slide, region, "cells_total", total, str(path), 0))
     values = pd.DataFrame(rows, columns=_VALUE_COLUMNS) if rows else _empty_values()
     cells = data.get("cells") or []
     if cells and data.get("cell_marker", True):
@@ -803,13 +812,25 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
         )[_POINT_COLUMNS]
         return _empty_values(), points
     regions = df[region_col].astype(str) if region_col else pd.Series(["tissue"] * len(df))
-    if _pick(cols, "metric") and _pick(cols, "value"):
+    where = {"source": str(path), "line": np.arange(1, len(df) + 1, dtype=np.int64)}
+    decimal_comma = _decimal_comma_file(path)
+    metric_col, value_col = _pick(cols, "metric"), _pick(cols, "value")
+    if metric_col and value_col:
+        names = df[metric_col]
+        empty = names.isna() | (names.astype(str).str.strip() == "")
+        if empty.any():
+            raise CleihcError(
+                f"column {metric_col!r} is empty on data line {int(np.flatnonzero(empty)[0]) + 1}; "
+                "name the metric of every value (as in regions.csv, e.g. cells_positive)",
+                path=path,
+            )
         values = pd.DataFrame(
             {
                 "slide": slides.to_numpy(object),
                 "region": regions.to_numpy(object),
-                "metric": df[_pick(cols, "metric")].astype(str).to_numpy(object),
-                "reference": pd.to_numeric(df[_pick(cols, "value")], errors="coerce").to_numpy(float),
+                "metric": names.astype(str).str.strip().to_numpy(object),
+                "reference": _numbers(df[value_col], value_col, path, decimal_comma=decimal_comma),
+                **where,
             }
         )
         return values, _empty_points()
@@ -819,14 +840,8 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
     for c in cols:
         if c in skip or pd.api.types.is_numeric_dtype(df[c]) or not metric_unit(c):
             continue  # numbers already, or not named as a metric (subject IDs, notes)
-        numbers = pd.to_numeric(df[c], errors="coerce")
-        if numbers.notna().any():  # a metric column with a stray word would be dropped without a word
-            bad = df[c][numbers.isna() & df[c].notna()]
-            raise CleihcError(
-                f"column {c!r} mixes numbers and text ({bad.iloc[0]!r} on data line {int(bad.index[0]) + 1}); "
-                "leave the cell empty for a missing value",
-                path=path,
-            )
+        # A metric column with text in it would otherwise drop out of the comparison without a word.
+        df[c] = _numbers(df[c], c, path, decimal_comma=decimal_comma)
     metric_cols = [c for c in cols if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
     if not metric_cols:
         raise CleihcError(
@@ -841,11 +856,53 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
                 "region": regions.to_numpy(object),
                 "metric": m,
                 "reference": df[m].to_numpy(float),
+                **where,
             }
         )
         for m in metric_cols
     ]
     return pd.concat(parts, ignore_index=True), _empty_points()
+
+
+def _decimal_comma_file(path: Path) -> bool:
+    """Whether :func:`cleihc.io.read_user_csv` reads `path` as a decimal-comma (``;``-separated) file: its header
+    holds a ``;`` and no ``,``."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            header = f.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return ";" in header and "," not in header
+
+
+def _numbers(values: pd.Series, column: str, path: Path, *, decimal_comma: bool) -> np.ndarray:
+    """A CSV column of reference values as floats: empty cells (and pandas' missing markers such as ``NA``,
+    ``n/a``) are NaN, anything else that is not a number is an error naming the column, data line and value.
+
+    A decimal comma (``84,0``) is a number in a ``;``-separated file, as pandas reads that file's numeric columns;
+    in a ``,``-separated file it is refused, as ``1,234`` could as well be a thousands separator.
+    """
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.to_numpy(float)
+    text = pd.Series(["" if pd.isna(v) else str(v).strip() for v in values], dtype=object)
+    blank = (text == "").to_numpy(bool)
+    if decimal_comma:
+        # A column pandas left as text (it holds a word too) still has its decimal commas: read them here.
+        text = text.str.replace(r"^([+-]?\d*),(\d+)$", r"\1.\2", regex=True)
+    numbers = pd.to_numeric(text.where(~blank), errors="coerce").to_numpy(float)
+    bad = np.flatnonzero(~blank & np.isnan(numbers))
+    if bad.size:
+        value = str(values.iloc[bad[0]])
+        hint = (
+            f"write {value.strip().replace(',', '.')} with a decimal point, or save the CSV with ';' between "
+            "fields as Excel does in decimal-comma locales"
+            if re.fullmatch(r"\s*[+-]?\d*,\d+\s*", value)
+            else "give a number, or leave the cell empty for a missing value"
+        )
+        raise CleihcError(
+            f"column {column!r} holds {value!r} on data line {bad[0] + 1}, not a number; {hint}", path=path
+        )
+    return numbers
 
 
 def _strip_ext(name: str) -> str:
@@ -964,6 +1021,15 @@ def validate(
     Returns
     -------
     ValidationResult
+        Truth values are joined to the results by slide, region (ignoring case, as ``--regions`` names them) and
+        metric; those of the results' slides that match nothing, or whose measured value is empty, are named in
+        its `warnings`.
+
+    Raises
+    ------
+    CleihcError
+        When no truth slide, or no truth value, matches the results, or a slide × region × metric has more than
+        one truth value.
     """
     from cleihc.outputs import read_slide_records
     from cleihc.tables import regions_table
@@ -988,26 +1054,15 @@ def validate(
             "<slide>.geojson) or carry a 'slide' column",
             path=folder,
         )
+    region_name = _region_namer(measured["region"] if len(measured) else pd.Series(dtype=object))
     if len(truth.values):
-        tv = truth.values[truth.values["slide"].isin(known)]
-        long = (
-            measured.melt(
-                id_vars=["slide", "region"],
-                value_vars=[m for m in tv["metric"].unique() if m in measured.columns],
-                var_name="metric",
-                value_name="measured",
-            )
-            if len(measured)
-            else pd.DataFrame(columns=["slide", "region", "metric", "measured"])
-        )
-        unknown = sorted(set(tv["metric"]) - set(measured.columns))
-        if unknown:
-            warnings.append(f"truth metric(s) not measured by this protocol: {', '.join(unknown)}")
-        pair_parts.append(tv.merge(long, on=["slide", "region", "metric"], how="inner"))
+        pair_parts.append(_value_pairs(truth.values, measured, known, region_name, folder, warnings))
     det_rows = []
     region_parts = []
     if len(truth.points):
-        for slide, pts in truth.points[truth.points["slide"].isin(known)].groupby("slide", sort=True):
+        points = truth.points[truth.points["slide"].isin(known)]
+        points = points.assign(region=points["region"].map(region_name))
+        for slide, pts in points.groupby("slide", sort=True):
             rec = records[slide]
             cells_path = folder / "cells" / f"{slide}.parquet"
             if not cells_path.exists():
@@ -1129,6 +1184,138 @@ def validate(
         radius_um=float(radius_um),
         warnings=tuple(warnings),
     )
+
+
+_KEY = ["slide", "region", "metric"]
+
+
+def _region_namer(measured_regions: pd.Series) -> Any:
+    """A function giving a truth region name the results' name for it: the same name, or the one name that
+    differs only in case ("Epidermis" is ``epidermis``, as ``--regions`` takes it); other names unchanged."""
+    names = {str(r) for r in measured_regions.dropna().unique()}
+    by_lower: dict[str, list[str]] = {}
+    for n in sorted(names):
+        by_lower.setdefault(n.lower(), []).append(n)
+
+    def name(region: Any) -> Any:
+        if not isinstance(region, str) or region in names:
+            return region
+        same = by_lower.get(region.lower(), [])
+        # Results holding two names that differ only in case (two custom regions) leave no single match.
+        return same[0] if len(same) == 1 else region
+
+    return name
+
+
+def _key_text(rows: pd.DataFrame, limit: int = 3) -> str:
+    keys = [f"{r.slide}/{r.truth_region}/{r.metric}" for r in rows.head(limit).itertuples()]
+    return ", ".join(keys) + (", ..." if len(rows) > limit else "")
+
+
+def _refuse_duplicates(values: pd.DataFrame) -> None:
+    """One truth value per slide × region × metric: a second one (even an equal one) would count twice in n, and
+    which of two differing values is the truth is the user's call, not ours."""
+    dup = values[values.duplicated(_KEY, keep=False)]
+    if dup.empty:
+        return
+    first = tuple(dup.iloc[0][_KEY])
+    rows = dup[(dup[_KEY] == pd.Series(first, index=_KEY)).all(axis=1)]
+    n_keys = len(dup.drop_duplicates(_KEY))
+    sources = list(dict.fromkeys(rows["source"]))
+    if len(sources) == 1 and (rows["line"] > 0).all():
+        where = "data lines " + ", ".join(str(int(v)) for v in rows["line"])
+    else:
+        where = "; ".join(
+            f"{r.source} data line {int(r.line)}" if r.line > 0 else str(r.source) for r in rows.itertuples()
+        )
+    names = list(dict.fromkeys(rows["truth_region"]))
+    case = (
+        f" (regions {', '.join(map(repr, names))} are one region: names match ignoring case)"
+        if len(names) > 1
+        else ""
+    )
+    more = f"; {n_keys - 1} more slide, region and metric are given twice too" if n_keys > 1 else ""
+    raise CleihcError(
+        f"slide {first[0]!r}, region {first[1]!r}, metric {first[2]!r} has {len(rows)} truth values "
+        f"({where}){case}{more}; keep one row per slide, region and metric (which one is right is your call)",
+        path=sources[0] if len(sources) == 1 and sources[0] else None,
+    )
+
+
+def _value_pairs(
+    values: pd.DataFrame,
+    measured: pd.DataFrame,
+    known: set[str],
+    region_name: Any,
+    folder: Path,
+    warnings: list[str],
+) -> pd.DataFrame:
+    """Truth values joined to the measured ones by slide, region (ignoring case) and metric.
+
+    Truth values of the results' slides that match no measured value, or match one the results leave empty, are
+    named in `warnings`; when none matches, a :class:`CleihcError`. Duplicated keys are refused.
+    """
+    values = values.assign(
+        source=values["source"] if "source" in values else "",
+        line=values["line"] if "line" in values else 0,
+        truth_region=values["region"],
+        region=values["region"].map(region_name),
+    )
+    _refuse_duplicates(values)
+    tv = values[values["slide"].isin(known)]
+    metrics = [m for m in tv["metric"].unique() if m in measured.columns and m not in ("slide", "region")]
+    long = (
+        measured.melt(
+            id_vars=["slide", "region"], value_vars=metrics, var_name="metric", value_name="measured"
+        )
+        if len(measured)
+        else pd.DataFrame(columns=["slide", "region", "metric", "measured"])
+    )
+    merged = tv.merge(long, on=_KEY, how="left", indicator=True)
+    matched = (merged["_merge"] == "both").to_numpy(bool)
+    given = merged["reference"].notna().to_numpy(bool)  # an empty truth cell is a missing value, not a loss
+    lost = merged[~matched & given]
+    if len(lost):
+        slides_measured = set(measured["slide"]) if len(measured) else set()
+        no_slide = ~lost["slide"].isin(slides_measured)
+        no_metric = ~no_slide & ~lost["metric"].isin(metrics)
+        no_region = ~no_slide & ~no_metric
+        parts = []
+        if no_slide.any():
+            parts.append(
+                f"{int(no_slide.sum())} for slide(s) with no rows in the results' regions table "
+                f"({', '.join(sorted(set(lost.loc[no_slide, 'slide']))[:5])})"
+            )
+        if no_metric.any():
+            parts.append(
+                f"{int(no_metric.sum())} with a metric the results do not have "
+                f"({', '.join(sorted(set(lost.loc[no_metric, 'metric']))[:8])}; metrics are named as the "
+                "columns of regions.csv)"
+            )
+        if no_region.any():
+            regions = sorted({str(r) for r in measured["region"].dropna().unique()})
+            parts.append(
+                f"{int(no_region.sum())} with a region the slide's results do not have "
+                f"({_key_text(lost[no_region])}; the results' regions are {', '.join(regions)}, matched "
+                "ignoring case)"
+            )
+        if not (matched & given).any():
+            sources = [s for s in dict.fromkeys(tv["source"]) if s]
+            raise CleihcError(
+                f"no truth value matches a value in the results {folder}: " + "; ".join(parts),
+                path=sources[0] if len(sources) == 1 else None,
+            )
+        warnings.append(
+            f"{len(lost)} of {int(given.sum())} truth values match nothing in the results and are not compared: "
+            + "; ".join(parts)
+        )
+    empty = merged[matched & given & merged["measured"].isna().to_numpy(bool)]
+    if len(empty):
+        warnings.append(
+            f"{len(empty)} truth value(s) have no measured value in the results (an empty cell in regions.csv) "
+            f"and are left out of the statistics: {_key_text(empty)}"
+        )
+    return merged[matched].drop(columns=["_merge", "source", "line", "truth_region"]).reset_index(drop=True)
 
 
 def _points_um(pts: pd.DataFrame, mpp: float | None, slide: str) -> np.ndarray:
