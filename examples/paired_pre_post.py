@@ -27,7 +27,11 @@ are left out (Wilcoxon's convention) and equal absolute changes share their mean
 
 Input: the tidy table of ``cleihc tables`` (columns subject, timepoint, stain, region, metric, value). By default
 the headline metric of each stain is compared (percent positive area for stains measured by area, such as CXCL10
-and mucin, positive cells per mm² for cell-only stains such as CD3 and CD8); ``--metric`` chooses others.
+and mucin, positive cells per mm² for cell-only stains such as CD3 and CD8); ``--metric`` chooses others. The two
+timepoints are ``pre`` and ``post`` when the table has them, else its only two in study order as ``cleihc report``
+orders them (baseline words such as pretreatment or w0 first, follow-up words such as posttreatment last); when no
+such word decides the order, stderr says the baseline was taken by natural order only. ``--pre`` / ``--post``
+choose. Every output row names its ``baseline`` and ``follow_up`` timepoint.
 
 Usage::
 
@@ -121,12 +125,23 @@ def wilcoxon_paired(pre: np.ndarray, post: np.ndarray) -> dict[str, float]:
 def compare_pre_post(
     study: pd.DataFrame, *, metrics: list[str] | None = None, pre: str = "pre", post: str = "post"
 ) -> pd.DataFrame:
-    """Wilcoxon test per stain × region × metric, with Benjamini–Hochberg q-values across all of them."""
+    """Wilcoxon test per stain × region × metric, with Benjamini–Hochberg q-values across all of them.
+
+    Each row names its ``baseline`` (`pre`) and ``follow_up`` (`post`) timepoints: the change is follow_up −
+    baseline.
+    """
     pairs = paired_table(study, metrics=metrics, pre=pre, post=post)
     rows = []
     for (stain, region, metric), g in pairs.groupby(["stain", "region", "metric"], sort=True):
         rows.append(
-            {"stain": stain, "region": region, "metric": metric, **wilcoxon_paired(g["pre"], g["post"])}
+            {
+                "stain": stain,
+                "region": region,
+                "metric": metric,
+                "baseline": pre,
+                "follow_up": post,
+                **wilcoxon_paired(g["pre"], g["post"]),
+            }
         )
     return with_q_values(pd.DataFrame(rows))
 
@@ -140,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     args.pre, args.post = two_timepoints(study, args.pre, args.post)
     res = compare_pre_post(study, metrics=args.metric, pre=args.pre, post=args.post)
     pairs = paired_table(study, metrics=args.metric, pre=args.pre, post=args.post)
+    # the values' columns are named pre and post whatever the labels: say which timepoint each one is
+    pairs.insert(4, "baseline", args.pre)
+    pairs.insert(5, "follow_up", args.post)
+    print(f"change = {args.post!r} − {args.pre!r} (baseline {args.pre!r})")
     written = write_tables(args.out, {"paired_pre_post.csv": res, "paired_values.csv": pairs})
     cols = ["stain", "region", "metric", "n_pairs", "median_change", "rank_biserial_r", "p_value", "q_value"]
     empty = f"no subject has both {args.pre!r} and {args.post!r} values; see {written[1]}"

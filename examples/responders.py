@@ -20,8 +20,9 @@ One of, in this order:
 
 How
 ---
-For each subject the *change* is post − pre (replicate slides averaged). The Mann–Whitney U test compares the
-changes of the two groups without assuming normal distributions (small groups, skewed densities). Reported:
+For each subject the *change* is post − pre (replicate slides averaged; the two timepoints are chosen as in
+``paired_pre_post.py`` and named in the columns ``baseline`` and ``follow_up``). The Mann–Whitney U test compares
+the changes of the two groups without assuming normal distributions (small groups, skewed densities). Reported:
 
 - U (of the responders) and the two-sided p-value (exact for small groups without ties, SciPy's default);
 - the rank-biserial correlation r = 2U / (n_responders · n_non_responders) − 1: the probability that a responder's
@@ -53,6 +54,7 @@ from study import (
     paired_table,
     print_results,
     read_study,
+    read_text_csv,
     study_parser,
     two_timepoints,
     with_q_values,
@@ -72,10 +74,18 @@ def _as_bool(values: pd.Series, source: str) -> pd.Series:
 
 
 def responders_from_csv(path: str | Path) -> pd.Series:
-    """Responder status (bool) by subject from a CSV with columns subject, responder."""
-    df = pd.read_csv(path, dtype=str)
+    """Responder status (bool) by subject from a CSV with columns subject, responder.
+
+    Read as text like the study table (:func:`study.read_text_csv`), so subject ``001`` matches ``001`` there.
+    """
+    df = read_text_csv(path, what="outcome CSV with columns subject, responder")
     if not {"subject", "responder"} <= set(df.columns):
         raise SystemExit(f"{path}: needs columns 'subject' and 'responder'")
+    df = df.dropna(subset=["subject"])
+    if df["responder"].isna().any():
+        raise SystemExit(
+            f"{path}: subject {df.loc[df['responder'].isna(), 'subject'].iloc[0]!r} has no responder value"
+        )
     return pd.Series(
         _as_bool(df["responder"], str(path)).to_numpy(), index=df["subject"].str.strip(), name="responder"
     )
@@ -158,6 +168,9 @@ def compare_responders(
 ) -> pd.DataFrame:
     """Mann–Whitney U per stain × region × metric of the change, responders against non-responders (BH q-values).
 
+    Each row names its ``baseline`` (`pre`) and ``follow_up`` (`post`) timepoints: the change is follow_up −
+    baseline.
+
     Parameters
     ----------
     responder : pandas.Series of bool indexed by subject
@@ -177,6 +190,8 @@ def compare_responders(
                 "stain": stain,
                 "region": region,
                 "metric": metric,
+                "baseline": pre,
+                "follow_up": post,
                 **mann_whitney(g["change"][is_r], g["change"][~is_r]),
             }
         )
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     status = responder.rename_axis("subject").reset_index()
     written = write_tables(args.out, {"responders.csv": res, "responder_status.csv": status})
     print(f"{int(responder.sum())} responders, {int((~responder).sum())} non-responders")
+    print(f"change = {args.post!r} − {args.pre!r} (baseline {args.pre!r})")
     cols = [
         "stain",
         "region",

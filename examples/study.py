@@ -20,15 +20,70 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cleihc.report import order_timepoints
+
 #: Each stain's headline metric is the first of these it has values for: percent positive area for stains measured
 #: by area (CXCL10, mucin), else positive cells per mm² (cell stains such as CD3, CD8).
 HEADLINE_METRICS = ("positive_area_percent", "positive_cells_per_mm2")
 #: Columns every study table must have.
 REQUIRED = ("subject", "timepoint", "stain", "region", "metric", "value")
-#: Labels read as the earlier visit when the table holds exactly two timepoints (compared lower-case).
-EARLY_TIMEPOINTS = ("screening", "baseline", "pre", "before", "w0", "week0", "day0", "d0", "v1")
-#: Labels read as the later visit when the table holds exactly two timepoints (compared lower-case).
-LATE_TIMEPOINTS = ("post", "after", "end")
+#: The one numeric column of the study table; every other column (subject, timepoint, group, slide, ...) is text.
+NUMERIC = "value"
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """A column as text, missing values kept missing; whole numbers a parquet file stored as floats lose ``.0``."""
+    if pd.api.types.is_float_dtype(column):
+        known = column.dropna()
+        if (np.isfinite(known) & known.eq(known.round())).all():
+            # subject 101 stored as 101.0 (a float column because another row is empty) is the text "101"
+            column = column.astype("Int64")
+    return column.astype(object).map(str).where(column.notna())
+
+
+def read_text_csv(path: str | Path, *, numeric: tuple[str, ...] = (), what: str = "table") -> pd.DataFrame:
+    """Read a CSV file with every column as text except `numeric`, so identifiers keep their spelling.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        The CSV file.
+    numeric : tuple of str
+        Columns read as numbers (an empty cell, ``nan`` or ``NA`` is missing).
+    what : str
+        What the file is, for the message when it is absent.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Text columns hold the cells as written (subject ``001`` stays ``"001"``, timepoint ``12`` stays ``"12"``
+        even when another row is empty); only an empty cell is missing.
+
+    Raises
+    ------
+    SystemExit
+        With a one-line message naming the file, when it is absent or unreadable or a numeric column holds text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; give the {what}")
+    try:
+        # only an empty cell is missing: a subject called "NA" or "None" is a name
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{path}: cannot read as CSV ({str(exc).strip().splitlines()[0]})") from None
+    for col in numeric:
+        if col in df.columns:
+            text = df[col].str.strip()
+            number = pd.to_numeric(text, errors="coerce")
+            bad = number.isna() & text.notna() & ~text.str.lower().isin(["nan", "na", "n/a", "null", "none"])
+            if bad.any():
+                raise SystemExit(
+                    f"{path}: column {col!r} holds {text[bad].iloc[0]!r} (line {int(bad.idxmax()) + 2}), "
+                    "not a number"
+                )
+            df[col] = number.astype(float)
+    return df
 
 
 def read_study(
@@ -50,8 +105,10 @@ def read_study(
     Returns
     -------
     pandas.DataFrame
-        The table, with subject and timepoint as text (missing values stay missing), so that subjects ``1`` and
-        ``"1"`` or timepoints ``0`` and ``"0"`` from different sources match.
+        The table with ``value`` as numbers and every other column (subject, timepoint, group, slide, ...) as text
+        as written: subject ``001`` stays ``"001"`` and timepoint ``12`` stays ``"12"``, also when a slide without
+        metadata leaves those cells empty (missing values stay missing), so that they match the labels given on
+        the command line and in an outcome file.
 
     Raises
     ------
@@ -59,11 +116,16 @@ def read_study(
         With a one-line message naming the file and the fix, when it is absent or lacks a required column.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SystemExit(
-            f"{path}: no such file; give the table written by `cleihc tables ... --out study.csv`"
-        )
-    df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    what = "table written by `cleihc tables ... --out study.csv`"
+    if path.suffix.lower() == ".parquet":
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file; give the {what}")
+        df = pd.read_parquet(path)
+        for col in df.columns:
+            if col != NUMERIC:
+                df[col] = _as_text(df[col])
+    else:
+        df = read_text_csv(path, numeric=(NUMERIC,), what=what)
     required = REQUIRED if timepoint_required else tuple(c for c in REQUIRED if c != "timepoint")
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -72,9 +134,9 @@ def read_study(
             "quantified with --name-pattern or --samples giving subject and timepoint"
         )
     if "review" in df.columns and not keep_flagged:
-        flagged = df["review"].astype(str).eq("flagged")
+        flagged = df["review"].eq("flagged").fillna(False).astype(bool)
         if flagged.any():
-            names = sorted(set(df.loc[flagged, "slide"].astype(str))) if "slide" in df.columns else []
+            names = sorted(set(df.loc[flagged, "slide"].dropna())) if "slide" in df.columns else []
             print(
                 f"{path}: left out {len(names)} slide(s) flagged in review ({', '.join(names)}); "
                 "--keep-flagged keeps them",
@@ -83,9 +145,21 @@ def read_study(
             df = df.loc[~flagged].reset_index(drop=True)
     if "timepoint" not in df.columns:
         df["timepoint"] = "all"
-    df["subject"] = df["subject"].astype(str)
-    df["timepoint"] = df["timepoint"].astype(str)
     return df
+
+
+def _visit_word(label: str) -> str | None:
+    """``"baseline"`` or ``"follow-up"`` when :func:`cleihc.report.order_timepoints` knows `label` as such a word."""
+    # order_timepoints puts the baseline words it knows before every other label and the follow-up words after
+    # them; "" sorts first and U+10FFFF last among the labels it does not know, so a label sorting before "" or
+    # after U+10FFFF is one of its words (asked this way so that the examples and the report share one vocabulary)
+    if not label.strip():
+        return None
+    if order_timepoints([label, ""])[0] == label:
+        return "baseline"
+    if order_timepoints([label, "\U0010ffff"])[-1] == label:
+        return "follow-up"
+    return None
 
 
 def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tuple[str, str]:
@@ -102,24 +176,44 @@ def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tu
     -------
     tuple of str
         ``(pre, post)``: as given, else ``"pre"`` and ``"post"`` when the table has both, else the table's only two
-        timepoints in study order (a label in :data:`EARLY_TIMEPOINTS` first, one in :data:`LATE_TIMEPOINTS`
-        last, otherwise alphabetical). A label given by the user always wins.
+        timepoints in study order as the report orders them (:func:`cleihc.report.order_timepoints`: baseline
+        words such as pre, pretreatment, baseline, screening, w0 first, follow-up words such as post,
+        posttreatment, followup, eot last, others in natural order, w4 before w12). When one label is given the
+        other is the table's other timepoint. When the order is not decided by those words (neither label is
+        one, or both are the same kind), it is a guess and stderr says so.
 
     Raises
     ------
     SystemExit
         When the table holds other than two timepoints and neither pre/post nor both labels were given.
     """
-    present = sorted(set(study["timepoint"].dropna().astype(str)))
+    present = order_timepoints(study["timepoint"].dropna().tolist())
     if pre and post:
         return pre, post
-    if {"pre", "post"} <= set(present):
+    if {"pre", "post"} <= set(present) and (pre or "pre") != (post or "post"):
         return pre or "pre", post or "post"
     if len(present) == 2:
-        a, b = present
-        if b.lower() in EARLY_TIMEPOINTS or a.lower() in LATE_TIMEPOINTS:
-            a, b = b, a
-        return pre or a, post or b
+        if pre or post:
+            given = pre or post
+            other = next((t for t in present if t != given), None)
+            if other is not None and given in present:
+                return (pre, other) if pre else (other, post)
+        else:
+            a, b = present
+            kind = _visit_word(a)
+            if kind == _visit_word(b):
+                why = (
+                    f"both are {kind} words"
+                    if kind
+                    else "neither is a word such as pre, baseline, post, followup"
+                )
+                print(
+                    f"timepoints {a!r} and {b!r}: {why}, so {a!r} is taken as the baseline and {b!r} as the "
+                    "follow-up only by natural order (numbers as numbers, else alphabetical); give --pre and "
+                    "--post to be sure",
+                    file=sys.stderr,
+                )
+            return a, b
     raise SystemExit(f"timepoints in the table: {', '.join(present)}; choose two with --pre and --post")
 
 

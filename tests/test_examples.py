@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,171 @@ def test_two_timepoints_are_found():
     )
     with pytest.raises(SystemExit, match="choose two"):
         paired.two_timepoints(pd.DataFrame({"timepoint": ["a", "b", "c"]}), None, None)
+
+
+def _paired_rows(subjects: list[str], pre: str, post: str, change: float) -> dict:
+    """{(subject, timepoint, 'cd8', 'dermis'): value} with post = pre + change for every subject."""
+    vals = {}
+    for i, s in enumerate(subjects):
+        vals[(s, pre, "cd8", "dermis")] = 100.0 + 10 * i
+        vals[(s, post, "cd8", "dermis")] = 100.0 + 10 * i + change
+    return vals
+
+
+def test_identifiers_are_read_as_written(tmp_path, capsys):
+    # subjects 001..006 at weeks 0 and 12, and a slide quantified without metadata (empty subject and timepoint):
+    # read as numbers, 001 became 1 and, beside the empty cells, 12 became 12.0, so nothing matched
+    subjects = [f"{i:03d}" for i in range(1, 7)]
+    study = _study(_paired_rows(subjects, "0", "12", -10.0), {"cd8": "positive_cells_per_mm2"})
+    orphan = study.iloc[[0]].assign(subject=None, timepoint=None, slide="S09_cd3", stain="cd3", value=5.0)
+    pd.concat([study, orphan], ignore_index=True).to_csv(tmp_path / "study.csv", index=False)
+    read = paired.read_study(tmp_path / "study.csv")
+    assert set(read["subject"].dropna()) == set(subjects)
+    assert set(read["timepoint"].dropna()) == {"0", "12"}
+    assert read["subject"].isna().sum() == 1  # the empty cell stays missing, not the text "nan"
+    assert read["value"].dtype == float
+    out = tmp_path / "o"
+    assert paired.main([str(tmp_path / "study.csv"), "--pre", "0", "--post", "12", "--out", str(out)]) == 0
+    res = pd.read_csv(out / "paired_pre_post.csv", dtype={"baseline": str, "follow_up": str})
+    assert res.loc[0, "n_pairs"] == 6 and res.loc[0, "median_change"] == -10
+    assert (res.loc[0, "baseline"], res.loc[0, "follow_up"]) == ("0", "12")
+    # the outcome file is read the same way: 001 is subject 001
+    pd.DataFrame({"subject": subjects, "responder": ["yes"] * 3 + ["no"] * 3}).to_csv(
+        tmp_path / "outcome.csv", index=False
+    )
+    argv = [str(tmp_path / "study.csv"), "--responders", str(tmp_path / "outcome.csv"), "--out", str(out)]
+    assert responders.main([*argv, "--pre", "0", "--post", "12"]) == 0
+    res = pd.read_csv(out / "responders.csv")
+    assert (res.loc[0, "n_responders"], res.loc[0, "n_non_responders"]) == (3, 3)
+    mixed = _load("mixed_model")
+    assert mixed.main([str(tmp_path / "study.csv"), "--baseline", "0", "--out", str(out)]) == 0
+    res = pd.read_csv(out / "mixed_model.csv")
+    assert res.loc[0, "change"] == pytest.approx(-10.0)
+    capsys.readouterr()
+    # bad input: one line naming the file, no traceback
+    with pytest.raises(SystemExit, match=r"outcome\.csv: no such file"):
+        responders.responders_from_csv(tmp_path / "missing" / "outcome.csv")
+    pd.concat([study.astype({"value": object}), study.iloc[[0]].assign(value="n.d.")]).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    with pytest.raises(
+        SystemExit, match=r"bad\.csv: column 'value' holds 'n\.d\.' \(line 14\), not a number"
+    ):
+        paired.read_study(tmp_path / "bad.csv")
+
+
+def test_identifiers_from_parquet_are_text(tmp_path):
+    pytest.importorskip("pyarrow")
+    # a parquet table stores subject 101 as the float 101.0 when another row is empty
+    study = _study(_paired_rows(["101", "102"], "0", "12", 5.0), {"cd8": "positive_cells_per_mm2"})
+    study["subject"] = [101.0, 101.0, 102.0, 102.0]
+    study.loc[len(study)] = {**study.iloc[0].to_dict(), "subject": np.nan, "timepoint": "0"}
+    study.to_parquet(tmp_path / "study.parquet")
+    read = paired.read_study(tmp_path / "study.parquet")
+    assert read["subject"].tolist()[:4] == ["101", "101", "102", "102"]
+    assert read["subject"].isna().sum() == 1
+
+
+def test_two_timepoints_order_as_the_report(tmp_path, capsys):
+    from cleihc.report import order_timepoints
+
+    def order(labels):
+        return paired.two_timepoints(pd.DataFrame({"timepoint": labels}), None, None)
+
+    # words the report knows and the examples did not: the change was computed backwards (pre − post)
+    assert order(["posttreatment", "pretreatment"]) == ("pretreatment", "posttreatment")
+    assert order(["followup", "baseline"]) == ("baseline", "followup")
+    assert order(["eot", "screening"]) == ("screening", "eot")
+    for labels in (["posttreatment", "pretreatment"], ["w12", "w4"], ["12", "0"], ["pre-treatment", "w6"]):
+        assert list(order(labels)) == order_timepoints(labels)
+    assert capsys.readouterr().err.count("natural order") == 2  # w4/w12 and 0/12 only
+    # natural order, not alphabetical (w12 < w4), and said to be a guess
+    assert order(["w12", "w4"]) == ("w4", "w12")
+    err = capsys.readouterr().err
+    assert "'w4' is taken as the baseline" in err and "--pre and --post" in err
+    assert order(["screening", "baseline"]) == ("baseline", "screening")
+    assert "both are baseline words" in capsys.readouterr().err
+    # one label given: the other is the table's other timepoint
+    t = pd.DataFrame({"timepoint": ["a", "b"]})
+    assert paired.two_timepoints(t, "b", None) == ("b", "a")
+    assert paired.two_timepoints(t, None, "a") == ("b", "a")
+    assert capsys.readouterr().err == ""  # a label given is no guess
+    # end to end: every subject fell by 10 from pretreatment to posttreatment; the output names the baseline
+    vals = _paired_rows([f"S{i}" for i in range(6)], "pretreatment", "posttreatment", -10.0)
+    _study(vals, {"cd8": "positive_cells_per_mm2"}).to_csv(tmp_path / "study.csv", index=False)
+    assert paired.main([str(tmp_path / "study.csv"), "--out", str(tmp_path / "o")]) == 0
+    res = pd.read_csv(tmp_path / "o" / "paired_pre_post.csv")
+    assert res.loc[0, "median_change"] == -10 and res.loc[0, "rank_biserial_r"] == -1
+    assert (res.loc[0, "baseline"], res.loc[0, "follow_up"]) == ("pretreatment", "posttreatment")
+    values = pd.read_csv(tmp_path / "o" / "paired_values.csv")
+    assert set(values["baseline"]) == {"pretreatment"} and (values["post"] - values["pre"] == -10).all()
+    # unknown labels: the guess is on stderr and the written table says which label was the baseline
+    vals = _paired_rows([f"S{i}" for i in range(6)], "v2", "v10", -10.0)
+    _study(vals, {"cd8": "positive_cells_per_mm2"}).to_csv(tmp_path / "study.csv", index=False)
+    assert paired.main([str(tmp_path / "study.csv"), "--out", str(tmp_path / "o")]) == 0
+    assert "'v2' is taken as the baseline" in capsys.readouterr().err
+    res = pd.read_csv(tmp_path / "o" / "paired_pre_post.csv")
+    assert (res.loc[0, "baseline"], res.loc[0, "follow_up"], res.loc[0, "median_change"]) == (
+        "v2",
+        "v10",
+        -10,
+    )
+
+
+def _mixed_study(n_subjects: int, stain: str, change: float, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Pre and post for n subjects (levels differ, noise 5): the table and the paired differences post − pre."""
+    rng = np.random.default_rng(seed)
+    vals, diffs = {}, []
+    for i, level in enumerate(rng.normal(100, 30, n_subjects)):
+        pre, post = level + rng.normal(0, 5), level + change + rng.normal(0, 5)
+        vals[(f"{stain}{i}", "pre", stain, "dermis")] = pre
+        vals[(f"{stain}{i}", "post", stain, "dermis")] = post
+        diffs.append(post - pre)
+    return _study(vals, {stain: "positive_cells_per_mm2"}), np.array(diffs)
+
+
+def test_mixed_model_gives_no_number_it_cannot_support(tmp_path, monkeypatch):
+    mixed = _load("mixed_model")
+    few, _ = _mixed_study(2, "cd3", -20.0, seed=1)
+    enough, diffs = _mixed_study(8, "cd8", -20.0, seed=2)
+    res = mixed.change_over_time(pd.concat([few, enough], ignore_index=True)).set_index("stain")
+    # 8 subjects, complete and balanced: the change is the mean paired difference (the known effect, -20, give or
+    # take the noise) and its standard error that of the paired differences
+    assert res.loc["cd8", "change"] == pytest.approx(diffs.mean(), rel=1e-6)
+    assert abs(diffs.mean() + 20) < 5
+    half = 1.959964 * diffs.std(ddof=1) / np.sqrt(8)
+    assert res.loc["cd8", ["ci_lower", "ci_upper"]].tolist() == pytest.approx(
+        [diffs.mean() - half, diffs.mean() + half], rel=1e-3
+    )
+    assert res.loc["cd8", "note"] == "" and res.loc["cd8", "converged"]
+    # 2 subjects: no estimate (it gave p = 5e-7), a note, and no part in the q-values
+    row = res.loc["cd3"]
+    assert all(np.isnan(row[c]) for c in ("change", "ci_lower", "ci_upper", "p_value", "q_value"))
+    assert row["note"] == "2 subject(s), fewer than 5: no estimate"
+    assert res.loc["cd8", "q_value"] == pytest.approx(res.loc["cd8", "p_value"])  # a family of one test
+    # the threshold is an option
+    assert mixed.change_over_time(few, min_subjects=2)["change"].notna().all()
+    with pytest.raises(SystemExit):
+        mixed.main([str(tmp_path / "x.csv"), "--min-subjects", "1"])
+    # a fit that did not converge (one optimizer iteration allowed) gives no number either
+    from statsmodels.regression.mixed_linear_model import MixedLM
+
+    fit = MixedLM.fit
+    monkeypatch.setattr(MixedLM, "fit", lambda self, *a, **k: fit(self, *a, **{**k, "maxiter": 1}))
+    res = mixed.change_over_time(enough)
+    assert res["change"].isna().all() and res["q_value"].isna().all() and not res.loc[0, "converged"]
+    assert res.loc[0, "note"] == "the model did not converge: no estimate"
+    monkeypatch.undo()
+    # statsmodels' warning of a Hessian that is not positive definite (unreliable errors) is a failure too;
+    # its warning of a subject variance "on the boundary" is not
+
+    class Fit:
+        converged = True
+
+    def warned(text):
+        return [warnings.WarningMessage(text, UserWarning, "f.py", 1)]
+
+    assert "Hessian" in mixed._failed_fit(
+        warned("The Hessian matrix at the estimated parameter values is x"), Fit
+    )
+    assert mixed._failed_fit(warned("The MLE may be on the boundary of the parameter space."), Fit) is None
