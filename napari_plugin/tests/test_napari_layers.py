@@ -158,7 +158,7 @@ def test_cell_edits_against_automatic_cells():
     # Shown: cell 0 deleted, cell 1 made 3+, cell 2 moved, cell 3 gone under an exclusion, one added.
     pts = np.array([[5.0, 20.0], [50.0, 30.0], [7.0, 8.0]])
     feats = pd.DataFrame({"cell_id": [1, 2, -1], "class": ["3+", "1+", "negative"]})
-    edits = cell_edits(auto, pts, feats, excluded=box(300, 300, 500, 500))
+    edits = cell_edits(auto, pts, feats, excluded=np.array([False, False, False, True]))
     got = [(e.action, e.x_px, e.y_px, e.positive, e.intensity_class) for e in edits]
     assert got == [
         ("delete", 10.0, 5.0, False, 0),
@@ -167,6 +167,10 @@ def test_cell_edits_against_automatic_cells():
         ("add", 30.0, 50.0, True, 1),
         ("add", 8.0, 7.0, False, 0),
     ]
+    # `excluded` goes with the rows of `automatic` in their order, whatever the order of the cell ids.
+    shuffled = auto.iloc[[3, 1, 0, 2]]
+    again = cell_edits(shuffled, pts, feats, excluded=np.array([True, False, False, False]))
+    assert [(e.action, e.x_px, e.y_px, e.positive, e.intensity_class) for e in again] == got
     # Unchanged cells give no edits.
     same = pd.DataFrame(
         {"cell_id": [0, 1, 2, 3], "class": cell_classes(auto["positive"], auto["intensity_class"])}

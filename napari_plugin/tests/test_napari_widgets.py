@@ -19,7 +19,7 @@ from napari_cleihc._correct_widget import CorrectWidget
 from napari_cleihc._edits import corrections_equal
 from napari_cleihc._quantify_widget import QuantifyWidget
 from napari_cleihc._review_widget import ReviewWidget
-from napari_cleihc._viewer import find_layer, layers_with_role, viewer_camera
+from napari_cleihc._viewer import current_load_id, find_layer, layers_with_role, viewer_camera
 
 PLUGIN = "napari-cleihc"
 
@@ -300,8 +300,13 @@ def test_save_and_reload_round_trip(make_napari_viewer, results_dir):
     table = pd.read_csv(results_dir / "regions.csv")
     assert table["corrected"].any()
     rows_saved = widget.rows
-    # After saving, the painting has become polygons on the exclusions layer: the layers hold what the file holds.
-    assert not np.asarray(find_layer(viewer, "exclusion paint").data).any()
+    # After saving, the layers hold what the file holds: the painting has become polygons on the exclusions
+    # layer, the cells under the exclusions are gone from the cells layer, the header says so.
+    assert find_layer(viewer, "exclusion paint") is None
+    assert len(find_layer(viewer, "exclusions").data) == 2
+    _, corrected_cells = SlideResults.load(results_dir, slide).recompute(saved)
+    assert len(find_layer(viewer, "cells").data) == len(corrected_cells) < len(cells.features) + 1
+    assert "(corrections saved)" in widget.slide_label.text()
     assert corrections_equal(widget.corrections(), saved)
     # Reload from disk: the layers show the corrections, and rebuild the same corrections.
     viewer.layers.clear()
@@ -402,3 +407,152 @@ def test_quantify_widget_refuses_another_protocols_folder(make_napari_viewer, sa
     widget.out_edit.setText(str(results_dir))
     assert widget.run() is None and widget.worker is None
     assert "holds results of protocol 'cd3'" in widget.status.text()
+
+
+def _tissue_row(out: Path, slide: str) -> pd.Series:
+    table = pd.read_csv(out / "regions.csv")
+    return table[table["slide"] == slide].set_index("region").loc["tissue"]
+
+
+def test_exclusions_take_and_give_back_cells_as_the_numbers_do(make_napari_viewer, results_dir):
+    """Regressions: after a reopen, removing a saved exclusion deleted the cells it had covered for good (the
+    layer had been built without them, so they counted as deleted); and a cell just outside an exclusion's
+    outline, on a raster cell the outline covers (the recomputation removes it with that cell), became a
+    'deleted' cell on the next save."""
+    from shapely.geometry import box
+
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, results_dir)
+    slide = widget.bound[1]
+    res = SlideResults.load(results_dir, slide)
+    r = res.raster_downsample
+    before = _tissue_row(results_dir, slide)
+    # A cell well off the centre of its raster cell, and a tiny outline around that centre alone.
+    cells = res.cells[res.cells["region"] != "outside"]
+    off = (np.abs(cells["x_px"] / r % 1 - 0.5) > 0.2) & (np.abs(cells["y_px"] / r % 1 - 0.5) > 0.2)
+    cell = cells[off].iloc[len(cells[off]) // 2]
+    cx, cy = (np.floor(cell.x_px / r) + 0.5) * r, (np.floor(cell.y_px / r) + 0.5) * r
+    tiny = box(cx - 0.1 * r, cy - 0.1 * r, cx + 0.1 * r, cy + 0.1 * r)
+    assert not tiny.contains(box(cell.x_px, cell.y_px, cell.x_px, cell.y_px).centroid)
+    # And a block over several cells.
+    other = cells.iloc[len(cells) // 3]
+    block = box(other.x_px - 40, other.y_px - 40, other.x_px + 40, other.y_px + 40)
+    layer = find_layer(viewer, "exclusions")
+    layer.add_polygons([np.asarray(g.exterior.coords)[:-1, ::-1] for g in (tiny, block)])
+    saved = read_corrections(widget.save())
+    assert len(saved.exclusions) == 2 and saved.cell_edits == ()  # excluded, not deleted
+    excluded = _tissue_row(results_dir, slide)
+    assert excluded["cells_total"] < before["cells_total"] - 1
+    # Reopened and saved unchanged: the same file (no cell becomes a deletion).
+    viewer.layers.clear()
+    widget = _open_results(viewer, results_dir)
+    assert corrections_equal(widget.corrections(), saved)
+    # The exclusions removed: every cell and every pixel counts again.
+    layer = find_layer(viewer, "exclusions")
+    layer.selected_data = set(range(len(layer.data)))
+    layer.remove_selected()
+    again = read_corrections(widget.save())
+    assert again.is_empty, again
+    after = _tissue_row(results_dir, slide)
+    for col in ("cells_total", "cells_positive", "region_area_mm2"):
+        assert after[col] == before[col], col
+    assert len(find_layer(viewer, "cells").data) == len(res.cells)
+
+
+def test_unsaved_corrections_are_never_dropped(make_napari_viewer, qtbot, results_dir):
+    """Regressions: the review queue's Next/Reviewed and a Quantify re-run replaced the slide's layers and
+    silently dropped corrections not yet saved; after a re-run the Correct dock kept the old automatic cells and
+    saved spurious edits."""
+    slides = _two_slide_folder(results_dir)
+    viewer = make_napari_viewer()
+    queue = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(queue)
+    correct = CorrectWidget(viewer)
+    viewer.window.add_dock_widget(correct)
+    queue.set_folder(results_dir)
+    assert queue.current_slide() == slides[0]
+    qtbot.waitUntil(lambda: correct.bound == (str(results_dir), slides[0]), timeout=10_000)
+    cells = find_layer(viewer, "cells")
+    n = len(cells.data)
+    cells.selected_data = {0}
+    correct.delete_selected_cells()
+    for action in (queue.next, lambda: queue.mark("reviewed", advance=True)):
+        action()
+        assert queue.current_slide() == slides[0] and len(find_layer(viewer, "cells").data) == n - 1
+        assert "has corrections that are not saved" in queue.message.text()
+    assert review_status(results_dir)[slides[0]]["status"] == "unreviewed"
+    # A re-run of the slide into its folder is refused too.
+    quant = QuantifyWidget(viewer)
+    viewer.window.add_dock_widget(quant)
+    quant.select_protocol("cd3")
+    quant.out_edit.setText(str(results_dir))
+    assert find_layer(viewer, "slide") is not None  # the image, which a re-run reads
+    assert quant.run() is None and quant.worker is None
+    assert "not saved" in quant.status.text()
+    # Discarded: the slide as saved, and the queue moves on.
+    queue.open_slide(queue.index, discard=True)
+    assert len(find_layer(viewer, "cells").data) == n
+    queue.next()
+    assert queue.current_slide() == slides[1]
+    # A re-run into the folder (another threshold) rebinds the Correct dock to the new automatic cells.
+    queue.previous()
+    qtbot.waitUntil(lambda: correct.load_id == current_load_id(viewer), timeout=10_000)
+    assert correct.bound == (str(results_dir), slides[0])
+    first_load = correct.load_id
+    quant.use_threshold_check.setChecked(True)
+    quant.threshold_slider.setValue(quant.threshold_slider.value() + 10)
+    quant.run()
+    _wait_worker(qtbot, quant)
+    assert quant.result is not None, quant.status.text()
+    qtbot.waitUntil(lambda: correct.load_id == current_load_id(viewer) != first_load, timeout=10_000)
+    assert correct.corrections().is_empty
+    assert not correct.recompute()["corrected"].any()
+
+
+def test_the_runs_own_exclusions_are_not_regions(make_napari_viewer, sample_slide, tmp_path):
+    """Regression: an `exclude` area of the run's --regions file was drawn as a region; saving then made an
+    `exclude` row. It is shown on its own locked layer and left out of the corrections."""
+    from shapely.geometry import box
+
+    from cleihc import quantify
+    from cleihc.outputs import rebuild_tables, write_slide_outputs
+    from cleihc.regions import Region
+
+    out = tmp_path / "out"
+    write_slide_outputs(
+        quantify(sample_slide, "cd3", regions=[Region("Exclude", box(200, 200, 400, 400), "t")]), out
+    )
+    rebuild_tables(out)
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, out)
+    assert "exclude" not in [n.lower() for n in find_layer(viewer, "regions").features["region"]]
+    (locked,) = layers_with_role(viewer, "run exclusions")
+    assert len(locked.data) == 1 and len(find_layer(viewer, "exclusions").data) == 0
+    assert widget.corrections().is_empty
+    widget.save()
+    assert "Exclude" not in set(pd.read_csv(out / "regions.csv")["region"])
+    assert widget.region_combo.findText("Exclude") < 0
+
+
+def test_a_relative_slide_path_is_not_taken_for_another_file(tmp_path, monkeypatch, results_dir):
+    """Regression: a record's relative path, read from another working folder, showed whatever slide had that
+    name there under this slide's results. The recorded absolute path comes first; a relative path must have
+    the recorded size."""
+    from napari_cleihc._layers import ResultsSlide
+
+    slide = _slide_name(results_dir)
+    record = json.loads((results_dir / "slides" / f"{slide}.json").read_text())
+    real = Path(record["provenance"]["slide"]["absolute_path"])
+    record["path"] = f"slides/{real.name}"
+    (results_dir / "slides" / f"{slide}.json").write_text(json.dumps(record))
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "slides").mkdir(parents=True)
+    (elsewhere / "slides" / real.name).write_bytes(b"another slide")
+    monkeypatch.chdir(elsewhere)
+    assert ResultsSlide.load(results_dir, slide).slide_path == real
+    record["provenance"]["slide"]["absolute_path"] = str(tmp_path / "gone" / real.name)
+    (results_dir / "slides" / f"{slide}.json").write_text(json.dumps(record))
+    rs = ResultsSlide.load(results_dir, slide)
+    assert not rs.slide_found
+    shutil.copy(real, elsewhere / "slides" / real.name)  # the same file, moved with the results: found
+    assert rs.slide_found and rs.slide_path == Path(f"slides/{real.name}")

@@ -35,11 +35,12 @@ from cleihc.corrections import (
     SlideResults,
     apply_saved_corrections,
     corrections_path,
+    read_corrections,
     write_corrections,
 )
 from cleihc.errors import CleihcError
-from cleihc.geometry import region_color
-from napari_cleihc._edits import AutomaticResults, build_corrections, painted_exclusions
+from cleihc.geometry import polygonal, region_color
+from napari_cleihc._edits import AutomaticResults, build_corrections, corrections_equal, painted_exclusions
 from napari_cleihc._layers import (
     CLASS_NAMES,
     EXCLUSION_COLOR,
@@ -49,12 +50,23 @@ from napari_cleihc._layers import (
     geometries_from_shapes,
     layer_data_px,
     points_px,
+    results_folder_layers,
     shape_parts,
 )
 from napari_cleihc._table import MetricsTable
-from napari_cleihc._viewer import cleihc_meta, current_results, find_layer
+from napari_cleihc._viewer import (
+    add_layer_tuples,
+    cleihc_meta,
+    current_load_id,
+    current_results,
+    find_layer,
+    remove_layers,
+)
 
-__all__ = ["CorrectWidget"]
+__all__ = ["CorrectWidget", "corrections_from_layers", "unsaved_corrections"]
+
+#: The layers a save reloads from the results folder (the slide image and the positive overlay do not change).
+_EDITED_ROLES = ("tissue", "regions", "run exclusions", "exclusions", "cells", "exclusion paint")
 
 _COMPARTMENTS = ("epidermis", "dermis", "papillary_dermis", "superficial_dermis", "deep_dermis", "tissue")
 
@@ -66,6 +78,7 @@ class CorrectWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.bound: tuple[str, str] | None = None
+        self.load_id: str | None = None  # which loading of the bound slide's layers the dock works on
         self.automatic: AutomaticResults | None = None
         self.results: SlideResults | None = None
         self.rows = None
@@ -159,9 +172,12 @@ class CorrectWidget(QWidget):
     # -- binding to the slide shown -----------------------------------------------------------------------
     def _on_layers_changed(self, *_: Any) -> None:
         found = current_results(self.viewer)
-        if found == self.bound:
+        load_id = current_load_id(self.viewer)
+        # The same slide loaded again (a re-run into the folder, a save) has new automatic results: rebind.
+        if found == self.bound and load_id == self.load_id:
             return
         self.bound = found
+        self.load_id = load_id
         self.automatic = self.results = None
         if found is None:
             self.slide_label.setText("Open a cleihc results folder (or run Quantify with a results folder).")
@@ -225,9 +241,12 @@ class CorrectWidget(QWidget):
         if layer is None and self.bound is not None:
             out_dir, slide = self.bound
             rs = ResultsSlide.load(out_dir, slide)
-            data, kwargs, _ = exclusions_layer([], world_per_px=rs.world_per_px, meta=rs.meta)
+            data, kwargs, _ = exclusions_layer([], world_per_px=rs.world_per_px, meta=self._meta(rs))
             layer = self.viewer.add_shapes(data, **kwargs)
         return layer
+
+    def _meta(self, rs: ResultsSlide) -> dict[str, Any]:
+        return {**rs.meta, "load_id": self.load_id}
 
     def draw_exclusion(self) -> None:
         layer = self._exclusions()
@@ -252,7 +271,9 @@ class CorrectWidget(QWidget):
                 scale=(sy, sx),
                 translate=(0.5 * sy, 0.5 * sx),
                 opacity=0.5,
-                metadata={META_KEY: {"role": "exclusion paint", **rs.meta, "world_per_px": rs.world_per_px}},
+                metadata={
+                    META_KEY: {"role": "exclusion paint", **self._meta(rs), "world_per_px": rs.world_per_px}
+                },
             )
             layer.brush_size = 10
         return layer
@@ -310,44 +331,9 @@ class CorrectWidget(QWidget):
     # -- corrections --------------------------------------------------------------------------------------
     def corrections(self) -> Corrections:
         """The corrections the layers now hold, relative to the automatic results."""
-        self._require()
-        # A region is compared with its automatic outline only when the layer that shows it is there.
-        regions: dict[str, Any] = {}
-        shown: dict[str, Any] = {}
-        for role in ("tissue", "regions"):
-            layer = self._layer(role)
-            if layer is None:
-                continue
-            for name, geom in self.automatic.regions.items():
-                if (name == "tissue") == (role == "tissue"):
-                    shown[name] = geom
-            regions.update(
-                geometries_from_shapes(
-                    layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
-                )
-            )
-        exclusions = []
-        layer = self._layer("exclusions")
-        if layer is not None and len(layer.data):
-            exclusions += [
-                g
-                for _, g in shape_parts(
-                    layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
-                )
-            ]
-        paint = self.paint_layer(create=False)
-        if paint is not None:
-            exclusions += painted_exclusions(
-                np.asarray(paint.data), raster_downsample=self.automatic.raster_downsample
-            )
-        cells = self._layer("cells")
-        return build_corrections(
-            dataclasses.replace(self.automatic, regions=shown),
-            regions=regions,
-            exclusions=exclusions,
-            points_yx=None if cells is None else points_px(cells),
-            point_features=None if cells is None else cells.features,
-            author=self.author_edit.text().strip(),
+        _, slide = self._require()
+        return corrections_from_layers(
+            self.viewer, self.automatic, slide=slide, author=self.author_edit.text().strip()
         )
 
     def recompute(self) -> Any:
@@ -361,8 +347,31 @@ class CorrectWidget(QWidget):
         self.rows = rows
         self.table.set_frame(rows)
         n = int(rows["corrected"].sum()) if "corrected" in rows else 0
-        self.status.setText(f"Recomputed: {n} of {len(rows)} regions include manual corrections.")
+        self.status.setText(
+            f"Recomputed: {n} of {len(rows)} regions include manual corrections." + self._tissue_notice()
+        )
         return rows
+
+    def _tissue_notice(self) -> str:
+        # A tissue outline only restricts the detected tissue (as with --regions): say so when it reaches out.
+        layer = self._layer("tissue")
+        if layer is None or self.automatic is None or "tissue" not in self.automatic.regions:
+            return ""
+        drawn = geometries_from_shapes(
+            layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
+        ).get("tissue")
+        if drawn is None:
+            return ""
+        outside_px2 = float(polygonal(drawn).difference(polygonal(self.automatic.regions["tissue"])).area)
+        out_dir, slide = self.bound
+        mpp = ResultsSlide.load(out_dir, slide).mpp_um
+        outside_mm2 = outside_px2 * mpp[0] * mpp[1] / 1e6
+        if outside_mm2 < 1e-4:
+            return ""
+        return (
+            f" The tissue outline reaches {outside_mm2:.3g} mm² beyond the detected tissue: a drawn tissue only "
+            "restricts it (that area is not measured)."
+        )
 
     def save(self) -> Any:
         """Write the corrections (who, when) and update the slide's record and the folder's tables."""
@@ -374,7 +383,7 @@ class CorrectWidget(QWidget):
         except (CleihcError, OSError, ValueError) as exc:
             self.status.setText(f"Not saved: {exc}")
             return None
-        self._fold_paint_into_polygons(corr)
+        self._reload_edited_layers()
         self.rows = rows
         self.table.set_frame(rows)
         self.status.setText(
@@ -382,19 +391,87 @@ class CorrectWidget(QWidget):
         )
         return path
 
-    def _fold_paint_into_polygons(self, corr: Corrections) -> None:
-        # After a save the exclusions layer shows exactly what the file holds; the painting is cleared.
-        paint = self.paint_layer(create=False)
-        if paint is None or not np.asarray(paint.data).any():
-            return
+    def _reload_edited_layers(self) -> None:
+        # After a save the layers show exactly what the file holds: cells under a new exclusion go, painting
+        # becomes polygons, the header says corrections are saved.
         out_dir, slide = self.bound
-        rs = ResultsSlide.load(out_dir, slide)
-        old = self._layer("exclusions")
-        if old is not None:
-            self.viewer.layers.remove(old)
-        data, kwargs, _ = exclusions_layer(list(corr.exclusions), world_per_px=rs.world_per_px, meta=rs.meta)
-        self.viewer.add_shapes(data, **kwargs)
-        paint.data = np.zeros_like(np.asarray(paint.data))
+        tuples = [
+            t
+            for t in results_folder_layers(out_dir, slide, include_slide=False)
+            if t[1]["metadata"][META_KEY].get("role") in _EDITED_ROLES
+        ]
+        remove_layers(self.viewer, _EDITED_ROLES, slide=slide)
+        add_layer_tuples(self.viewer, tuples)
+        self._on_layers_changed()
+
+
+def corrections_from_layers(
+    viewer: Any, automatic: AutomaticResults, *, slide: str, author: str = ""
+) -> Corrections:
+    """The corrections the viewer's layers of `slide` hold, relative to its automatic results.
+
+    A region is compared with its automatic outline only when the layer that shows it is there.
+    """
+
+    def layer_of(role: str) -> Any:
+        return find_layer(viewer, role, slide=slide)
+
+    regions: dict[str, Any] = {}
+    shown: dict[str, Any] = {}
+    for role in ("tissue", "regions"):
+        layer = layer_of(role)
+        if layer is None:
+            continue
+        for name, geom in automatic.regions.items():
+            if (name == "tissue") == (role == "tissue"):
+                shown[name] = geom
+        regions.update(
+            geometries_from_shapes(
+                layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
+            )
+        )
+    exclusions = []
+    layer = layer_of("exclusions")
+    if layer is not None and len(layer.data):
+        exclusions += [
+            g
+            for _, g in shape_parts(
+                layer_data_px(layer), layer.shape_type, _col(layer, "region"), _col(layer, "part", -1)
+            )
+        ]
+    paint = layer_of("exclusion paint")
+    if paint is not None:
+        exclusions += painted_exclusions(
+            np.asarray(paint.data), raster_downsample=automatic.raster_downsample
+        )
+    cells = layer_of("cells")
+    return build_corrections(
+        dataclasses.replace(automatic, regions=shown),
+        regions=regions,
+        exclusions=exclusions,
+        points_yx=None if cells is None else points_px(cells),
+        point_features=None if cells is None else cells.features,
+        hidden_cell_ids=() if cells is None else cleihc_meta(cells).get("hidden_cell_ids", ()),
+        author=author,
+    )
+
+
+def unsaved_corrections(viewer: Any, *, slide: str | None = None) -> str | None:
+    """The slide (of the results shown, or `slide`) whose layers hold corrections that are not saved, else None.
+
+    Whoever replaces a slide's layers (the review queue, a re-run) asks first: they would be lost.
+    """
+    found = current_results(viewer)
+    if found is None or (slide is not None and found[1] != slide):
+        return None
+    out_dir, shown = found
+    try:
+        automatic = AutomaticResults.load(out_dir, shown)
+        now = corrections_from_layers(viewer, automatic, slide=shown)
+        saved = read_corrections(corrections_path(out_dir, shown))
+    except (OSError, ValueError, KeyError, CleihcError):
+        return None  # results that cannot be read hold nothing a reviewer could lose
+    return None if corrections_equal(now, saved) else shown
 
 
 def _col(layer: Any, name: str, default: Any = "") -> list[Any]:

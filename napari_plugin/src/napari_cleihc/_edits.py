@@ -17,7 +17,7 @@ import shapely
 from shapely.geometry import MultiPolygon
 from shapely.geometry.base import BaseGeometry
 
-from cleihc.corrections import CellEdit, Corrections
+from cleihc.corrections import CellEdit, Corrections, excluded_cells
 from cleihc.geometry import mask_to_polygons, polygonal
 from napari_cleihc._layers import cell_classes, class_fields
 
@@ -38,19 +38,36 @@ class AutomaticResults:
     regions: dict[str, BaseGeometry]
     cells: pd.DataFrame
     raster_downsample: float
+    raster_shape: tuple[int, int]  # (height, width) of the totals raster
 
     @classmethod
     def load(cls, out_dir: str | os.PathLike[str], slide: str) -> AutomaticResults:
-        from napari_cleihc._layers import ResultsSlide, read_regions_geojson
+        from napari_cleihc._layers import ResultsSlide, is_run_exclusion, read_regions_geojson
 
         out = Path(out_dir)
         regions: dict[str, BaseGeometry] = {}
         path = out / "regions" / f"{slide}.geojson"
         for name, geom in read_regions_geojson(path) if path.is_file() else []:
+            if is_run_exclusion(name):  # the run's own exclusions are not regions (and not the reviewer's)
+                continue
             regions[name] = regions[name].union(geom) if name in regions else geom
         cells_path = out / "cells" / f"{slide}.parquet"
         cells = pd.read_parquet(cells_path) if cells_path.is_file() else pd.DataFrame()
-        return cls(regions, cells, ResultsSlide.load(out, slide).raster_downsample)
+        return cls(regions, cells, ResultsSlide.load(out, slide).raster_downsample, _raster_shape(out, slide))
+
+
+def _raster_shape(out: Path, slide: str) -> tuple[int, int]:
+    """(height, width) of a slide's totals raster: from the positive mask's header, without reading pixels."""
+    import tifffile
+
+    mask = out / "masks" / f"{slide}.ome.tif"
+    if mask.is_file():
+        with tifffile.TiffFile(mask) as tif:
+            h, w = tif.series[0].shape[-2:]
+            return int(h), int(w)
+    with np.load(out / "totals" / f"{slide}.npz", allow_pickle=False) as z:
+        h, w = z["bin_px"].shape[1:]
+        return int(h), int(w)
 
 
 def _same(a: BaseGeometry, b: BaseGeometry, *, tolerance_px2: float) -> bool:
@@ -88,7 +105,7 @@ def cell_edits(
     points_yx: np.ndarray,
     features: pd.DataFrame,
     *,
-    excluded: BaseGeometry | None = None,
+    excluded: np.ndarray | None = None,
     move_tolerance_px: float = 0.5,
 ) -> tuple[CellEdit, ...]:
     """Cell edits turning the automatic cells into the current points.
@@ -101,8 +118,9 @@ def cell_edits(
         The Points layer's data: ``(y, x)`` level-0 pixels.
     features : pandas.DataFrame
         Its features: ``cell_id`` (-1 for a cell added by hand) and ``class``.
-    excluded : shapely geometry, optional
-        Excluded areas: automatic cells missing there were removed by the exclusion, not deleted.
+    excluded : ndarray of bool, optional
+        One per row of `automatic`: cells an exclusion removes (:func:`cleihc.corrections.excluded_cells`, the
+        rule the recomputation applies) or that the layer never showed; missing, they are not deletions.
     move_tolerance_px : float
         A point moved further than this from its automatic position counts as deleted there and added here.
 
@@ -119,7 +137,8 @@ def cell_edits(
     reclass: list[CellEdit] = []
     adds: list[CellEdit] = []
     if len(automatic):
-        auto = automatic.set_index("cell_id", drop=False).sort_index()
+        order = np.argsort(automatic["cell_id"].to_numpy(np.int64), kind="stable")
+        auto = automatic.set_index("cell_id", drop=False).iloc[order]
         auto_xy = auto[["x_px", "y_px"]].to_numpy(np.float64)
         auto_cls = cell_classes(auto["positive"].to_numpy(bool), auto["intensity_class"].to_numpy())
         kept = ids >= 0
@@ -134,8 +153,8 @@ def cell_edits(
         )
         present[pos[moved]] = False  # deleted where it was, added where it is now
         missing = np.flatnonzero(~present)
-        if excluded is not None and not excluded.is_empty and missing.size:
-            inside = shapely.contains_xy(excluded, auto_xy[missing, 0], auto_xy[missing, 1])
+        if excluded is not None and missing.size:
+            inside = np.asarray(excluded, dtype=bool)[order][missing]
             dropped_by_move = np.isin(missing, pos[moved])
             missing = missing[~inside | dropped_by_move]
         for k in missing:
@@ -174,14 +193,29 @@ def build_corrections(
     exclusions: Sequence[BaseGeometry],
     points_yx: np.ndarray | None,
     point_features: pd.DataFrame | None,
+    hidden_cell_ids: Sequence[int] = (),
     author: str = "",
 ) -> Corrections:
-    """Corrections from the current regions, exclusions and cell points (see the functions above)."""
+    """Corrections from the current regions, exclusions and cell points (see the functions above).
+
+    An automatic cell missing under an exclusion is excluded, not deleted, by the rule the recomputation
+    applies (its totals-raster cell). ``hidden_cell_ids`` are the automatic cells the cells layer was built
+    without (a saved exclusion covered them): if that exclusion is gone, they come back.
+    """
     excl = tuple(polygonal(g) for g in exclusions if not polygonal(g).is_empty)
-    excluded = shapely.union_all(excl) if excl else None
     edits: tuple[CellEdit, ...] = ()
     if points_yx is not None and point_features is not None:
-        edits = cell_edits(automatic.cells, points_yx, point_features, excluded=excluded)
+        excluded = None
+        cells = automatic.cells
+        if len(cells):
+            excluded = excluded_cells(
+                cells["x_px"].to_numpy(float),
+                cells["y_px"].to_numpy(float),
+                excl,
+                raster_shape=automatic.raster_shape,
+                raster_downsample=automatic.raster_downsample,
+            ) | np.isin(cells["cell_id"].to_numpy(np.int64), np.asarray(hidden_cell_ids, dtype=np.int64))
+        edits = cell_edits(cells, points_yx, point_features, excluded=excluded)
     return Corrections(
         regions=region_corrections(automatic.regions, regions),
         exclusions=excl,

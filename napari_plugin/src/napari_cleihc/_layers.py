@@ -42,8 +42,10 @@ __all__ = [
     "exclusions_layer",
     "geometries_from_shapes",
     "is_results_folder",
+    "is_run_exclusion",
     "layer_data_px",
     "mask_image",
+    "new_load_id",
     "points_px",
     "positive_layer",
     "preview_layer",
@@ -52,6 +54,7 @@ __all__ = [
     "result_layers",
     "results_folder_layers",
     "results_slides",
+    "run_exclusions_layer",
     "shape_parts",
     "shapes_layer",
     "slide_layer",
@@ -609,13 +612,25 @@ class ResultsSlide:
 
     @property
     def slide_path(self) -> Path:
-        """The slide's file: its path as the run was given it, or, when that was relative to another working
-        folder, the absolute path the run recorded."""
+        """The slide's file: the absolute path the run recorded, else its path as the run was given it.
+
+        A relative path names a file of the folder the run started in; read from another folder it may name a
+        different slide, so it is taken only when it has the recorded size.
+        """
         given = Path(self.record["path"])
-        if given.is_file():
+        prov = (self.record.get("provenance") or {}).get("slide", {})
+        recorded = prov.get("absolute_path")
+        if recorded and Path(recorded).is_file():
+            return Path(recorded)
+        if given.is_absolute() or not given.is_file():
             return given
-        recorded = (self.record.get("provenance") or {}).get("slide", {}).get("absolute_path")
-        return Path(recorded) if recorded and Path(recorded).is_file() else given
+        size = prov.get("size_bytes")
+        return given if size is None or given.stat().st_size == size else Path(recorded or given)
+
+    @property
+    def slide_found(self) -> bool:
+        """Whether :attr:`slide_path` is there (results open without their image when it is not)."""
+        return self.slide_path.is_file()
 
     @property
     def mpp_override(self) -> tuple[float, float] | None:
@@ -669,7 +684,7 @@ def result_layers(result: Any, *, meta: Mapping[str, Any] | None = None) -> list
     plan = result.plan
     res = plan.resolution
     wpp = (res.mpp_um[1] / res.downsample, res.mpp_um[0] / res.downsample)
-    meta = {"slide": result.slide, "slide_path": str(result.path), **(meta or {})}
+    meta = {"slide": result.slide, "slide_path": str(result.path), "load_id": new_load_id(), **(meta or {})}
     edge = _edge_px(result.region_masks["tissue"].shape, plan.raster_downsample)
     layers = [
         positive_layer(
@@ -687,7 +702,11 @@ def result_layers(result: Any, *, meta: Mapping[str, Any] | None = None) -> list
             edge_width_px=edge,
         ),
         shapes_layer(
-            [(r.name, r.geometry) for r in plan.regions if r.name != "tissue"],
+            [
+                (r.name, r.geometry)
+                for r in plan.regions
+                if r.name != "tissue" and not is_run_exclusion(r.name)
+            ],
             world_per_px=wpp,
             name="regions",
             role="regions",
@@ -695,6 +714,9 @@ def result_layers(result: Any, *, meta: Mapping[str, Any] | None = None) -> list
             edge_width_px=edge,
         ),
     ]
+    run_excluded = [r.geometry for r in plan.regions if is_run_exclusion(r.name)]
+    if run_excluded:
+        layers.append(run_exclusions_layer(run_excluded, world_per_px=wpp, meta=meta, edge_width_px=edge))
     if "cells" in plan.protocol.measure:
         layers.append(cells_layer(result.cells, world_per_px=wpp, meta=meta))
     return layers
@@ -705,24 +727,58 @@ def _edge_px(raster_shape: tuple[int, int], raster_downsample: float) -> float:
     return max(2.0, max(raster_shape) * raster_downsample / 600.0)
 
 
+def is_run_exclusion(name: str) -> bool:
+    """Whether a region of a run's ``regions/<slide>.geojson`` is an area the run excluded (``--regions``
+    ``exclude``, ``artefact``...): not a region to measure, and not a reviewer's exclusion either."""
+    from cleihc.pipeline import EXCLUDE_NAMES
+
+    return name.lower() in EXCLUDE_NAMES
+
+
+def run_exclusions_layer(
+    geometries: Sequence[BaseGeometry],
+    *,
+    world_per_px: tuple[float, float],
+    meta: Mapping[str, Any] | None = None,
+    edge_width_px: float = 2.0,
+) -> LayerDataTuple:
+    """Areas the run itself excluded (the ``--regions`` file's): shown, locked; they change with that file."""
+    data, kwargs, kind = exclusions_layer(
+        geometries, world_per_px=world_per_px, meta=meta, edge_width_px=edge_width_px
+    )
+    kwargs["name"] = "excluded by the run"
+    kwargs["metadata"][META_KEY]["role"] = "run exclusions"
+    kwargs["face_color"] = "#80008030"
+    return data, kwargs, kind
+
+
+def new_load_id() -> str:
+    """A token for one loading of a slide's results: a dock bound to older layers of the same slide rebinds."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def results_folder_layers(
     out_dir: str | os.PathLike[str], slide: str, *, include_slide: bool = True
 ) -> list[LayerDataTuple]:
     """Layers of one slide of a results folder, with its saved corrections applied.
 
     Slide image (when its file is still there), positive overlay (``masks/``), tissue and regions
-    (``regions/``, corrected regions replacing automatic ones by name), exclusions, and cells (``cells/``, with
-    the cell edits applied) coloured by class.
+    (``regions/``, corrected regions replacing automatic ones by name), the areas the run excluded (locked),
+    the reviewer's exclusions, and cells (``cells/``, with the cell edits applied) coloured by class. The cells
+    layer's metadata lists the automatic cells it leaves out because a saved exclusion covers them
+    (``hidden_cell_ids``): they were never shown, so their absence is not a deletion.
     """
-    from cleihc.corrections import SlideResults, corrections_path, read_corrections
+    from cleihc.corrections import SlideResults, corrections_path, excluded_cells, read_corrections
 
     rs = ResultsSlide.load(out_dir, slide)
     out = Path(out_dir)
     wpp = rs.world_per_px
-    meta = rs.meta
+    meta = {**rs.meta, "load_id": new_load_id()}
     corrections = read_corrections(corrections_path(out, slide))
     layers: list[LayerDataTuple] = []
-    if include_slide and rs.slide_path.is_file():
+    if include_slide and rs.slide_found:
         data, kwargs, kind = slide_layer(rs.slide_path, mpp=rs.mpp_override)
         kwargs["metadata"][META_KEY].update(meta)
         layers.append((data, kwargs, kind))
@@ -736,7 +792,8 @@ def results_folder_layers(
         )
     regions_path = out / "regions" / f"{slide}.geojson"
     named = read_regions_geojson(regions_path) if regions_path.is_file() else []
-    named = [(n, corrections.regions.get(n, g)) for n, g in named]
+    run_excluded = [g for n, g in named if is_run_exclusion(n)]
+    named = [(n, corrections.regions.get(n, g)) for n, g in named if not is_run_exclusion(n)]
     known = {n for n, _ in named}
     named += [(n, g) for n, g in corrections.regions.items() if n not in known]
     layers.append(
@@ -759,15 +816,31 @@ def results_folder_layers(
             edge_width_px=edge,
         )
     )
+    if run_excluded:
+        layers.append(run_exclusions_layer(run_excluded, world_per_px=wpp, meta=meta, edge_width_px=edge))
     layers.append(
         exclusions_layer(list(corrections.exclusions), world_per_px=wpp, meta=meta, edge_width_px=edge)
     )
     if (out / "cells" / f"{slide}.parquet").is_file():
+        automatic = pd.read_parquet(out / "cells" / f"{slide}.parquet")
+        hidden: list[int] = []
         if corrections.is_empty:
-            cells = pd.read_parquet(out / "cells" / f"{slide}.parquet")
+            cells = automatic
         else:
-            _, cells = SlideResults.load(out, slide).recompute(corrections)
-        layers.append(cells_layer(cells, world_per_px=wpp, meta=meta))
+            results = SlideResults.load(out, slide)
+            _, cells = results.recompute(corrections)
+            if corrections.exclusions and len(automatic) and "cell_id" in automatic:
+                gone = excluded_cells(
+                    automatic["x_px"].to_numpy(float),
+                    automatic["y_px"].to_numpy(float),
+                    corrections.exclusions,
+                    raster_shape=results.masks["tissue"].shape,
+                    raster_downsample=results.raster_downsample,
+                )
+                hidden = [int(i) for i in automatic["cell_id"].to_numpy()[gone]]
+        data, kwargs, kind = cells_layer(cells, world_per_px=wpp, meta=meta)
+        kwargs["metadata"][META_KEY]["hidden_cell_ids"] = hidden
+        layers.append((data, kwargs, kind))
     return layers
 
 

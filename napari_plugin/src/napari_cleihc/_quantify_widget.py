@@ -37,6 +37,7 @@ from cleihc.errors import CleihcError
 from cleihc.protocol import Protocol, list_protocols, load_protocol
 from cleihc.slide import Slide, open_slide
 from cleihc.stains import concentration
+from napari_cleihc._correct_widget import unsaved_corrections
 from napari_cleihc._layers import (
     META_KEY,
     ResultsSlide,
@@ -334,6 +335,14 @@ class QuantifyWidget(QWidget):
             protocol = self.run_protocol()
         except (CleihcError, OSError, ValueError) as exc:
             self.status.setText(str(exc))
+            return None
+        # The new results replace the slide's layers: corrections not saved there would be lost.
+        pending = unsaved_corrections(self.viewer, slide=meta.get("slide"))
+        if pending is not None:
+            self.status.setText(
+                f"{pending} has corrections that are not saved: save them in the Correct dock (or reopen the "
+                "slide to drop them) before quantifying it again."
+            )
             return None
         kwargs: dict[str, Any] = {"mpp": meta.get("mpp_override")}
         if roi is not None:

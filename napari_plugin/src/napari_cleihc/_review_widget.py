@@ -10,6 +10,9 @@ Alt+1          mark reviewed, go to next
 Alt+2          flag, go to next
 Alt+0          mark unreviewed
 =============  ==========================
+
+Corrections not yet saved are never dropped: leaving the slide or marking it is refused until they are saved
+(Correct dock) or discarded ("Discard edits").
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from qtpy.QtWidgets import (
 
 from cleihc.corrections import REVIEW_STATES, review_status, set_review_status
 from cleihc.errors import CleihcError
-from napari_cleihc._layers import results_folder_layers, results_slides
+from napari_cleihc._correct_widget import unsaved_corrections
+from napari_cleihc._layers import ResultsSlide, results_folder_layers, results_slides
 from napari_cleihc._viewer import RESULT_ROLES, add_layer_tuples, remove_layers
 
 __all__ = ["SHORTCUTS", "ReviewWidget"]
@@ -100,6 +104,9 @@ class ReviewWidget(QWidget):
             "flagged": lambda: self.mark("flagged", advance=True),
             "unreviewed": lambda: self.mark("unreviewed"),
         }
+        discard = QPushButton("Discard edits")
+        discard.setToolTip("Reload the slide's results as saved, dropping corrections not saved")
+        discard.clicked.connect(lambda: self.open_slide(self.index, discard=True))
         self.shortcuts: dict[str, QShortcut] = {}
         for key, button in buttons.items():
             button.setToolTip(f"{SHORTCUTS[key]}")
@@ -118,6 +125,7 @@ class ReviewWidget(QWidget):
         grid.addWidget(buttons["reviewed"], 1, 0)
         grid.addWidget(buttons["flagged"], 1, 1)
         grid.addWidget(buttons["unreviewed"], 2, 0)
+        grid.addWidget(discard, 2, 1)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
         layout.addWidget(self.table, 1)
@@ -174,14 +182,30 @@ class ReviewWidget(QWidget):
     def current_slide(self) -> str | None:
         return self.slides[self.index] if 0 <= self.index < len(self.slides) else None
 
-    def open_slide(self, index: int) -> None:
-        """Show slide `index` of the queue (its image and results replace the previous slide's layers)."""
-        if not self.slides:
+    def _refuse_if_unsaved(self) -> bool:
+        pending = unsaved_corrections(self.viewer)
+        if pending is None:
+            return False
+        self.message.setText(
+            f"{pending} has corrections that are not saved: save them in the Correct dock, or press "
+            "'Discard edits' to drop them."
+        )
+        return True
+
+    def open_slide(self, index: int, *, discard: bool = False) -> None:
+        """Show slide `index` of the queue (its image and results replace the previous slide's layers).
+
+        Refused while the slide shown holds corrections that are not saved, unless `discard`.
+        """
+        if not self.slides or index < 0:
+            return
+        if not discard and self._refuse_if_unsaved():
             return
         index = max(0, min(int(index), len(self.slides) - 1))
         slide = self.slides[index]
         try:
             layers = results_folder_layers(self.out_dir, slide)
+            rs = ResultsSlide.load(self.out_dir, slide)
         except (OSError, ValueError, KeyError, CleihcError) as exc:
             self.message.setText(f"{slide}: cannot open its results ({exc})")
             return
@@ -191,7 +215,13 @@ class ReviewWidget(QWidget):
         self.index = index
         self.note_edit.setText(self.status.get(slide, {}).get("note", ""))
         self.table.selectRow(index)
-        self.message.setText(f"{index + 1} / {len(self.slides)}: {slide}")
+        text = f"{index + 1} / {len(self.slides)}: {slide}"
+        if not rs.slide_found:  # moved or on a drive not mounted: the overlays alone are shown
+            text += (
+                f"\nSlide image not found at {rs.slide_path}; its results are shown without it (run "
+                "`cleihc quantify` on the slide's new location to record it)."
+            )
+        self.message.setText(text)
 
     def next(self) -> None:
         if self.slides and self.index < len(self.slides) - 1:
@@ -206,7 +236,7 @@ class ReviewWidget(QWidget):
         if status not in REVIEW_STATES:
             raise ValueError(f"status must be one of {REVIEW_STATES}, got {status!r}")
         slide = self.current_slide()
-        if slide is None:
+        if slide is None or self._refuse_if_unsaved():
             return
         set_review_status(
             self.out_dir,

@@ -11,6 +11,7 @@ __all__ = [
     "RESULT_ROLES",
     "add_layer_tuples",
     "cleihc_meta",
+    "current_load_id",
     "current_results",
     "find_layer",
     "layers_with_role",
@@ -19,7 +20,16 @@ __all__ = [
 ]
 
 #: Roles of the layers that show a slide's results (replaced when a slide is re-run or re-opened).
-RESULT_ROLES = ("positive", "tissue", "regions", "exclusions", "cells", "exclusion paint", "preview")
+RESULT_ROLES = (
+    "positive",
+    "tissue",
+    "regions",
+    "run exclusions",
+    "exclusions",
+    "cells",
+    "exclusion paint",
+    "preview",
+)
 
 
 def viewer_camera(viewer: Any) -> Any:
@@ -58,6 +68,15 @@ def current_results(viewer: Any) -> tuple[str, str] | None:
         meta = cleihc_meta(layer)
         if meta.get("out_dir") and meta.get("role") in RESULT_ROLES:
             return str(meta["out_dir"]), str(meta["slide"])
+    return None
+
+
+def current_load_id(viewer: Any) -> str | None:
+    """The load token of the top layers that came from a results folder (new each time they are loaded)."""
+    for layer in reversed(viewer.layers):
+        meta = cleihc_meta(layer)
+        if meta.get("out_dir") and meta.get("role") in RESULT_ROLES:
+            return meta.get("load_id")
     return None
 
 
