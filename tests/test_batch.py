@@ -82,6 +82,33 @@ def test_second_run_skips_and_force_recomputes(study, serial_run, capsys):
     pd.testing.assert_frame_equal(before, _table(out))
 
 
+def test_a_moved_slide_is_skipped_and_its_new_place_recorded(study, tmp_path):
+    """Regression: a slide moved (same content) was skipped and its results kept pointing at the old place, so
+    the review found no image. The record, the tables and provenance now name the new place; nothing is
+    measured again."""
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(_good(study)[0], old / "S01_pre_cd3.svs")
+    out = tmp_path / "out"
+    assert main(["quantify", str(old), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    before = _table(out)
+    new = tmp_path / "archive" / "cd3"
+    new.parent.mkdir()
+    (old).rename(new)
+    assert main(["quantify", str(new), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        "S01_pre_cd3: skipped (results are current; new location recorded)" in (out / "run.log").read_text()
+    )
+    after = _table(out)
+    assert set(after["path"]) == {str(new / "S01_pre_cd3.svs")}
+    pd.testing.assert_frame_equal(before.drop(columns="path"), after.drop(columns="path"))
+    record = json.loads((out / "slides" / "S01_pre_cd3.json").read_text())
+    assert record["provenance"]["slide"]["absolute_path"] == str((new / "S01_pre_cd3.svs").resolve())
+    # Run again from there: nothing to record.
+    assert main(["quantify", str(new), "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    assert (out / "run.log").read_text().count("new location recorded") == 1
+
+
 # jobs 2: whole slides written by Dask workers, killed with the command
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_kill_9_then_rerun_gives_the_same_tables(study, serial_run, tmp_path, jobs):

@@ -708,6 +708,11 @@ def _measure_prepared(
             if meta != saved_meta:  # --samples / --name-pattern changed: the rows' lead columns, no re-run
                 _update_metadata(out, stem, saved_meta, meta)
                 reason += "; study metadata updated"
+            rec = prep.record or {}
+            was = ((rec.get("provenance") or {}).get("slide") or {}).get("absolute_path") or rec.get("path")
+            if was is not None and Path(was).resolve() != Path(path).resolve():  # same content, moved
+                _update_path(out, stem, path)
+                reason += "; new location recorded"
             if prep.corrections_changed:  # corrections changed: recompute, no re-run
                 apply_saved_corrections(out, stem)
                 reason += "; corrections re-applied"
@@ -766,6 +771,22 @@ def _update_metadata(out: Path, stem: str, old: dict[str, Any], new: dict[str, A
             record[key] = _with_metadata(record[key], old, new)
     record["metadata"] = new
     write_json(path, record)
+
+
+def _update_path(out: Path, stem: str, path: Path) -> None:
+    """Record where a slide now is (same content, so the measurements stay): the review opens its image there."""
+    file = out / "slides" / f"{stem}.json"
+    record = json.loads(file.read_text(encoding="utf-8"))
+    record["path"] = str(path)
+    for key in ("rows", "automatic_rows"):
+        for row in record.get(key) or []:
+            if "path" in row:
+                row["path"] = str(path)
+    slide = (record.get("provenance") or {}).get("slide")
+    if isinstance(slide, dict):
+        slide["path"] = str(path)
+        slide["absolute_path"] = str(Path(path).resolve())
+    write_json(file, record)
 
 
 def _unforeseen_reason(error: BaseException, path: Path) -> str:
