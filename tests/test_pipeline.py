@@ -292,6 +292,13 @@ def test_area_outputs_follow_the_contract(tmp_path):
     long = tidy([tmp_path])
     assert "h_score" not in set(long["metric"]) and "positive_area_percent" in set(long["metric"])
     assert "h_score" not in long.columns  # an empty metric is not study metadata
+    # Beside a protocol that gives the H-score (its numbers and the empty ones in one column): still a metric.
+    other = tmp_path / "cxcl10"
+    write_slide_outputs(quantify(SAMPLE_IMAGES / "S01_pre_cxcl10.svs", "cxcl10"), other)
+    both = tidy([tmp_path, other])
+    assert "h_score" not in both.columns
+    scores = both[both["metric"] == "h_score"]
+    assert set(scores["stain"]) == {"cxcl10"} and len(scores) == len(rebuild_tables(other))
     assert list(long.columns) == [
         "slide",
         "stain",

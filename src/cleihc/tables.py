@@ -128,14 +128,14 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     # Metadata by name (the records say which: a subject "101" is text), then any other text column; every
     # other column is a metric, even one empty in every row (an H-score the protocol turns off).
     named = {c for _, cols in loaded for c in cols}
-    meta = [
-        c
-        for c in wide.columns
-        if c not in ID_COLUMNS
-        and (c in named or not (pd.api.types.is_numeric_dtype(wide[c]) or wide[c].isna().all()))
-    ]
+
+    def numbers(col: pd.Series) -> bool:
+        # Every value given is a number (an empty H-score of one protocol beside another's numbers included).
+        return bool(pd.to_numeric(col, errors="coerce").notna().sum() == col.notna().sum())
+
+    meta = [c for c in wide.columns if c not in ID_COLUMNS and (c in named or not numbers(wide[c]))]
     numeric = [c for c in wide.columns if c not in ID_COLUMNS and c not in meta]
-    wide[numeric] = wide[numeric].astype(float)
+    wide[numeric] = wide[numeric].apply(pd.to_numeric).astype(float)
     meta = [c for c in _METADATA_ORDER if c in meta] + [c for c in meta if c not in _METADATA_ORDER]
     ids = [*meta, "slide", "stain", "region"]
     ids += [c for c in ("corrected", "review") if c in wide.columns]
