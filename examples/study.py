@@ -148,7 +148,7 @@ def read_study(
     return df
 
 
-def _visit_word(label: str) -> str | None:
+def visit_word(label: str) -> str | None:
     """``"baseline"`` or ``"follow-up"`` when :func:`cleihc.report.order_timepoints` knows `label` as such a word."""
     # order_timepoints puts the baseline words it knows before every other label and the follow-up words after
     # them; "" sorts first and U+10FFFF last among the labels it does not know, so a label sorting before "" or
@@ -200,8 +200,8 @@ def two_timepoints(study: pd.DataFrame, pre: str | None, post: str | None) -> tu
                 return (pre, other) if pre else (other, post)
         else:
             a, b = present
-            kind = _visit_word(a)
-            if kind == _visit_word(b):
+            kind = visit_word(a)
+            if kind == visit_word(b):
                 why = (
                     f"both are {kind} words"
                     if kind
@@ -392,7 +392,7 @@ def print_results(
     Parameters
     ----------
     results : pandas.DataFrame
-        The results (numbers printed to 4 significant digits).
+        The results (numbers printed to 4 significant digits, missing values as ``NA``).
     written : list of pathlib.Path
         The files written, named on the last line.
     empty : str
@@ -409,7 +409,16 @@ def print_results(
         print(empty)
         return 1
     shown = results if columns is None else results[columns]
+    # a missing value prints as NA in every column (the CSV leaves it empty): pandas prints NaN, <NA> or None by
+    # dtype, and a converged flag printed "None" read as a value
+    shown = shown.assign(
+        **{
+            c: shown[c].astype(object).where(shown[c].notna(), "NA")
+            for c in shown.columns
+            if not pd.api.types.is_float_dtype(shown[c]) and shown[c].isna().any()
+        }
+    )
     with pd.option_context("display.width", 200, "display.max_rows", 300):
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="NA"))
     print(f"written: {', '.join(map(str, written))}")
     return 0

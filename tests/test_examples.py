@@ -486,15 +486,19 @@ def test_mixed_model_gives_no_number_it_cannot_support(tmp_path, monkeypatch):
     # take the noise) and its standard error that of the paired differences
     assert res.loc["cd8", "change"] == pytest.approx(diffs.mean(), rel=1e-6)
     assert abs(diffs.mean() + 20) < 5
-    half = 1.959964 * diffs.std(ddof=1) / np.sqrt(8)
+    # (the interval is that of the paired t-test: test_mixed_model_two_visits_is_the_paired_t_test)
+    half = stats.t.ppf(0.975, 7) * diffs.std(ddof=1) / np.sqrt(8)
     assert res.loc["cd8", ["ci_lower", "ci_upper"]].tolist() == pytest.approx(
-        [diffs.mean() - half, diffs.mean() + half], rel=1e-3
+        [diffs.mean() - half, diffs.mean() + half], rel=1e-6
     )
+    assert res["converged"].dtype == "boolean"
     assert res.loc["cd8", "note"] == "" and res.loc["cd8", "converged"]
     # 2 subjects: no estimate (it gave p = 5e-7), a note, and no part in the q-values
     row = res.loc["cd3"]
     assert all(np.isnan(row[c]) for c in ("change", "ci_lower", "ci_upper", "p_value", "q_value"))
     assert row["note"] == "2 subject(s), fewer than 5: no estimate"
+    # no model fitted: converged (and df) are missing, not None, False or a number
+    assert row["converged"] is pd.NA and row["df"] is pd.NA
     assert res.loc["cd8", "q_value"] == pytest.approx(res.loc["cd8", "p_value"])  # a family of one test
     # the threshold is an option
     assert mixed.change_over_time(few, min_subjects=2)["change"].notna().all()
@@ -522,3 +526,141 @@ def test_mixed_model_gives_no_number_it_cannot_support(tmp_path, monkeypatch):
         warned("The Hessian matrix at the estimated parameter values is x"), Fit
     )
     assert mixed._failed_fit(warned("The MLE may be on the boundary of the parameter space."), Fit) is None
+
+
+def test_mixed_model_two_visits_is_the_paired_t_test():
+    mixed = _load("mixed_model")
+    # with the normal distribution p was ~1e-13 for 8 subjects where the paired t-test gives 1.6e-4
+    for n, change, seed in ((8, -20.0, 2), (8, -3.0, 5), (12, 2.0, 7), (30, -4.0, 11)):
+        table, _ = _mixed_study(n, "cd8", change, seed=seed)
+        wide = table.pivot_table(index="subject", columns="timepoint", values="value")
+        paired_t = stats.ttest_rel(wide["post"], wide["pre"])
+        diffs = wide["post"] - wide["pre"]
+        lo, hi = stats.t.interval(0.95, n - 1, loc=diffs.mean(), scale=stats.sem(diffs))
+        row = mixed.change_over_time(table).iloc[0]
+        assert (row["baseline"], row["timepoint"], row["df"]) == ("pre", "post", n - 1)
+        assert row["change"] == pytest.approx(diffs.mean(), rel=1e-6)
+        assert row["p_value"] == pytest.approx(paired_t.pvalue, rel=1e-6)
+        assert [row["ci_lower"], row["ci_upper"]] == pytest.approx([lo, hi], rel=1e-6)
+    # a subject without its post biopsy adds nothing to the within-subject error: df is that of the complete pairs
+    partial = table[~((table["subject"] == "cd80") & (table["timepoint"] == "post"))]
+    assert mixed.change_over_time(partial).loc[0, "df"] == 30 - 2
+    # --log: the interval of the ratio is exp of the t-interval on log(value + 1)
+    wide_log = np.log1p(wide)
+    d_log = wide_log["post"] - wide_log["pre"]
+    lo, hi = stats.t.interval(0.95, 29, loc=d_log.mean(), scale=stats.sem(d_log))
+    row = mixed.change_over_time(table, log=True).iloc[0]
+    assert [row["ratio"], row["ci_lower"], row["ci_upper"]] == pytest.approx(
+        np.exp([d_log.mean(), lo, hi]), rel=1e-6
+    )
+    assert row["p_value"] == pytest.approx(
+        stats.ttest_rel(wide_log["post"], wide_log["pre"]).pvalue, rel=1e-6
+    )
+    # no subject with two biopsies: nothing to estimate the error from
+    lone = table[table["subject"].isin([f"cd8{i}" for i in range(6)]) & (table["timepoint"] == "pre")]
+    lone = pd.concat(
+        [
+            lone,
+            table[table["subject"].isin([f"cd8{i}" for i in range(6, 12)]) & (table["timepoint"] == "post")],
+        ]
+    )
+    row = mixed.change_over_time(lone).iloc[0]
+    assert (
+        np.isnan(row["p_value"])
+        and row["note"] == "no subject has biopsies at two visits (df = 0): no estimate"
+    )
+
+
+def test_mixed_model_three_visits_t_with_between_within_df():
+    mixed = _load("mixed_model")
+    rng = np.random.default_rng(4)
+    n, visits = 10, ["pre", "w12", "w24"]
+    y = rng.normal(100, 30, n)[:, None] + np.array([0.0, -5.0, -8.0]) + rng.normal(0, 5, (n, 3))
+    vals = {(f"S{i}", t, "cd8", "dermis"): y[i, k] for i in range(n) for k, t in enumerate(visits)}
+    res = mixed.change_over_time(_study(vals, {"cd8": "positive_cells_per_mm2"})).set_index("timepoint")
+    # complete and balanced: REML gives the two-way ANOVA error variance (subject + visit, no interaction), on
+    # (n - 1)(visits - 1) degrees of freedom, and the change's standard error is sqrt(2 MSE / n)
+    resid = y - y.mean(axis=1, keepdims=True) - y.mean(axis=0, keepdims=True) + y.mean()
+    df = (n - 1) * (3 - 1)
+    se = np.sqrt(2 * (resid**2).sum() / df / n)
+    for k, tp in ((1, "w12"), (2, "w24")):
+        change = (y[:, k] - y[:, 0]).mean()
+        assert res.loc[tp, "df"] == df
+        assert res.loc[tp, "p_value"] == pytest.approx(2 * stats.t.sf(abs(change / se), df), rel=1e-6)
+        assert res.loc[tp, "ci_upper"] - res.loc[tp, "ci_lower"] == pytest.approx(
+            2 * stats.t.ppf(0.975, df) * se, rel=1e-6
+        )
+    # the q-values are Benjamini-Hochberg of these p-values
+    p = res["p_value"].to_numpy()
+    assert res["q_value"].to_numpy() == pytest.approx(
+        np.minimum.accumulate((p * 2 / stats.rankdata(p))[np.argsort(-p)])[np.argsort(np.argsort(-p))]
+    )
+
+
+def test_mixed_model_baseline_is_the_earliest_timepoint(tmp_path, capsys):
+    mixed = _load("mixed_model")
+    from cleihc.report import order_timepoints
+
+    def table(labels, change=-10.0):
+        vals = {}
+        for i, level in enumerate(np.random.default_rng(3).normal(100, 30, 6)):
+            for k, t in enumerate(labels):
+                vals[(f"S{i}", t, "cd8", "dermis")] = level + k * change + (i % 3) - (k * i % 2)
+        return _study(vals, {"cd8": "positive_cells_per_mm2"})
+
+    # a table labelled baseline/w12 needed --baseline baseline by hand (the default was pre: no estimate)
+    tab = table(["baseline", "w12"])
+    tab.to_csv(tmp_path / "study.csv", index=False)
+    assert mixed.main([str(tmp_path / "study.csv"), "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    res = pd.read_csv(tmp_path / "o" / "mixed_model.csv", dtype={"baseline": str, "timepoint": str})
+    wide = tab.pivot_table(index="subject", columns="timepoint", values="value")
+    assert (res.loc[0, "baseline"], res.loc[0, "timepoint"]) == ("baseline", "w12")
+    assert res.loc[0, "change"] == pytest.approx((wide["w12"] - wide["baseline"]).mean(), rel=1e-6)
+    assert err == ""  # a baseline word decides it: no guess to report
+    # an explicit --baseline still wins, and is no guess either
+    assert mixed.main([str(tmp_path / "study.csv"), "--baseline", "w12", "--out", str(tmp_path / "o")]) == 0
+    res = pd.read_csv(tmp_path / "o" / "mixed_model.csv")
+    assert (res.loc[0, "baseline"], res.loc[0, "timepoint"]) == ("w12", "baseline")
+    assert res.loc[0, "change"] == pytest.approx((wide["baseline"] - wide["w12"]).mean(), rel=1e-6)
+    assert capsys.readouterr().err == ""
+    # the earliest in the report's order; a natural-order guess (no baseline word, or two) is said on stderr
+    for labels, guess in (
+        (["w12", "pre", "w4"], None),
+        (["post", "w4", "pretreatment"], None),
+        (["w12", "w4", "w24"], "neither 'w4' nor 'w12' is a word such as pre or baseline"),
+        (["v10", "v2"], "neither 'v2' nor 'v10'"),
+        (["w12", "screening", "baseline"], "'baseline' and 'screening' are both baseline words"),
+        (["post", "followup"], "both follow-up words"),
+    ):
+        assert mixed.default_baseline(labels) == order_timepoints(labels)[0]
+        err = capsys.readouterr().err
+        if guess is None:
+            assert err == ""
+        else:
+            assert guess in err and f"{order_timepoints(labels)[0]!r} is taken as the baseline" in err
+            assert "give --baseline" in err and err.count("\n") == 1
+    tab = table(["w12", "w4", "w24"])
+    res = mixed.change_over_time(tab).set_index("timepoint")
+    assert list(res.index) == ["w12", "w24"] and set(res["baseline"]) == {"w4"}
+    wide = tab.pivot_table(index="subject", columns="timepoint", values="value")
+    assert res.loc["w12", "change"] == pytest.approx((wide["w12"] - wide["w4"]).mean(), rel=1e-6)
+    assert "'w4' is taken as the baseline" in capsys.readouterr().err
+
+
+def test_mixed_model_converged_is_empty_when_nothing_was_fitted(tmp_path, capsys):
+    mixed = _load("mixed_model")
+    few, _ = _mixed_study(3, "cd3", -20.0, seed=1)
+    enough, _ = _mixed_study(8, "cd8", -20.0, seed=2)
+    pd.concat([few, enough]).to_csv(tmp_path / "study.csv", index=False)
+    assert mixed.main([str(tmp_path / "study.csv"), "--out", str(tmp_path / "o")]) == 0
+    printed = capsys.readouterr().out
+    assert "None" not in printed and "<NA>" not in printed and "NaN" not in printed
+    cd3 = next(line for line in printed.splitlines() if line.startswith("  cd3") or line.startswith("cd3"))
+    assert cd3.split().count("NA") == 7  # change, interval, p, df, converged and q: missing, shown alike
+    # the cells as written: empty, not "None", "NA" or "<NA>"
+    cells = pd.read_csv(tmp_path / "o" / "mixed_model.csv", dtype=str, keep_default_na=False).set_index(
+        "stain"
+    )
+    assert cells.loc["cd3", "converged"] == "" and cells.loc["cd3", "df"] == ""
+    assert cells.loc["cd8", "converged"] == "True" and cells.loc["cd8", "df"] == "7"
