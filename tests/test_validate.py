@@ -186,14 +186,16 @@ def _results_folder(tmp: Path, slides: dict[str, dict]) -> Path:
     (out / "slides").mkdir(parents=True)
     (out / "cells").mkdir()
     for name, spec in slides.items():
+        meta = spec.get("metadata", {})  # study metadata (--samples) leads each row, as quantify writes it
         rows = [
-            {"slide": name, "stain": "cd3", "protocol": "cd3", "region": r, **vals}
+            {**meta, "slide": name, "stain": "cd3", "protocol": "cd3", "region": r, **vals}
             for r, vals in spec["rows"].items()
         ]
         rec = {
             "slide": name,
             "rows": rows,
             "provenance": {"analysis": {"mpp_um": [0.5, 0.5], "downsample": 2.0}},  # level 0: 0.25 µm/px
+            **({"metadata": meta} if meta else {}),
         }
         (out / "slides" / f"{name}.json").write_text(json.dumps(rec))
         if "cells" in spec:
@@ -649,3 +651,136 @@ def test_long_truth_values_are_read_as_the_wide_ones(tmp_path):
     )
     with pytest.raises(CleihcError, match=r"column 'cells_positive' holds '84,5' on data line 1"):
         read_truth(tmp_path / "wide_text.csv")
+
+
+# ---------------------------------------------------------------------------------------------- truth columns
+def test_identifier_and_metadata_columns_are_never_compared(tmp_path, caplog):
+    """A numeric subject or timepoint is no metric: it was compared with the results' own subject column."""
+    out = _results_folder(
+        tmp_path,
+        {
+            f"s{i}": {
+                "metadata": {"subject": i + 1, "timepoint": 12},
+                "rows": {"dermis": {"cells_positive": 30.0 + 2 * i, "positive_area_percent": 5.0 + i}},
+            }
+            for i in range(3)
+        },
+    )
+    (tmp_path / "t.csv").write_text(
+        "slide,region,subject,timepoint,group,age,cells_positive\n"
+        "s0,dermis,1,0,1,54,31\ns1,dermis,2,0,1,61,33\ns2,dermis,3,0,2,47,36\n"
+    )
+    with caplog.at_level("INFO", logger="cleihc.validate"):
+        truth = read_truth(tmp_path / "t.csv")
+        res = validate(out, truth)
+    # subject, timepoint and group are study metadata by name; age is a number and a candidate until validate.
+    assert sorted(truth.values["metric"].unique()) == ["age", "cells_positive"]
+    assert res.pairs["metric"].unique().tolist() == ["cells_positive"]
+    assert res.pairs["reference"].tolist() == [31.0, 33.0, 36.0]
+    assert res.pairs["measured"].tolist() == [30.0, 32.0, 34.0]
+    a = res.agreement.set_index(["metric", "region"])
+    assert a.loc[("cells_positive", "all"), "n"] == 3
+    assert a.loc[("cells_positive", "all"), "bias"] == pytest.approx(-4 / 3)
+    # age is named (a warning, not an error), subject & co. are not warned about but said at info level.
+    assert res.warnings == (
+        "1 truth column(s) are not named as a cleihc metric and are not compared: age; metric columns are named "
+        "as in regions.csv, other columns are taken as identifiers",
+    )
+    assert "column(s) subject, timepoint, group are identifiers" in caplog.text
+    # Long format: a 'subject' metric is the results' metadata, not a metric, so it is never paired either.
+    (tmp_path / "long.csv").write_text(
+        "slide,region,metric,value\ns0,dermis,subject,1\ns0,dermis,cells_positive,31\ns1,dermis,cells_positive,33\n"
+    )
+    res = validate(out, read_truth(tmp_path / "long.csv"))
+    assert res.pairs["metric"].tolist() == ["cells_positive"] * 2 and res.warnings == ()
+    # No metric left (subject was put aside when read): an error naming the rest and the metrics to use.
+    (tmp_path / "ids.csv").write_text("slide,region,subject,age\ns0,dermis,1,54\n")
+    with pytest.raises(
+        CleihcError,
+        match=r"ids\.csv: no truth column is a cleihc metric \(age\); name the metric columns as in "
+        r"regions\.csv \(cells_positive, positive_area_percent\)",
+    ):
+        validate(out, read_truth(tmp_path / "ids.csv"))
+
+
+def test_metric_names_match_ignoring_case_and_misnamed_ones_get_a_hint(tmp_path):
+    out = _two_region_results(tmp_path)
+    (tmp_path / "t.csv").write_text(
+        "slide,region,Cells_Positive,Positive_Area_Percnt,cels_total\n"
+        "s0,dermis,31,5,40\ns1,dermis,33,6,41\ns2,Dermis,36,7,42\n"
+    )
+    res = validate(out, read_truth(tmp_path / "t.csv"))
+    assert res.pairs["metric"].unique().tolist() == ["cells_positive"]  # was: unmatched, then an error
+    assert res.pairs["reference"].tolist() == [31.0, 33.0, 36.0]
+    assert res.pairs["measured"].tolist() == [30.0, 32.0, 34.0]
+    (w,) = res.warnings
+    assert w.startswith("2 truth column(s) are not named as a cleihc metric and are not compared: ")
+    assert "Positive_Area_Percnt (did you mean positive_area_percent or positive_percent or " in w
+    assert "cels_total (did you mean cells_total?)" in w  # named like a metric, yet none: a hint too
+    # cells_positive and Cells_Positive are one metric: two values for one slide, region and metric.
+    (tmp_path / "both.csv").write_text("slide,region,cells_positive,Cells_Positive\ns0,dermis,31,31\n")
+    with pytest.raises(CleihcError, match=r"metrics 'cells_positive', 'Cells_Positive' are one metric"):
+        validate(out, read_truth(tmp_path / "both.csv"))
+
+
+def test_warnings_are_logged_before_an_error_stops_the_run(tmp_path, caplog):
+    """The "no truth value matches" error is explained by the warning before it: it must reach the console."""
+    out = _two_region_results(tmp_path)
+    (tmp_path / "t.csv").write_text(
+        "slide,region,cells_positive\nS0_pre,dermis,31\ns1,lesion,33\n"  # S0_pre: a slide not in the results
+    )
+    with (
+        caplog.at_level("WARNING", logger="cleihc.validate"),
+        pytest.raises(CleihcError, match="no truth value"),
+    ):
+        validate(out, read_truth(tmp_path / "t.csv"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"1 truth slide(s) have no results in {out} and are ignored: S0_pre"
+    ]
+    # A run that ends well logs each warning once (they were logged again at the end).
+    caplog.clear()
+    (tmp_path / "ok.csv").write_text("slide,region,cells_positive\nS0_pre,dermis,31\ns1,dermis,33\n")
+    with caplog.at_level("WARNING", logger="cleihc.validate"):
+        res = validate(out, read_truth(tmp_path / "ok.csv"))
+    assert [r.getMessage() for r in caplog.records] == list(res.warnings) and len(res.warnings) == 1
+
+
+def test_missing_value_words_are_missing_in_wide_and_long_truth(tmp_path):
+    """R writes NA: pandas' missing-value words are missing values (left out of n), not text errors."""
+    out = _two_region_results(tmp_path)
+    (tmp_path / "wide.csv").write_text(
+        "slide,region,cells_positive\ns0,dermis,NA\ns1,dermis,n/a\ns2,dermis,#N/A\ns0,epidermis,null\n"
+        "s1,epidermis,12\ns2,epidermis,14\n"
+    )
+    (tmp_path / "long.csv").write_text(
+        "slide,region,metric,value\ns0,dermis,cells_positive,NA\ns1,dermis,cells_positive,n/a\n"
+        "s2,dermis,cells_positive,#N/A\ns0,epidermis,cells_positive,null\ns1,epidermis,cells_positive,12\n"
+        "s2,epidermis,cells_positive,14\n"
+    )
+    for name in ("wide.csv", "long.csv"):
+        truth = read_truth(tmp_path / name)
+        assert truth.values["reference"].isna().tolist() == [True] * 4 + [False] * 2
+        res = validate(out, truth)
+        assert res.warnings == ()
+        a = res.agreement.set_index(["metric", "region"])
+        assert a.loc[("cells_positive", "all"), "n"] == 2
+        assert a.loc[("cells_positive", "all"), "bias"] == pytest.approx(-1.5)  # (11 - 12 + 12 - 14) / 2
+
+
+def test_missing_slide_or_region_is_an_error_not_a_slide_named_nan(tmp_path):
+    """An all-NA slide column raised an AttributeError traceback; an empty region became a region "nan"."""
+    (tmp_path / "na.csv").write_text("slide,region,cells_positive\nNA,dermis,3\n")
+    with pytest.raises(
+        CleihcError, match=r"na\.csv: column 'slide' is empty on data line 1; give the slide of every row"
+    ):
+        read_truth(tmp_path / "na.csv")
+    (tmp_path / "noregion.csv").write_text(
+        "slide,region,metric,value\ns0,dermis,cells_positive,3\ns1,,cells_positive,4\n"
+    )
+    with pytest.raises(CleihcError, match=r"column 'region' is empty on data line 2; give the region"):
+        read_truth(tmp_path / "noregion.csv")
+    # Points: an empty region is one the truth does not say (no by-region scores), not a region "nan".
+    (tmp_path / "pts.csv").write_text(
+        "slide,x_px,y_px,class,region\ns0,1,2,positive,dermis\ns0,3,4,negative,\n"
+    )
+    assert read_truth(tmp_path / "pts.csv").points["region"].tolist() == ["dermis", ""]

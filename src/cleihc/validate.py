@@ -26,6 +26,8 @@ Lin LI-K. A concordance correlation coefficient to evaluate reproducibility. Bio
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import logging
 import math
@@ -74,6 +76,10 @@ SYNTHETIC_METRICS = {
     "n_negative_cells": "cells_negative",
     "positive_cells_per_mm2": "positive_cells_per_mm2",
 }
+
+#: Truth-table columns that identify a row or describe the study, never metrics, even when they hold numbers (a
+#: subject 1, 2, 3; a timepoint 0/12): cleihc's identifier columns and the study metadata of ``--samples``.
+_IDENTIFIER_COLUMNS = frozenset({"subject", "timepoint", "group", "stain_label", "metric", "value", "unit"})
 
 _POSITIVE_WORDS = {"positive", "pos", "true", "1", "yes", "+", "tumor: positive"}
 _NEGATIVE_WORDS = {"negative", "neg", "false", "0", "no", "-", "tumor: negative"}
@@ -766,7 +772,11 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
         ) from None
     cols = list(df.columns)
     slide_col = _pick(cols, "slide", "image", "slide_name")
-    slides = df[slide_col].astype(str).map(_strip_ext) if slide_col else pd.Series([default_slide] * len(df))
+    slides = (
+        _labels(df[slide_col], path, "slide").map(_strip_ext)
+        if slide_col
+        else pd.Series([default_slide] * len(df))
+    )
     xpx, ypx = (
         _pick(cols, "x_px", "x", "centroid_x", "centroid x px"),
         _pick(cols, "y_px", "y", "centroid_y", "centroid y px"),
@@ -805,13 +815,14 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
                 "x_um": coord(xum if xum and yum else None),
                 "y_um": coord(yum if xum and yum else None),
                 "positive": _parse_class(df[cls_col], path),
-                "region": df[region_col].astype(str).to_numpy(object)
+                # An empty region is a point whose region the truth does not say, not a region named "nan".
+                "region": df[region_col].fillna("").astype(str).str.strip().to_numpy(object)
                 if region_col
                 else np.full(n, "", object),
             }
         )[_POINT_COLUMNS]
         return _empty_values(), points
-    regions = df[region_col].astype(str) if region_col else pd.Series(["tissue"] * len(df))
+    regions = _labels(df[region_col], path, "region") if region_col else pd.Series(["tissue"] * len(df))
     where = {"source": str(path), "line": np.arange(1, len(df) + 1, dtype=np.int64)}
     decimal_comma = _decimal_comma_file(path)
     metric_col, value_col = _pick(cols, "metric"), _pick(cols, "value")
@@ -834,15 +845,24 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
             }
         )
         return values, _empty_points()
-    skip = {slide_col, region_col}
-    from cleihc.tables import metric_unit
+    from cleihc.tables import ID_COLUMNS
 
+    skip = {slide_col, region_col}
+    # Study metadata and identifiers are never metrics, numbers or not (a timepoint 0/12 is no count).
+    ids = [c for c in cols if c not in skip and str(c).lower() in _IDENTIFIER_COLUMNS | set(ID_COLUMNS)]
     for c in cols:
-        if c in skip or pd.api.types.is_numeric_dtype(df[c]) or not metric_unit(c):
+        if c in skip or c in ids or pd.api.types.is_numeric_dtype(df[c]) or not _named_as_metric(c):
             continue  # numbers already, or not named as a metric (subject IDs, notes)
         # A metric column with text in it would otherwise drop out of the comparison without a word.
         df[c] = _numbers(df[c], c, path, decimal_comma=decimal_comma)
-    metric_cols = [c for c in cols if c not in skip and pd.api.types.is_numeric_dtype(df[c])]
+    metric_cols = [c for c in cols if c not in skip and c not in ids and pd.api.types.is_numeric_dtype(df[c])]
+    ids += [c for c in cols if c not in skip and c not in ids and c not in metric_cols]  # text: IDs, notes
+    if ids:
+        log.info(
+            "%s: column(s) %s are identifiers, study metadata or notes, not metrics: not compared",
+            path,
+            ", ".join(map(str, ids)),
+        )
     if not metric_cols:
         raise CleihcError(
             "the truth CSV has neither point columns (x_px, y_px, class) nor numeric metric columns "
@@ -862,6 +882,44 @@ def _read_csv(path: Path, default_slide: str) -> tuple[pd.DataFrame, pd.DataFram
         for m in metric_cols
     ]
     return pd.concat(parts, ignore_index=True), _empty_points()
+
+
+@functools.cache
+def _cleihc_metrics() -> frozenset[str]:
+    """Every metric name cleihc writes in ``regions.csv`` (the keys of :func:`cleihc.measure.area_metrics` and
+    :func:`cleihc.measure.cell_metrics`), whichever of them a protocol measures."""
+    from cleihc.measure import AreaTotals, area_metrics, cell_metrics
+
+    return frozenset(
+        {
+            *area_metrics(AreaTotals((0, 0, 0, 0), 0.0, 0), pixel_area_um2=1.0),
+            *cell_metrics(pd.DataFrame(), region_area_mm2=0.0),
+            *SYNTHETIC_METRICS.values(),
+        }
+    )
+
+
+def _named_as_metric(name: Any) -> bool:
+    """Whether a truth column is named like a cleihc metric (any case): a known metric, or a name with a metric's
+    unit in it (``cells_...``, ``..._mm2``, ``..._percent``)."""
+    from cleihc.tables import metric_unit
+
+    low = str(name).lower()
+    return low in _cleihc_metrics() or bool(metric_unit(low))
+
+
+def _labels(values: pd.Series, path: Path, what: str) -> pd.Series:
+    """A slide or region column as text; an empty cell (or one pandas reads as missing, such as ``NA``) is an error
+    naming its data line: it would become a slide or region named "nan"."""
+    empty = values.isna().to_numpy(bool) | (values.astype(str).str.strip() == "").to_numpy(bool)
+    if empty.any():
+        line = int(np.flatnonzero(empty)[0]) + 1
+        raise CleihcError(
+            f"column {values.name!r} is empty on data line {line}; give the {what} of every row (a {what} named "
+            "NA, n/a or null is read as missing: rename it)",
+            path=path,
+        )
+    return values.astype(str).str.strip()
 
 
 def _decimal_comma_file(path: Path) -> bool:
@@ -1022,20 +1080,23 @@ def validate(
     -------
     ValidationResult
         Truth values are joined to the results by slide, region (ignoring case, as ``--regions`` names them) and
-        metric; those of the results' slides that match nothing, or whose measured value is empty, are named in
-        its `warnings`.
+        metric (ignoring case too); only the results' metrics are compared, never an identifier or study metadata
+        (``subject``, ``timepoint``: an info line names them). Truth columns named as no cleihc metric (with the
+        closest metric names as a hint), and values of the results' slides that match nothing or whose measured
+        value is empty, are named in its `warnings`, each also logged when found, so that an error later in the
+        run follows the warnings that explain it.
 
     Raises
     ------
     CleihcError
-        When no truth slide, or no truth value, matches the results, or a slide × region × metric has more than
-        one truth value.
+        When no truth slide, no truth column named as a metric, or no truth value matches the results, or a
+        slide × region × metric has more than one truth value.
     """
     from cleihc.outputs import read_slide_records
-    from cleihc.tables import regions_table
+    from cleihc.tables import _folder_table
 
     folder = Path(results_dir)
-    measured = regions_table(folder)
+    measured, metadata = _folder_table(folder)
     records = {r["slide"]: r for r in read_slide_records(folder)}
     warnings: list[str] = []
     pair_parts = []
@@ -1043,10 +1104,11 @@ def validate(
     truth_slides = set(truth.values["slide"]) | set(truth.points["slide"])
     missing = sorted(truth_slides - known)
     if missing:  # common when one truth folder serves several stains' results: compare what is here
-        warnings.append(
+        _warn(
+            warnings,
             f"{len(missing)} truth slide(s) have no results in {folder} and are ignored: "
             + ", ".join(missing[:5])
-            + (", ..." if len(missing) > 5 else "")
+            + (", ..." if len(missing) > 5 else ""),
         )
     if not truth_slides & known:
         raise CleihcError(
@@ -1056,7 +1118,9 @@ def validate(
         )
     region_name = _region_namer(measured["region"] if len(measured) else pd.Series(dtype=object))
     if len(truth.values):
-        pair_parts.append(_value_pairs(truth.values, measured, known, region_name, folder, warnings))
+        pair_parts.append(
+            _value_pairs(truth.values, measured, metadata, known, region_name, folder, warnings)
+        )
     det_rows = []
     region_parts = []
     if len(truth.points):
@@ -1066,8 +1130,9 @@ def validate(
             rec = records[slide]
             cells_path = folder / "cells" / f"{slide}.parquet"
             if not cells_path.exists():
-                warnings.append(
-                    f"{slide}: no cells table in the results (an area protocol?); points not compared"
+                _warn(
+                    warnings,
+                    f"{slide}: no cells table in the results (an area protocol?); points not compared",
                 )
                 continue
             cells = pd.read_parquet(cells_path)
@@ -1174,8 +1239,6 @@ def validate(
             sums["f1"] = 2 * sums["tp"] / (2 * sums["tp"] + sums["fp"] + sums["fn"])
         sums.insert(0, "slide", "ALL")
         by_region = pd.concat([by_region, sums], ignore_index=True)
-    for w in warnings:
-        log.warning("%s", w)
     return ValidationResult(
         pairs=pairs,
         agreement=agree,
@@ -1187,6 +1250,62 @@ def validate(
 
 
 _KEY = ["slide", "region", "metric"]
+
+
+def _warn(warnings: list[str], text: str) -> None:
+    """Keep a warning for the result and log it now: an error later in the run must not hide it (a "no truth
+    value matches" is explained by the "truth slides have no results" found before it)."""
+    warnings.append(text)
+    log.warning("%s", text)
+
+
+def _result_metrics(measured: pd.DataFrame, metadata: list[str]) -> list[str]:
+    """The metric columns of the results' regions table, as :func:`cleihc.tables.tidy` tells them: not an
+    identifier, not study metadata (a numeric subject or timepoint is no metric), numeric or empty."""
+    from cleihc.tables import ID_COLUMNS
+
+    return [
+        c
+        for c in measured.columns
+        if c not in ID_COLUMNS
+        and c not in metadata
+        and (pd.api.types.is_numeric_dtype(measured[c]) or measured[c].isna().all())
+    ]
+
+
+def _metric_names(
+    names: Any, result_metrics: list[str], metadata: list[str]
+) -> tuple[dict[str, str], list[str], dict[str, list[str]]]:
+    """Sort truth metric names (wide columns, long ``metric`` values) into metrics and the rest.
+
+    Returns
+    -------
+    (dict, list, dict)
+        The metric each metric name stands for (itself, or the one metric whose name differs only in case:
+        ``Cells_Positive`` is ``cells_positive``); the names of identifiers and study metadata (the results'
+        metadata columns, ``subject``, ``timepoint``, ...); and the other names, none a cleihc metric, each with
+        the closest metric names as a hint.
+    """
+    known = sorted(set(result_metrics) | _cleihc_metrics())
+    by_lower: dict[str, list[str]] = {}
+    for m in known:
+        by_lower.setdefault(m.lower(), []).append(m)
+    idents = _IDENTIFIER_COLUMNS | {c.lower() for c in metadata}
+    rename, identifiers, unknown = {}, [], {}
+    for name in map(str, names):
+        low = name.lower()
+        same = [m for m in by_lower.get(low, []) if m in result_metrics] or by_lower.get(low, [])
+        if name in known:
+            rename[name] = name
+        elif len(same) == 1:
+            rename[name] = same[0]
+        elif same:  # the results hold two metrics differing only in case: no single match, left unmatched
+            rename[name] = name
+        elif low in idents:
+            identifiers.append(name)
+        else:  # a typo (cels_positive) as much as an identifier (age): a hint tells them apart
+            unknown[name] = difflib.get_close_matches(low, [m.lower() for m in known], n=3, cutoff=0.6)
+    return rename, identifiers, unknown
 
 
 def _region_namer(measured_regions: pd.Series) -> Any:
@@ -1234,6 +1353,9 @@ def _refuse_duplicates(values: pd.DataFrame) -> None:
         if len(names) > 1
         else ""
     )
+    metric_names = list(dict.fromkeys(rows["truth_metric"])) if "truth_metric" in rows else []
+    if len(metric_names) > 1:
+        case += f" (metrics {', '.join(map(repr, metric_names))} are one metric: names match ignoring case)"
     more = f"; {n_keys - 1} more slide, region and metric are given twice too" if n_keys > 1 else ""
     raise CleihcError(
         f"slide {first[0]!r}, region {first[1]!r}, metric {first[2]!r} has {len(rows)} truth values "
@@ -1245,25 +1367,54 @@ def _refuse_duplicates(values: pd.DataFrame) -> None:
 def _value_pairs(
     values: pd.DataFrame,
     measured: pd.DataFrame,
+    metadata: list[str],
     known: set[str],
     region_name: Any,
     folder: Path,
     warnings: list[str],
 ) -> pd.DataFrame:
-    """Truth values joined to the measured ones by slide, region (ignoring case) and metric.
+    """Truth values joined to the measured ones by slide, region and metric (both ignoring case).
 
-    Truth values of the results' slides that match no measured value, or match one the results leave empty, are
-    named in `warnings`; when none matches, a :class:`CleihcError`. Duplicated keys are refused.
+    Only metrics are compared: truth columns naming an identifier or study metadata (``subject``, the results'
+    metadata columns) are left out with an info line, other names that are no cleihc metric with a warning giving
+    the closest metric names. Truth values of the results' slides that match no measured value, or match one the
+    results leave empty, are named in `warnings`; when none matches, a :class:`CleihcError`. Duplicated keys are
+    refused.
     """
+    result_metrics = _result_metrics(measured, metadata) if len(measured) else []
+    rename, identifiers, unknown = _metric_names(values["metric"].unique(), result_metrics, metadata)
+    sources = [s for s in dict.fromkeys(values["source"]) if s] if "source" in values else []
+    if identifiers:
+        log.info(
+            "truth column(s) %s are identifiers or study metadata, not metrics: not compared",
+            ", ".join(identifiers),
+        )
+    if unknown:
+        named = [f"{n} (did you mean {' or '.join(h)}?)" if h else n for n, h in unknown.items()]
+        _warn(
+            warnings,
+            f"{len(unknown)} truth column(s) are not named as a cleihc metric and are not compared: "
+            f"{', '.join(named)}; metric columns are named as in regions.csv, other columns are taken as "
+            "identifiers",
+        )
+    values = values[values["metric"].isin(rename)]
+    if values.empty:
+        raise CleihcError(
+            f"no truth column is a cleihc metric ({', '.join([*identifiers, *unknown])}); name the metric "
+            f"columns as in regions.csv ({', '.join(result_metrics[:6]) or 'cells_positive, ...'})",
+            path=sources[0] if len(sources) == 1 else None,
+        )
     values = values.assign(
         source=values["source"] if "source" in values else "",
         line=values["line"] if "line" in values else 0,
         truth_region=values["region"],
         region=values["region"].map(region_name),
+        truth_metric=values["metric"],
+        metric=values["metric"].map(rename),
     )
     _refuse_duplicates(values)
     tv = values[values["slide"].isin(known)]
-    metrics = [m for m in tv["metric"].unique() if m in measured.columns and m not in ("slide", "region")]
+    metrics = [m for m in tv["metric"].unique() if m in result_metrics]
     long = (
         measured.melt(
             id_vars=["slide", "region"], value_vars=metrics, var_name="metric", value_name="measured"
@@ -1305,17 +1456,20 @@ def _value_pairs(
                 f"no truth value matches a value in the results {folder}: " + "; ".join(parts),
                 path=sources[0] if len(sources) == 1 else None,
             )
-        warnings.append(
+        _warn(
+            warnings,
             f"{len(lost)} of {int(given.sum())} truth values match nothing in the results and are not compared: "
-            + "; ".join(parts)
+            + "; ".join(parts),
         )
     empty = merged[matched & given & merged["measured"].isna().to_numpy(bool)]
     if len(empty):
-        warnings.append(
+        _warn(
+            warnings,
             f"{len(empty)} truth value(s) have no measured value in the results (an empty cell in regions.csv) "
-            f"and are left out of the statistics: {_key_text(empty)}"
+            f"and are left out of the statistics: {_key_text(empty)}",
         )
-    return merged[matched].drop(columns=["_merge", "source", "line", "truth_region"]).reset_index(drop=True)
+    drop = ["_merge", "source", "line", "truth_region", "truth_metric"]
+    return merged[matched].drop(columns=drop).reset_index(drop=True)
 
 
 def _points_um(pts: pd.DataFrame, mpp: float | None, slide: str) -> np.ndarray:
