@@ -22,7 +22,7 @@ from cleihc.outputs import read_slide_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "tidy"]
+__all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "regions_table_with_metadata", "tidy"]
 
 #: Columns that identify a row rather than measure something.
 ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected", "review")
@@ -53,11 +53,21 @@ def metric_unit(metric: str) -> str:
 
 def regions_table(folder: str | os.PathLike[str]) -> pd.DataFrame:
     """The per-region table of one results folder, rebuilt from its per-slide records."""
-    return _folder_table(Path(folder))[0]
+    return regions_table_with_metadata(Path(folder))[0]
 
 
-def _folder_table(folder: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The per-region table of one results folder and its study-metadata columns (as the records name them)."""
+def regions_table_with_metadata(folder: str | os.PathLike[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The per-region table of one results folder and its study-metadata columns (as the records name them).
+
+    A column is study metadata because ``--samples`` or ``--name-pattern`` gave it, whatever its values look
+    like (a subject "101" is text); every other column is an identifier or a metric.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+    metadata : list of str
+    """
+    folder = Path(folder)
     if not (folder / "slides").is_dir():
         if (folder / "run.json").is_file():  # a run whose every slide failed: nothing to add, nothing wrong
             log.warning("%s: no slide was measured in this results folder (see its failures.csv)", folder)
@@ -115,7 +125,7 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         (the slide's review state: unreviewed, reviewed or flagged).
     """
     folders = list(dict.fromkeys(Path(f).resolve() for f in folders))  # a folder given twice counts once
-    loaded = [_folder_table(f) for f in folders]
+    loaded = [regions_table_with_metadata(f) for f in folders]
     parts = [table for table, _ in loaded]
     _refuse_duplicates(folders, parts)
     wide = (

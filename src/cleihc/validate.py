@@ -1093,10 +1093,10 @@ def validate(
         slide × region × metric has more than one truth value.
     """
     from cleihc.outputs import read_slide_records
-    from cleihc.tables import _folder_table
+    from cleihc.tables import regions_table_with_metadata
 
     folder = Path(results_dir)
-    measured, metadata = _folder_table(folder)
+    measured, metadata = regions_table_with_metadata(folder)
     records = {r["slide"]: r for r in read_slide_records(folder)}
     warnings: list[str] = []
     pair_parts = []
