@@ -401,3 +401,138 @@ def test_utf16_imagescope_xml(tmp_path):
     text = IMAGESCOPE.replace('encoding="utf-8"', 'encoding="utf-16"')
     regions = read_regions(_write(tmp_path, "u16.xml", text.encode("utf-16")))
     assert regions[0].name == "Tumor" and regions[0].geometry.area == 5600.0
+
+
+def _raw_feature(geometry, props=None, **extra):
+    return {"type": "Feature", "geometry": geometry, "properties": props or {}, **extra}
+
+
+def _square(x0, y0, size):
+    return {
+        "type": "Polygon",
+        "coordinates": [[[x0, y0], [x0 + size, y0], [x0 + size, y0 + size], [x0, y0 + size], [x0, y0]]],
+    }
+
+
+def test_qupath_detections_of_every_export_vintage_are_not_regions(tmp_path, caplog):
+    """Regression: QuPath 0.2 wrote the object type as the feature's `id` (PathCellObject...), and later
+    versions accept `type`/`object_type` too; such cells, detections and tiles became regions named after their
+    class ("Positive", "Negative")."""
+    feats = [
+        _raw_feature(
+            _square(0, 0, 100),
+            {"classification": {"name": "Tumor", "colorRGB": -65536}},
+            id="PathAnnotationObject",
+        ),
+        _raw_feature(
+            _square(10, 10, 5), {"classification": {"name": "Positive", "colorRGB": -1}}, id="PathCellObject"
+        ),
+        _raw_feature(_square(20, 20, 5), {"classification": {"name": "Tumor"}}, id="PathDetectionObject"),
+        _raw_feature(_square(30, 30, 5), {}, id="PathTileObject"),
+        _raw_feature(_square(40, 40, 5), {"type": "detection", "classification": {"name": "Negative"}}),
+        _raw_feature(_square(50, 50, 5), {"object_type": "cell", "classification": {"name": "Epidermis"}}),
+        _raw_feature(_square(200, 0, 10), {"objectType": "Annotation", "classification": {"name": "Stroma"}}),
+    ]
+    path = _write(
+        tmp_path, "q.geojson", json.dumps({"type": "FeatureCollection", "features": feats}).encode()
+    )
+    regions = read_regions(path)
+    assert [(r.name, r.geometry.area) for r in regions] == [("Tumor", 10000.0), ("Stroma", 100.0)]
+    assert "skipped 5 non-area shape(s)" in caplog.text and "a QuPath cell object" in caplog.text
+
+
+def test_imagescope_layers_are_named_by_their_label_not_the_column_header(tmp_path):
+    """Regression: ImageScope's default attribute column is named "Description"; every unnamed layer was called
+    "Description" and all were merged into one region. The label is the attribute's Value."""
+
+    def layer(k, value, x0):
+        return (
+            f'<Annotation Id="{k}" Name=""><Attributes><Attribute Name="Description" Id="0" Value="{value}"/>'
+            f'</Attributes><Regions><Region Id="{k}" Type="1" NegativeROA="0"><Vertices>'
+            f'<Vertex X="{x0}" Y="0"/><Vertex X="{x0 + 100}" Y="0"/><Vertex X="{x0 + 100}" Y="50"/>'
+            f'<Vertex X="{x0}" Y="50"/></Vertices></Region></Regions></Annotation>'
+        )
+
+    xml = f"<Annotations>{layer(1, '', 0)}{layer(2, '', 200)}{layer(3, 'Lesion', 400)}</Annotations>"
+    regions = read_regions(_write(tmp_path, "is.xml", xml.encode()))
+    assert [(r.name, r.geometry.area) for r in regions] == [
+        ("Annotation 1", 5000.0),
+        ("Annotation 2", 5000.0),
+        ("Lesion", 5000.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, ring, area",
+    [
+        # an outline traced twice (even-odd repair left a sliver)
+        (
+            "twice",
+            [[0, 0], [400, 0], [400, 400], [0, 400], [0, 0], [400, 0], [400, 400], [0, 400], [0, 0]],
+            160000.0,
+        ),
+        # a hand going round twice, the second time a little inside the first (even-odd: a 10-px sliver)
+        (
+            "spiral",
+            [
+                [100, 100],
+                [500, 100],
+                [500, 500],
+                [100, 500],
+                [100, 110],
+                [490, 110],
+                [490, 490],
+                [110, 490],
+                [110, 100],
+                [100, 100],
+            ],
+            159900.0,
+        ),
+        # a bow-tie: two triangles
+        ("bowtie", [[0, 0], [200, 200], [200, 0], [0, 200], [0, 0]], 20000.0),
+    ],
+)
+def test_self_intersecting_outlines_keep_the_area_they_enclose(tmp_path, name, ring, area):
+    geom = {"type": "Polygon", "coordinates": [ring]}
+    path = _write(tmp_path, f"{name}.geojson", json.dumps(_raw_feature(geom, {"name": "lesion"})).encode())
+    (region,) = read_regions(path)
+    assert region.geometry.is_valid and region.geometry.area == pytest.approx(area, rel=1e-3)
+
+
+def test_holes_are_subtracted_even_when_drawn_badly(tmp_path):
+    """Regression: a hole drawn outside its outline was added as area, and two overlapping holes removed the
+    outline's area twice over their overlap (even-odd)."""
+    shell = [[0, 0], [500, 0], [500, 500], [0, 500], [0, 0]]
+    outside = [[600, 0], [700, 0], [700, 100], [600, 100], [600, 0]]
+    a = [[100, 100], [300, 100], [300, 300], [100, 300], [100, 100]]
+    b = [[200, 200], [400, 200], [400, 400], [200, 400], [200, 200]]
+    for holes, area in (([outside], 250000.0), ([a, b], 250000.0 - 70000.0)):
+        geom = {"type": "Polygon", "coordinates": [shell, *holes]}
+        (region,) = read_regions(_write(tmp_path, "h.geojson", json.dumps(_raw_feature(geom)).encode()))
+        assert region.geometry.area == pytest.approx(area)
+
+
+@pytest.mark.parametrize(
+    "x, why",
+    [("9" * 400, "is not a number"), ("1e154", "not a level-0 pixel coordinate")],
+)
+def test_absurd_coordinates_are_one_line_errors(tmp_path, x, why):
+    """Regression: a 400-digit integer raised OverflowError (a traceback); 1e154 gave an infinite area."""
+    text = '{"type": "Polygon", "coordinates": [[[0, 0], [X, 0], [X, 10], [0, 10], [0, 0]]]}'.replace("X", x)
+    with pytest.raises(RegionsError) as err:
+        read_regions(_write(tmp_path, "big.geojson", text.encode()))
+    message = str(err.value)
+    assert why in message and "\n" not in message and len(message) < 300
+
+
+def test_utf16_geojson_and_empty_geometries(tmp_path, caplog):
+    """Regression: UTF-16 GeoJSON (a Windows editor's 'Unicode') was read as XML; an annotation with an empty
+    MultiPolygon vanished without a word."""
+    feats = [
+        _raw_feature(_square(0, 0, 10), {"name": "lesion"}),
+        _raw_feature({"type": "MultiPolygon", "coordinates": []}, {"name": "empty one"}),
+    ]
+    text = json.dumps({"type": "FeatureCollection", "features": feats})
+    (region,) = read_regions(_write(tmp_path, "u16.geojson", text.encode("utf-16")))
+    assert region.name == "lesion" and region.geometry.area == 100.0
+    assert "'empty one': an empty geometry" in caplog.text

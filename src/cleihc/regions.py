@@ -107,22 +107,34 @@ class _Bad(Exception):
     """Internal: a reason a file is unusable; turned into RegionsError with the file's path."""
 
 
+#: Largest coordinate taken as level-0 pixels: far beyond any slide (TIFF sizes are 32-bit), and small enough that
+#: areas stay finite.
+MAX_COORDINATE_PX = 2.0**32
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _Bad(f"{what} is not a number ({value!r})")
+        raise _Bad(f"{what} is not a number ({_shown(value)})")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise _Bad(f"{what} is not a number ({value!r})") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
+        raise _Bad(f"{what} is not a number ({_shown(value)})") from None
     if not math.isfinite(v):
-        raise _Bad(f"{what} is not finite ({value!r})")
+        raise _Bad(f"{what} is not finite ({_shown(value)})")
+    if abs(v) > MAX_COORDINATE_PX:
+        raise _Bad(f"{what} is {v:.3g}, not a level-0 pixel coordinate of any slide")
     return v
 
 
 def _json_number(value: Any, what: str) -> float:
     # JSON coordinates must be numbers, not strings.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Bad(f"{what} is not a number ({value!r})")
+        raise _Bad(f"{what} is not a number ({_shown(value)})")
     return _number(value, what)
 
 
@@ -134,12 +146,32 @@ def _ring(points: Sequence[tuple[float, float]], what: str) -> list[tuple[float,
 
 
 def _clean(geometry: BaseGeometry, what: str, repaired: list[str]) -> MultiPolygon:
-    """Valid polygonal geometry; invalid input (self-intersections, ...) is repaired with make_valid and logged."""
-    if not geometry.is_valid:
-        reason = shapely.is_valid_reason(geometry)
-        geometry = shapely.make_valid(geometry)
-        repaired.append(f"{what} ({reason})")
-    return polygonal(geometry)
+    """Valid polygonal geometry; invalid input (self-intersections, ...) is repaired and logged.
+
+    A polygon is repaired ring by ring: its outline is what the hand enclosed (make_valid's "structure" method: a
+    pen stroke that overshoots its start, or an outline traced twice, keeps its area) and its holes are
+    subtracted from it (a hole drawn outside the outline removes nothing; overlapping holes remove their union).
+    make_valid's default even-odd repair would turn a doubly traced outline into a sliver and a stray hole into
+    area.
+    """
+    if geometry.is_valid:
+        return polygonal(geometry)
+    repaired.append(f"{what} ({shapely.is_valid_reason(geometry)})")
+    parts = [geometry] if isinstance(geometry, Polygon) else list(getattr(geometry, "geoms", [geometry]))
+    fixed = []
+    for part in parts:
+        if not isinstance(part, Polygon):
+            fixed.append(polygonal(shapely.make_valid(part, method="structure")))
+            continue
+        shell = _valid_ring_area(part.exterior)
+        holes = [_valid_ring_area(h) for h in part.interiors]
+        fixed.append(polygonal(shell.difference(shapely.union_all(holes)) if holes else shell))
+    return polygonal(shapely.union_all(fixed))
+
+
+def _valid_ring_area(ring: Any) -> BaseGeometry:
+    area = Polygon(ring)
+    return area if area.is_valid else shapely.make_valid(area, method="structure")
 
 
 # --- GeoJSON ----------------------------------------------------------------------------------------------------
@@ -231,14 +263,48 @@ def _read_geojson(text: str) -> tuple[list[tuple[str, list[Polygon], list[Polygo
         if not isinstance(feat, dict) or "geometry" not in feat:
             raise _Bad(f"feature {k} is not a GeoJSON Feature")
         props = feat.get("properties")
-        object_type = props.get("objectType") if isinstance(props, dict) else None
+        object_type = _object_type(feat, props)
         if object_type not in (None, "annotation"):
             # QuPath detections/cells/tiles are measurements, not regions to measure in.
-            skipped.append(f"feature {k} (objectType {object_type!r})")
+            skipped.append(f"feature {k} (a QuPath {object_type} object)")
             continue
         name = _feature_name(props)
-        shapes.append((name, _geojson_geometry(feat["geometry"], f"feature {k}", skipped), []))
+        polygons = _geojson_geometry(feat["geometry"], f"feature {k}", skipped)
+        if not polygons and isinstance(feat["geometry"], dict) and feat["geometry"].get("type") in (
+            "Polygon",
+            "MultiPolygon",
+            "GeometryCollection",
+        ):
+            skipped.append(f"feature {k} ({name!r}: an empty geometry)")
+        shapes.append((name, polygons, []))
     return shapes, skipped
+
+
+#: QuPath's object types (``properties.objectType``; ``type`` and ``object_type`` are accepted aliases).
+_QUPATH_TYPES = {"annotation", "detection", "cell", "tile", "tmacore", "tma_core", "root"}
+#: QuPath v0.2 wrote the type as the feature's ``id`` (QuPath's own reader still maps these).
+_QUPATH_V02_IDS = {
+    "pathannotationobject": "annotation",
+    "pathdetectionobject": "detection",
+    "pathcellobject": "cell",
+    "pathtileobject": "tile",
+    "tmacoreobject": "tmaCore",
+    "pathrootobject": "root",
+}
+
+
+def _object_type(feat: dict[str, Any], props: Any) -> str | None:
+    """A feature's QuPath object type ("annotation", "detection", ...; lower case), None when not said."""
+    if isinstance(props, dict):
+        for key in ("objectType", "object_type", "type"):
+            value = props.get(key)
+            if isinstance(value, str) and value.strip().lower() in _QUPATH_TYPES:
+                kind = value.strip().lower()
+                return "annotation" if kind == "annotation" else value.strip()
+    legacy = feat.get("id")
+    if isinstance(legacy, str) and legacy.strip().lower() in _QUPATH_V02_IDS:
+        return _QUPATH_V02_IDS[legacy.strip().lower()]
+    return None
 
 
 # --- XML --------------------------------------------------------------------------------------------------------
@@ -300,13 +366,14 @@ def _read_imagescope(root: Any) -> tuple[list[tuple[str, list[Polygon], list[Pol
         ann_id = ann.get("Id") or str(a_k + 1)
         name = (ann.get("Name") or "").strip()
         if not name:
-            for attrs in _children(ann, "Attributes"):
-                for attr in _children(attrs, "Attribute"):
-                    if (attr.get("Name") or "").strip():
-                        name = attr.get("Name").strip()
-                        break
-                if name:
-                    break
+            # An Attribute's Name is ImageScope's column header, "Description" unless renamed, and its Value the
+            # text typed in that column: the label is a Value, else a header other than the default one.
+            attrs = [a for group in _children(ann, "Attributes") for a in _children(group, "Attribute")]
+            values = [(a.get("Value") or "").strip() for a in attrs]
+            headers = [(a.get("Name") or "").strip() for a in attrs]
+            name = next((v for v in values if v), "") or next(
+                (h for h in headers if h and h.lower() != "description"), ""
+            )
         name = name or f"Annotation {ann_id}"
         positive: list[Polygon] = []
         negative: list[Polygon] = []
@@ -410,7 +477,9 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
     list of Region
         One region per name, in order of first appearance; shapes of the same name are unioned. GeoJSON names
         come from ``properties.classification.name``, else ``properties.name``, else ``"annotation"``;
-        ImageScope from the Annotation's ``Name``, else its first Attribute's ``Name``, else ``"Annotation <Id>"``
+        ImageScope from the Annotation's ``Name``, else its first non-empty Attribute ``Value`` (the text typed in
+        the layer's attribute column), else an Attribute ``Name`` other than ImageScope's default column header
+        ``Description``, else ``"Annotation <Id>"``
         (NegativeROA regions are subtracted from their annotation); ASAP from ``PartOfGroup`` unless ``None``,
         else ``Name``.
 
@@ -422,9 +491,11 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
 
     Notes
     -----
-    Points, lines, rulers, arrows, and QuPath detections (``objectType`` other than ``annotation``) are not
-    regions: they are skipped with a logged warning. Invalid polygons (self-intersections) are repaired with
-    :func:`shapely.make_valid` and logged.
+    Points, lines, rulers, arrows, empty geometries, and QuPath detections, cells and tiles (``objectType``,
+    or its aliases ``object_type`` and ``type``, other than ``annotation``; QuPath 0.2's feature ``id`` such as
+    ``PathCellObject``) are not regions: they are skipped with a logged warning. Invalid polygons
+    (self-intersections) are repaired ring by ring (the outline's enclosed area, less its holes) and logged.
+    Coordinates beyond ±2³² px are refused. UTF-8 and UTF-16 (with a byte-order mark) files are read.
     """
     p = Path(path)
     if not p.is_file():
@@ -443,6 +514,10 @@ def read_regions(path: str | os.PathLike[str]) -> list[Region]:
             f"cannot read the annotation file ({e.strerror}); check its permissions", path=p
         ) from None
     try:
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with a BOM (Windows tools): GeoJSON or XML
+            text16 = data.decode("utf-16", errors="replace").lstrip("\ufeff \t\r\n")
+            if text16[:1] in ("{", "["):
+                data = text16.encode("utf-8")
         head = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
         if head in (b"{", b"["):
             try:
