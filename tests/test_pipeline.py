@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 import tifffile
 
 from cleihc.errors import MissingMppError, NoTissueError
@@ -498,3 +499,35 @@ def test_mpp_override_that_contradicts_the_file_is_reported():
         "structures are found less reliably" in coarse.warnings
     )
     assert not [w for w in plan.warnings if w.startswith("measured at")]
+
+
+def test_the_protocols_region_list_is_what_is_reported_in_its_order(tmp_path):
+    """Regression: `[regions] report = ["dermis", "tissue"]` still reported every automatic compartment, tissue
+    first; a misspelt name gave an empty row without a word."""
+    import dataclasses
+
+    from cleihc.protocol import RegionsParams
+    from cleihc.regions import Region
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    path = SAMPLE_IMAGES / "S01_pre_cd3.svs"
+    full = quantify(path, "cd3").regions.set_index("region")
+    cd3 = load_protocol("cd3")
+    only = dataclasses.replace(cd3, regions=RegionsParams(report=("dermis", "tissue")))
+    lesion = Region("lesion", shapely.box(100, 100, 600, 600), "test")
+    res = quantify(path, only, regions=[lesion])
+    assert list(res.regions["region"]) == [
+        "dermis",
+        "tissue",
+        "lesion",
+    ]  # the user's own region is reported too
+    got = res.regions.set_index("region")
+    for name in ("dermis", "tissue"):
+        assert got.loc[name, "cells_total"] == full.loc[name, "cells_total"]
+        assert got.loc[name, "region_area_mm2"] == full.loc[name, "region_area_mm2"]
+    typo = dataclasses.replace(cd3, regions=RegionsParams(report=("tissue", "papilary_dermis")))
+    res = quantify(path, typo)
+    assert list(res.regions["region"]) == ["tissue", "papilary_dermis"]
+    assert res.regions.set_index("region").loc["papilary_dermis", "region_area_mm2"] == 0
+    (warning,) = [w for w in res.provenance["warnings"] if "papilary_dermis" in w]
+    assert "did you mean 'papillary_dermis'?" in warning

@@ -269,6 +269,7 @@ def plan_slide(
 
     auto = compartments.to_regions() if compartments is not None else []
     merged = merge_regions(auto, user_regions)
+    _check_report_names(proto, merged, warnings)
     comp_masks = dict(compartments.masks) if compartments is not None else {}
     compartment_downsample = compartments.downsample if compartments is not None else 1.0
     del compartments  # its depth map and the overview-sized arrays go before the trim below
@@ -375,6 +376,22 @@ def _canonical_names(regions: Sequence[Region], proto: Protocol) -> list[Region]
     return out
 
 
+def _check_report_names(proto: Protocol, regions: Sequence[Region], warnings: list[str]) -> None:
+    """A `[regions] report` name like a known region's but not it (a typo) would give an empty row silently."""
+    import difflib
+
+    known = sorted({"tissue", *COMPARTMENT_NAMES})
+    have = {*known, *(r.name for r in regions)}
+    for name in proto.regions.report:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8) if name not in have else []
+        if close:
+            _warn(
+                warnings,
+                f"protocol: [regions] report lists {name!r}, which no region of this slide has (its row is "
+                f"empty); did you mean {close[0]!r}?",
+            )
+
+
 def _check_region_bounds(regions: Sequence[Region], dimensions: tuple[int, int], warnings: list[str]) -> None:
     """Warn about annotations mostly off the slide: coordinates not in level-0 pixels (exported from a
     downsampled image or another scan) would otherwise give regions of zero or partial area without a word."""
@@ -460,8 +477,11 @@ def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
     if plan.roi is not None:
         tissue &= rasterize(plan.roi, shape=shape, downsample=ds)
     masks: dict[str, np.ndarray] = {}
+    user: set[str] = set()
     exclude = np.zeros_like(tissue)
     for region in plan.regions:
+        if region.source != "auto":
+            user.add(region.name)
         if region.source == "auto" and region.name in plan.compartment_masks:
             m = map_mask(
                 plan.compartment_masks[region.name],
@@ -478,12 +498,15 @@ def region_masks_on_raster(plan: SlidePlan) -> dict[str, np.ndarray]:
         else:
             masks[region.name] = m
     tissue &= ~exclude
-    out = {"tissue": tissue}
-    for name in plan.protocol.regions.report:
-        if name != "tissue":
-            out[name] = masks.pop(name, np.zeros_like(tissue)) & tissue
-    for name, m in masks.items():  # user regions not in the protocol's list are reported too
-        out[name] = m & tissue
+    # The protocol's regions in its order (tissue always, first unless placed), then the user's own regions;
+    # automatic compartments the protocol does not list are not reported.
+    report = plan.protocol.regions.report
+    out = {} if "tissue" in report else {"tissue": tissue}
+    for name in report:
+        out[name] = tissue if name == "tissue" else masks.pop(name, np.zeros_like(tissue)) & tissue
+    for name, m in masks.items():
+        if name in user:
+            out[name] = m & tissue
     return out
 
 
