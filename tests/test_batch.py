@@ -832,3 +832,53 @@ def test_samples_csv_as_spreadsheets_save_it(tmp_path, content):
     meta = StudyMetadata(samples=path)
     assert meta.columns == ["subject", "timepoint"]
     assert meta.for_slide("S01_pre_cd3") == {"subject": "S01", "timepoint": "pre"}
+
+
+def test_a_protocol_edited_under_its_name_on_some_slides_is_named(study, serial_run, tmp_path, caplog):
+    """Regression: a copy of cd3 with other thresholds (same [protocol] name, so the same results folder) used on
+    one slide left the others measured with the old one; nothing said so, and the long table cannot tell."""
+    _, ref = serial_run
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    edited = tmp_path / "cd3-strict.toml"
+    text = subprocess.run(
+        [*CLEIHC, "protocols", "show", "cd3"], capture_output=True, text=True, check=True
+    ).stdout
+    edited.write_text(text.replace("bins_od = [0.2, 0.4, 0.6]", "bins_od = [0.2, 0.5, 0.8]"))
+    assert "bins_od = [0.2, 0.5, 0.8]" in edited.read_text()
+    assert main(["quantify", _good(study)[0], "--protocol", str(edited), "--out", str(out), "--quiet"]) == 0
+    log_text = (out / "run.log").read_text()
+    assert "stain 'cd3' was measured with 2 different protocols" in log_text
+    assert "2 slide(s)" in log_text and "1 slide(s)" in log_text
+    caplog.clear()
+    assert main(["tables", str(out), "--out", str(tmp_path / "study.csv")]) == 0
+    assert "stain 'cd3' was measured with 2 different protocols" in caplog.text
+    caplog.clear()
+    assert main(["tables", str(ref), "--out", str(tmp_path / "ref.csv")]) == 0
+    assert "different protocols" not in caplog.text
+
+
+def test_a_local_protocol_hiding_a_built_in_is_named(study, tmp_path, monkeypatch):
+    """Regression: ./protocols/cd3.toml silently replaced the built-in cd3 for `--stain cd3`; neither the console,
+    run.log nor run.json said which file was used."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "protocols").mkdir()
+    text = subprocess.run(
+        [*CLEIHC, "protocols", "show", "cd3"], capture_output=True, text=True, check=True
+    ).stdout
+    (tmp_path / "protocols" / "cd3.toml").write_text(text.replace("[0.2, 0.4, 0.6]", "[0.2, 0.5, 0.8]"))
+    out = tmp_path / "out"
+    assert main(["quantify", _good(study)[0], "--stain", "cd3", "--out", str(out), "--quiet"]) == 0
+    log_text = (out / "run.log").read_text()
+    assert (
+        "protocols/cd3.toml, not the built-in protocol of that name" in log_text
+        and "--stain cd3 uses" in log_text
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert Path(run["protocol"]["source"]).resolve() == (tmp_path / "protocols" / "cd3.toml").resolve()
+    # Named explicitly: no warning, the file still recorded.
+    out2 = tmp_path / "out2"
+    args = ["quantify", _good(study)[0], "--protocol", "protocols/cd3.toml", "--out", str(out2), "--quiet"]
+    assert main(args) == 0
+    assert "not the built-in" not in (out2 / "run.log").read_text()
+    assert "protocols/cd3.toml" in json.loads((out2 / "run.json").read_text())["protocol"]["source"]

@@ -42,6 +42,7 @@ from cleihc.pipeline import SlidePlan, measure_plan, plan_slide, slide_stem
 from cleihc.protocol import Protocol
 from cleihc.regions import regions_file_for_slide
 from cleihc.slide import is_slide, open_slide
+from cleihc.tables import mixed_protocols
 
 __all__ = [
     "BatchSummary",
@@ -587,7 +588,9 @@ def _run_batch_locked(
     records = read_slide_records(out)
     _warn_identical_files(records)
     lead = ("subject", "timepoint", "group", *metadata.lead_columns)
-    rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
+    table = rebuild_tables(out, lead_columns=tuple(dict.fromkeys(lead)))
+    for message in mixed_protocols(table):  # a protocol edited under its name, used on some slides only
+        log.warning("%s: %s", out, message)
     summary.seconds = time.perf_counter() - started
     _write_failures(out, summary.failed)
     write_json(
@@ -596,7 +599,12 @@ def _run_batch_locked(
             "cleihc_version": __version__,
             "software": _versions(),
             "arguments": arguments or {},
-            "protocol": {"name": protocol.name, "version": protocol.version, "sha256": protocol.sha256},
+            "protocol": {
+                "name": protocol.name,
+                "version": protocol.version,
+                "sha256": protocol.sha256,
+                "source": str(protocol.source) if protocol.source else None,  # which file, when several share a name
+            },
             "inputs": inputs_record,
             "outcomes": [o.__dict__ for o in summary.outcomes],
             "failures": [{"slide": o.slide, "path": o.path, "reason": o.reason} for o in summary.failed],

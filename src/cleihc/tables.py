@@ -22,7 +22,7 @@ from cleihc.outputs import read_slide_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ID_COLUMNS", "metric_unit", "regions_table", "regions_table_with_metadata", "tidy"]
+__all__ = ["ID_COLUMNS", "metric_unit", "mixed_protocols", "regions_table", "regions_table_with_metadata", "tidy"]
 
 #: Columns that identify a row rather than measure something.
 ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected", "review")
@@ -94,6 +94,43 @@ def regions_table_with_metadata(folder: str | os.PathLike[str]) -> tuple[pd.Data
     return table, list(meta)
 
 
+def mixed_protocols(table: pd.DataFrame) -> list[str]:
+    """Why a table's numbers of one stain are not comparable: its slides measured with different protocols.
+
+    A protocol edited under the same name (new thresholds, estimated vectors) and used on some slides of a study
+    leaves the others measured with the old one; the long table alone cannot tell them apart.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Region rows with ``slide``, ``stain``, ``protocol`` and ``protocol_sha256``.
+
+    Returns
+    -------
+    list of str
+        One message per stain measured with more than one protocol (empty when there is none).
+    """
+    need = {"slide", "stain", "protocol", "protocol_sha256"}
+    if table.empty or not need <= set(table.columns):
+        return []
+    out = []
+    slides = table[list(need)].drop_duplicates(["slide", "stain"])
+    for stain, group in slides.groupby("stain", sort=True):
+        versions = group.groupby(["protocol", "protocol_sha256"], sort=True)["slide"].apply(sorted)
+        if len(versions) < 2:
+            continue
+        parts = [
+            f"{protocol} (sha256 {sha[:12]}...): {len(names)} slide(s), e.g. {names[0]}"
+            for (protocol, sha), names in versions.items()
+        ]
+        out.append(
+            f"stain {stain!r} was measured with {len(versions)} different protocols, so its slides are not "
+            f"comparable: {'; '.join(parts)}; measure every slide with one protocol (cleihc quantify on all of "
+            "them), or keep each protocol's results in their own --out folder"
+        )
+    return out
+
+
 def _refuse_duplicates(folders: Sequence[Path], parts: Sequence[pd.DataFrame]) -> None:
     """Two results folders holding the same slide for the same stain would count it twice in any statistic."""
     seen: dict[tuple[str, str], Path] = {}
@@ -135,6 +172,8 @@ def tidy(folders: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     )
     if wide.empty:
         return pd.DataFrame(columns=["slide", "stain", "region", "metric", "value", "unit"])
+    for message in mixed_protocols(wide):
+        log.warning("%s", message)
     # Metadata by name (the records say which: a subject "101" is text), then any other text column; every
     # other column is a metric, even one empty in every row (an H-score the protocol turns off).
     named = {c for _, cols in loaded for c in cols}

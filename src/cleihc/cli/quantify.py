@@ -16,6 +16,28 @@ from cleihc.errors import CleihcError, ResultsFolderError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _say_which_protocol(protocol: Any, *, by_name: bool) -> None:
+    """Name the protocol file in run.log; warn when a name found a local file that hides the built-in one."""
+    import importlib.resources
+
+    from cleihc.protocol import BUILTIN_PACKAGE
+
+    log = logging.getLogger("cleihc")
+    source = Path(protocol.source) if protocol.source else None
+    log.info("protocol %s@%s (sha256 %s) from %s", protocol.name, protocol.version, protocol.sha256, source)
+    if not by_name or source is None:
+        return
+    builtin = Path(str(importlib.resources.files(BUILTIN_PACKAGE)))
+    shadowed = builtin / source.name
+    if source.resolve().parent != builtin.resolve() and shadowed.is_file():
+        log.warning(
+            "--stain %s uses %s, not the built-in protocol of that name (a local file comes first); "
+            "give --protocol FILE to choose explicitly",
+            source.stem,
+            source,
+        )
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "quantify",
@@ -115,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with make_runner(jobs=args.jobs or 1, scheduler=args.scheduler) as runner:
             logging.getLogger("cleihc").info("runner: %s", getattr(runner, "description", "serial"))
+            _say_which_protocol(protocol, by_name=args.protocol is None)
             summary = run_batch(
                 args.inputs,
                 protocol,
