@@ -603,7 +603,8 @@ def _run_batch_locked(
                 "name": protocol.name,
                 "version": protocol.version,
                 "sha256": protocol.sha256,
-                "source": str(protocol.source) if protocol.source else None,  # which file, when several share a name
+                # Which file: several may share a name (a local copy, an edited version).
+                "source": str(protocol.source) if protocol.source else None,
             },
             "inputs": inputs_record,
             "outcomes": [o.__dict__ for o in summary.outcomes],

@@ -22,7 +22,14 @@ from cleihc.outputs import read_slide_records
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ID_COLUMNS", "metric_unit", "mixed_protocols", "regions_table", "regions_table_with_metadata", "tidy"]
+__all__ = [
+    "ID_COLUMNS",
+    "metric_unit",
+    "mixed_protocols",
+    "regions_table",
+    "regions_table_with_metadata",
+    "tidy",
+]
 
 #: Columns that identify a row rather than measure something.
 ID_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "corrected", "review")
