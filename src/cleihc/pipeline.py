@@ -100,7 +100,7 @@ class Result:
         The slide's stem (file name without extension).
     path : str
     regions : pandas.DataFrame
-        One row per region (see ``docs/outputs.md`` for the columns).
+        One row per region (columns defined in ``docs/measurements.md``; the output files in README.md).
     cells : pandas.DataFrame
         One row per detected cell (empty for area-only protocols).
     plan : SlidePlan
