@@ -40,10 +40,47 @@ def test_protocols_show_prints_resolved_toml_with_sha(capsys, tmp_path):
     assert js["sha256"] == proto.sha256 and js["protocol"]["name"] == "cd3"
 
 
-def test_protocols_show_unknown_is_one_line_error(capsys):
-    assert main(["protocols", "show", "cd99"]) == 1
+def test_protocols_show_unknown_is_one_line_usage_error(capsys):
+    # exit 2, as `cleihc quantify --protocol cd99` does: the argument is wrong, nothing failed
+    assert main(["protocols", "show", "cd99"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no protocol named 'cd99'" in err and "cd3" in err
+
+
+def test_protocols_show_invalid_is_one_line_usage_error(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    text = load_protocol("cd3").to_toml().replace("superficial_um = 500.0", "superficial_um = 100.0")
+    path.write_text(text, encoding="utf-8")
+    assert main(["protocols", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        f"cleihc protocols: error: {path}: [compartments] superficial_um = 100.0: must be greater"
+    )
+
+
+def test_protocols_list_by_lookup_name_with_origin(tmp_path, monkeypatch, capsys):
+    local = tmp_path / "protocols"
+    local.mkdir()
+    cd3_copy = load_protocol("cd3").to_toml()  # keeps [protocol] name = "cd3"
+    (local / "my-cd3.toml").write_text(cd3_copy, encoding="utf-8")
+    (local / "cd4.toml").write_text(load_protocol("cd4").to_toml(), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLEIHC_PROTOCOL_PATH", raising=False)
+    assert main(["protocols"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].startswith("search path: ")
+    # two lines per protocol: name, version, description; then where it comes from
+    where = {lines[k].split()[0]: lines[k + 1].strip() for k in range(0, len(lines) - 1, 2)}
+    names = [lines[k].split()[0] for k in range(0, len(lines) - 1, 2)]
+    assert names.count("cd3") == 1 and "my-cd3" in names  # cd3 was listed twice and my-cd3 not at all
+    assert where["cd3"].startswith("built-in: ")
+    assert where["my-cd3"].startswith("./protocols: ") and "[protocol] name = 'cd3'" in where["my-cd3"]
+    assert where["cd4"].startswith("./protocols: ") and where["cd4"].endswith("shadows the built-in cd4")
+    assert main(["protocols", "list", "--json"]) == 0
+    listed = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
+    assert listed["my-cd3"]["protocol_name"] == "cd3" and listed["my-cd3"]["origin"] == "./protocols"
+    assert [d["origin"] for d in listed["cd4"]["shadows"]] == ["built-in"] and listed["cd3"]["shadows"] == []
 
 
 def test_stains_presets(capsys):

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import logging
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -472,3 +473,149 @@ def test_lookup_errors_list_available(tmp_path, monkeypatch, caplog):
 def test_protocol_error_is_cleihc_error():
     assert issubclass(ProtocolError, CleihcError) and issubclass(ProtocolError, ValueError)
     assert dataclasses.is_dataclass(Protocol)
+
+
+# ------------------------------------------------------------------------------------------------ tester's findings
+def test_mpp_above_raster_names_mpp_um(tmp_path):
+    # mpp_um = 20 (µm/px written for 0.5) in an area protocol: the error is about mpp_um, the key the user wrote,
+    # and says what raster_mpp_um must be (it was "[analysis] raster_mpp_um = 2.0: ...", a key not in the file).
+    path = write(tmp_path, mutate("gag-alcian", "analysis", "mpp_um", "20"), "gag-alcian.toml")
+    with pytest.raises(ProtocolError) as exc:
+        load_protocol(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: [analysis] mpp_um = 20.0: must be at most raster_mpp_um = 2.0")
+    assert "raster_mpp_um must be at least mpp_um" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize(("mpp", "raster"), [("2", None), ("20", "40"), ("1.01", None)])
+def test_cells_protocol_refuses_resolution_too_coarse_for_nuclei(tmp_path, mpp, raster):
+    text = mutate("cd3", "analysis", "mpp_um", mpp)
+    if raster:
+        text = text.replace("[analysis]\n", f"[analysis]\nraster_mpp_um = {raster}\n")
+    path = write(tmp_path, text, "cd3.toml")
+    with pytest.raises(ProtocolError) as exc:
+        load_protocol(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: [analysis] mpp_um = {mpp}")
+    assert f"at most {protocol_mod.CELLS_MAX_MPP_UM}" in msg and "cells" in msg and "\n" not in msg
+
+
+def test_cells_resolution_bound_is_inclusive_and_area_protocols_are_free(tmp_path):
+    assert (
+        load_protocol(write(tmp_path, mutate("cd3", "analysis", "mpp_um", "1.0"), "cd3.toml")).analysis.mpp_um
+        == 1
+    )
+    area = mutate("gag-alcian", "analysis", "mpp_um", "2.0")
+    assert load_protocol(write(tmp_path, area, "gag-alcian.toml")).analysis.mpp_um == 2.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("superficial_um", "100", "superficial_um = 100.0: must be greater than papillary_um = 150.0"),
+        ("papillary_um", "0", "papillary_um = 0.0: must be a depth greater than 0"),
+        ("min_contrast", "0.5", "min_contrast = 0.5: must be a ratio between 1 and 100"),
+        ("mpp_um", "0.05", "mpp_um = 0.05: must be between 0.1 and 50"),
+    ],
+)
+def test_compartments_errors_follow_the_protocol_format(tmp_path, key, value, expected):
+    path = write(tmp_path, mutate("cd3", "compartments", key, value), "cd3.toml")
+    with pytest.raises(ProtocolError) as exc:
+        load_protocol(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: [compartments] {expected}") and "\n" not in msg
+
+
+def test_owner_tables_are_not_named_twice(tmp_path):
+    path = write(tmp_path, mutate("cd3", "cells", "smoothing_sigma_um", "50"), "cd3.toml")
+    with pytest.raises(ProtocolError, match=r": \[cells\] smoothing_sigma_um = 50.0: must be"):
+        load_protocol(path)
+
+
+def test_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "cd3.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + builtin_text("cd3").encode("utf-8"))  # as Windows Notepad saves it
+    assert load_protocol(path).sha256 == load_protocol("cd3").sha256
+
+
+@pytest.mark.parametrize("vector", ["[1e308, 1e308, 1e308]", "[166, 180, 73]", "[0.65, 0.7, 100.5]"])
+def test_vector_components_are_bounded(tmp_path, vector):
+    text = mutate("cd3", "stains", "preset", None).replace(
+        "[stains]\n", f"[stains]\nvectors = {{ hematoxylin = {vector}, dab = [0.27, 0.57, 0.78] }}\n"
+    )
+    path = write(tmp_path, text, "cd3.toml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # was a numpy overflow RuntimeWarning, then a false "parallel" error
+        with pytest.raises(ProtocolError) as exc:
+            load_protocol(path)
+    msg = str(exc.value)
+    assert msg.startswith(f"{path}: [stains] vectors.hematoxylin = ") and "from 0 to 100" in msg
+    # only the direction counts: a vector written in hundredths is still accepted
+    scaled = text.replace(vector, "[65, 70, 29]")
+    assert load_protocol(write(tmp_path, scaled, "cd3.toml")).stains.vectors[0][0] == "hematoxylin"
+
+
+def test_list_by_lookup_name_with_origin_and_shadowing(tmp_path, monkeypatch, caplog):
+    local = tmp_path / "protocols"
+    local.mkdir()
+    text = builtin_text("cd3")
+    (local / "my-cd3.toml").write_text(
+        text.replace('version = "1.1.1"', 'version = "1.2.0"'), encoding="utf-8"
+    )
+    (local / "cd4.toml").write_text(builtin_text("cd4").replace('"1.1.1"', '"7.0.0"'), encoding="utf-8")
+    (local / "cd8.toml").write_text("[protocol\n", encoding="utf-8")  # broken: hides the built-in cd8
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLEIHC_PROTOCOL_PATH", raising=False)
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        infos = {i.name: i for i in list_protocols()}
+    my = infos["my-cd3"]  # listed by the name that selects it, not as a second "cd3"
+    assert my.protocol_name == "cd3" and my.version == "1.2.0" and my.origin == "./protocols"
+    assert infos["cd3"].version == "1.1.1" and infos["cd3"].origin == "built-in"  # the built-in stays listed
+    assert infos["cd3"].protocol_name == "" and infos["cd3"].shadows == ()
+    assert infos["cd4"].version == "7.0.0"
+    assert [(p.name, origin) for p, origin in infos["cd4"].shadows] == [("cd4.toml", "built-in")]
+    assert "cd8" not in infos and "cd8.toml" in caplog.text and "hides" in caplog.text  # not the built-in cd8
+    # loading a file whose stem differs from its [protocol] name warns once, naming both
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        assert load_protocol("my-cd3").name == "cd3"
+    assert len(caplog.records) == 1
+    assert "'my-cd3'" in caplog.text and "[protocol] name = 'cd3'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        load_protocol("cd4")
+    assert not caplog.records
+
+
+def test_protocol_path_entries_that_are_not_folders_warn(tmp_path, monkeypatch, caplog):
+    missing, afile, good = tmp_path / "missing", tmp_path / "x.toml", tmp_path / "good"
+    afile.write_text("", encoding="utf-8")
+    good.mkdir()
+    monkeypatch.setenv("CLEIHC_PROTOCOL_PATH", protocol_mod.os.pathsep.join(map(str, (missing, afile, good))))
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        folders = protocol_mod.protocol_search_path()
+        protocol_mod.protocol_search_path()
+    assert good in folders and missing not in folders and afile not in folders
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and str(missing) in warned[0] and str(afile) in warned[0]
+
+
+def test_area_protocol_warns_about_ignored_cells_keys(tmp_path, caplog):
+    text = builtin_text("gag-alcian").replace("[cells]\n", '[cells]\ncompartment = "membrane"\n')
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        load_protocol(write(tmp_path, text, "gag-alcian.toml"))
+    assert len(caplog.records) == 1 and "[cells] compartment is ignored" in caplog.text
+    # the resolved TOML that `cleihc protocols show` prints has every [cells] default: it loads silently
+    caplog.clear()
+    shown = write(tmp_path, load_protocol("gag-alcian").to_toml(), "gag-alcian.toml")
+    with caplog.at_level(logging.WARNING, logger="cleihc.protocol"):
+        load_protocol(shown)
+    assert not caplog.records
+
+
+def test_builtins_say_what_halo_um_does():
+    for name in BUILTINS:
+        text = builtin_text(name)
+        assert "`halo_um` is only a floor" in text, name
+        assert "change speed only" in text and "(`halo_um`) change speed only" not in text, name
+    assert "floor" in (protocol_mod.AnalysisParams.__doc__ or "")

@@ -12,12 +12,20 @@ hints, so a new parameter there is a new protocol key with no change here.
 
 Lookup of a protocol by name (:func:`find_protocol`): an existing file path first; then ``NAME.toml`` in each
 folder of the ``CLEIHC_PROTOCOL_PATH`` environment variable (``os.pathsep``-separated), then in ``./protocols/``
-of the current directory, then the built-in protocols shipped with cleihc.
+of the current directory, then the built-in protocols shipped with cleihc. A protocol is selected by its file's
+stem; its ``[protocol] name`` names results folders and table rows, so :func:`load_protocol` warns when the two
+differ, and :func:`list_protocols` lists each protocol by the name that selects it, with where it comes from and
+the files of the same name it hides.
+
+Some checks span tables: a protocol that measures cells needs ``[analysis] mpp_um`` of at most
+:data:`CELLS_MAX_MPP_UM` (1.0 µm per pixel, to resolve 5-10 µm nuclei); an area-only protocol's non-default
+``[cells]`` values are ignored, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.resources
@@ -40,6 +48,7 @@ from cleihc.errors import CleihcError, ProtocolError
 from cleihc.stains import PRESETS, RESIDUAL, StainMatrix, available_presets
 
 __all__ = [
+    "CELLS_MAX_MPP_UM",
     "ENV_VAR",
     "SCHEMA_VERSION",
     "AnalysisParams",
@@ -69,6 +78,16 @@ _SEMVER_RE = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 )
 _MEASURES = ("area", "cells")
+
+# Coarsest analysis resolution (µm per pixel) of a protocol that measures cells. Nuclei are 5-10 µm across
+# (lymphocytes 5-7 µm): at 1 µm/px the smallest still spans 5 pixels and the membrane ring (cell_expansion_um,
+# 3 µm) 3 pixels. On sample_images/S01_pre_cd3 (truth 859 cells, 219 positive) the cd3 protocol finds 851 / 218 at
+# 0.5 µm/px, 840 / 218 at 1.0, 815 / 207 at 1.5, 773 / 16 at 2.0 (rings of one pixel or less) and 38 / 0 at 20.
+CELLS_MAX_MPP_UM = 1.0
+# Largest stain-vector component accepted. Only a vector's direction counts (it is normalised), so [65, 70, 29]
+# means the same as [0.65, 0.70, 0.29]; values beyond this are an RGB colour (0-255) or a typo, and near the float
+# limit their norm overflows (a numpy warning and a false "parallel" error).
+_MAX_VECTOR_COMPONENT = 100.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,10 +126,19 @@ class AnalysisParams:
     tile_size_px : int
         Tile side in analysis pixels (speed and memory only: results do not depend on it).
     halo_um : float
-        Overlap read around each tile so cells on a tile edge are measured whole.
+        A floor, in µm, on the overlap read around each tile. A protocol that measures cells reads
+        ``max(halo_um, cleihc.cells.required_halo_um(cells))`` (about 76 µm with the built-ins' ``[cells]``), the
+        context its nucleus detection needs to find a cell on a tile edge exactly as in one whole image: a smaller
+        `halo_um` changes nothing, a larger one only costs time. An area-only protocol reads no overlap (area is
+        measured pixel by pixel) and ignores it.
     raster_mpp_um : float
         Resolution of the additive totals raster on which per-region sums and review masks are made; region
-        borders are resolved at this granularity.
+        borders are resolved at this granularity. At least `mpp_um` (the raster sums whole analysis pixels).
+
+    Notes
+    -----
+    A protocol that measures cells also needs ``mpp_um <= 1.0`` (see :data:`CELLS_MAX_MPP_UM`); that bound is
+    checked by the protocol, which knows what is measured.
     """
 
     mpp_um: float = 0.5
@@ -125,9 +153,14 @@ class AnalysisParams:
             raise ValueError(f"tile_size_px = {self.tile_size_px!r}: must be between 128 and 16384 pixels")
         if not 0.0 <= self.halo_um <= 500.0:
             raise ValueError(f"halo_um = {self.halo_um!r}: must be between 0 and 500 µm")
-        if not self.mpp_um <= self.raster_mpp_um <= 100.0:
+        if not self.raster_mpp_um <= 100.0:
+            raise ValueError(f"raster_mpp_um = {self.raster_mpp_um!r}: must be at most 100 µm per pixel")
+        if self.mpp_um > self.raster_mpp_um:
+            # Named after mpp_um: the usual cause is an analysis resolution in the wrong unit (20 for 0.5), and
+            # raster_mpp_um is often not in the file at all (its default is 2.0).
             raise ValueError(
-                f"raster_mpp_um = {self.raster_mpp_um!r}: must be between mpp_um and 100 µm per pixel"
+                f"mpp_um = {self.mpp_um!r}: must be at most raster_mpp_um = {self.raster_mpp_um!r} µm per pixel "
+                "(raster_mpp_um must be at least mpp_um; mpp_um is in µm per pixel, 0.5 for a 20x scan)"
             )
 
 
@@ -245,12 +278,31 @@ class StainsParams:
 
 
 class ProtocolInfo(NamedTuple):
-    """One protocol found by :func:`list_protocols`."""
+    """One protocol found by :func:`list_protocols`.
+
+    Attributes
+    ----------
+    name : str
+        The name that selects it (``--protocol NAME``): the file's stem.
+    version, description : str
+        From its ``[protocol]`` table.
+    path : Path
+        The file.
+    protocol_name : str
+        Its ``[protocol] name``, which names results folders and table rows; "" when equal to `name`.
+    origin : str
+        Where it was found: "$CLEIHC_PROTOCOL_PATH", "./protocols" or "built-in".
+    shadows : tuple of (Path, str)
+        Files of the same name later on the search path, which this one hides, each with its origin.
+    """
 
     name: str
     version: str
     description: str
     path: Path
+    protocol_name: str = ""
+    origin: str = ""
+    shadows: tuple[tuple[Path, str], ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,6 +425,8 @@ def build_params(cls: type, table: Any, *, section: str, path: str | os.PathLike
         return cls(**kwargs)
     except (ValueError, TypeError, CleihcError) as exc:
         reason = exc.reason if isinstance(exc, CleihcError) else str(exc)
+        # Owners name their keys "cells.key" so the message reads alone in Python; here [cells] already says it.
+        reason = reason.removeprefix(f"{section}.")
         raise ProtocolError(f"[{section}] {reason}", path=path) from None
 
 
@@ -694,6 +748,13 @@ def _parse_stains(table: Any, background_rgb: tuple[float, float, float], path: 
                     f"[stains] vectors.{name} = {_describe(v)}: must be three numbers [r, g, b] (optical density)",
                     path=path,
                 ) from None
+            if max(abs(x) for x in rgb) > _MAX_VECTOR_COMPONENT:
+                raise ProtocolError(
+                    f"[stains] vectors.{name} = {_describe(v)}: components must be optical densities from 0 to "
+                    f"{_MAX_VECTOR_COMPONENT:g} (only the direction counts: [0.65, 0.70, 0.29] = [65, 70, 29]); "
+                    "an RGB colour (0-255) is not an OD vector: measure one with `cleihc stains estimate`",
+                    path=path,
+                )
             items.append((name, rgb))
         vectors = tuple(items)
         if preset and {n for n, _ in vectors} != set(PRESETS[preset][0]):
@@ -730,6 +791,27 @@ def _parse_stains(table: Any, background_rgb: tuple[float, float, float], path: 
     return StainsParams(preset, vectors, estimate, tol, action, matrix)
 
 
+def _check_cells_resolution(analysis: Any, path: Any) -> None:
+    """Refuse an ``[analysis] mpp_um`` too coarse to resolve nuclei in a protocol that measures cells.
+
+    Checked on the raw value before ``[analysis]`` is built, so ``mpp_um = 20`` (a unit mistake) is reported as
+    what it is rather than as a conflict with ``raster_mpp_um``; other problems with the value are left to
+    :func:`build_params`. Measuring cells that coarse gives wrong counts silently, never an error, hence a refusal.
+    """
+    if not isinstance(analysis, dict):
+        return
+    mpp = analysis.get("mpp_um")
+    if isinstance(mpp, float) and not math.isfinite(mpp):
+        return  # inf and nan: build_params says "must be a finite number", the actual problem
+    if isinstance(mpp, int | float) and not isinstance(mpp, bool) and mpp > CELLS_MAX_MPP_UM:
+        raise ProtocolError(
+            f"[analysis] mpp_um = {_describe(mpp)}: a protocol that measures cells needs at most "
+            f"{CELLS_MAX_MPP_UM} µm per pixel (nuclei are 5-10 µm across; coarser pixels merge and miss them: "
+            'at 2 µm/px CD3 found 16 of 219 positive cells); use 0.5 (a 20x scan), or measure = ["area"] only',
+            path=path,
+        )
+
+
 def _parse(data: dict[str, Any], *, path: Any) -> Protocol:
     for key in data:
         if key not in _TABLE_ORDER:
@@ -741,6 +823,8 @@ def _parse(data: dict[str, Any], *, path: Any) -> Protocol:
             "the [protocol] table is missing; start the file with [protocol] name = ...", path=path
         )
     header = _parse_header(data["protocol"], path)
+    if "cells" in header["measure"]:
+        _check_cells_resolution(data.get("analysis"), path)
     own = {
         name: build_params(cls, data.get(name, {}), section=name, path=path)
         for name, cls in _OWN_TABLES.items()
@@ -795,7 +879,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ProtocolError(f"cannot read the protocol file ({exc.strerror or exc})", path=path) from None
     try:
-        text = data.decode("utf-8")
+        # utf-8-sig: Windows Notepad saves UTF-8 with a byte-order mark, which TOML would read as a stray character.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ProtocolError("is not UTF-8 text; save the protocol as UTF-8 TOML", path=path) from None
     try:
@@ -807,18 +892,44 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def protocol_search_path() -> list[Path]:
-    """Folders searched by name, in order: ``$CLEIHC_PROTOCOL_PATH`` entries, ``./protocols``, the built-ins."""
-    folders = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
-    folders.append(Path.cwd() / "protocols")
-    folders.append(_builtin_dir())
-    unique: list[Path] = []
+    """Folders searched by name, in order: ``$CLEIHC_PROTOCOL_PATH`` entries, ``./protocols``, the built-ins.
+
+    ``$CLEIHC_PROTOCOL_PATH`` entries that are not folders are left out, with one logged warning naming them.
+    """
+    return [folder for folder, _ in _search_folders()]
+
+
+def _search_folders() -> list[tuple[Path, str]]:
+    """The search path with where each folder comes from ("$CLEIHC_PROTOCOL_PATH", "./protocols", "built-in")."""
+    entries = [p for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
+    _warn_bad_env_entries(tuple(entries))
+    builtin = _builtin_dir()
+    folders = [(Path(p), f"${ENV_VAR}") for p in entries if Path(p).is_dir()]
+    folders.append((Path.cwd() / "protocols", "./protocols"))
+    folders.append((builtin, "built-in"))
+    unique: list[tuple[Path, str]] = []
     seen: set[Path] = set()
-    for f in folders:  # the same folder twice (e.g. run from the source tree) is searched once
+    for f, origin in folders:  # the same folder twice (e.g. run from the source tree) is searched once
         key = f.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append(f)
+            # Run from the source tree, ./protocols *is* the built-ins: say so rather than call them local.
+            unique.append((f, "built-in" if key == builtin.resolve() else origin))
     return unique
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_bad_env_entries(entries: tuple[str, ...]) -> None:
+    # Cached on the variable's value: every lookup walks the search path, and one warning per run is enough.
+    bad = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_file():
+            bad.append(f"{entry} (a file: list the folder that holds it)")
+        elif not path.is_dir():
+            bad.append(f"{entry} (does not exist)")
+    if bad:
+        logger.warning("$%s: ignoring entries that are not folders: %s", ENV_VAR, "; ".join(bad))
 
 
 def _builtin_dir() -> Path:
@@ -877,27 +988,83 @@ def load_protocol(name_or_path: str | os.PathLike[str]) -> Protocol:
     ------
     ProtocolError
         Not found, unreadable, not TOML, an unknown key or an invalid value; one line naming the file.
+
+    Notes
+    -----
+    Logs a warning (one line naming the file) when the file's stem differs from its ``[protocol] name`` (results
+    folders and tables use the latter, while ``--protocol NAME`` selects by the former), and when an area-only
+    protocol sets ``[cells]`` values, which are then ignored.
     """
     path = find_protocol(name_or_path)
-    return _parse(_read_toml(path), path=path)
+    data = _read_toml(path)
+    proto = _parse(data, path=path)
+    if path.stem != proto.name:
+        # Results folders (cleihc-results/NAME), table rows and `cleihc report`'s reference vectors all go by the
+        # [protocol] name, so a copy named my-cd3.toml that keeps name = "cd3" mixes with the built-in cd3.
+        logger.warning(
+            "%s: the file name %r differs from its [protocol] name = %r, which names the results folder and "
+            "table rows (and --protocol %s selects %s.toml, not this file): make them the same",
+            path,
+            path.stem,
+            proto.name,
+            proto.name,
+            proto.name,
+        )
+    ignored = _ignored_cells_keys(data, proto)
+    if ignored:
+        logger.warning(
+            '%s: [cells] %s ignored: measure = ["area"] counts no cells; remove them, or add "cells" to measure',
+            path,
+            ", ".join(ignored) + (" is" if len(ignored) == 1 else " are"),
+        )
+    return proto
+
+
+def _ignored_cells_keys(data: Mapping[str, Any], proto: Protocol) -> list[str]:
+    """``[cells]`` keys an area-only protocol sets to a value other than the default (they change nothing).
+
+    A warning, not an error: ``cleihc protocols show`` writes every table with its defaults, so an area protocol
+    started from its output carries a full ``[cells]`` table, and values that are not used cannot change a
+    result. Only non-default values are named, so such a file loads silently while a real edit is pointed out.
+    """
+    if "cells" in proto.measure or not isinstance(data.get("cells"), dict):
+        return []
+    defaults = type(proto.cells)()
+    return [key for key in data["cells"] if getattr(proto.cells, key) != getattr(defaults, key)]
 
 
 def list_protocols() -> list[ProtocolInfo]:
-    """Every protocol on the search path, by name (a name found earlier shadows later ones), sorted by name.
+    """Every protocol on the search path, by the name that selects it (the file's stem), sorted by name.
 
-    Files that fail validation are skipped with a logged warning naming the problem.
+    A name found earlier shadows later files of the same name (recorded in :attr:`ProtocolInfo.shadows`). Files
+    that fail validation are skipped with a logged warning naming the problem; a broken file still takes its name
+    (lookup stops there), so a later file of that name is not listed as if it could be selected.
     """
-    seen: dict[str, ProtocolInfo] = {}
-    for folder in protocol_search_path():
+    found: dict[str, list[tuple[Path, str]]] = {}
+    for folder, origin in _search_folders():
         if not folder.is_dir():
             continue
         for path in sorted(folder.glob("*.toml")):
-            if path.stem in seen:
-                continue
-            try:
-                p = _parse(_read_toml(path), path=path)
-            except ProtocolError as exc:
-                logger.warning("%s", exc)
-                continue
-            seen[path.stem] = ProtocolInfo(p.name, p.version, p.description, path)
-    return [seen[k] for k in sorted(seen)]
+            found.setdefault(path.stem, []).append((path, origin))
+    infos = []
+    for stem in sorted(found):
+        (path, origin), *hidden = found[stem]
+        shadows = tuple(hidden)
+        try:
+            p = _parse(_read_toml(path), path=path)
+        except ProtocolError as exc:
+            also = f" (and hides {', '.join(str(p) for p, _ in shadows)})" if shadows else ""
+            logger.warning("%s; skipped%s", exc, also)
+            continue
+        infos.append(
+            ProtocolInfo(
+                stem,
+                p.version,
+                p.description,
+                path,
+                protocol_name="" if p.name == stem else p.name,
+                origin=origin,
+                shadows=shadows,
+            )
+        )
+    return infos

@@ -697,7 +697,8 @@ class CompartmentParams:
     papillary_um : float
         Papillary dermis: depth [0, papillary_um) below the DEJ.
     superficial_um : float
-        Superficial dermis: depth [papillary_um, superficial_um); the deep dermis is below.
+        Superficial dermis: depth [papillary_um, superficial_um); the deep dermis is below. Greater than
+        `papillary_um`.
     nuclear_sigma_um : float
         Gaussian sigma (µm) smoothing counterstain OD into a local nuclear density (~2.5·sigma window).
     opening_um : float
@@ -739,26 +740,35 @@ class CompartmentParams:
     max_corneum_um: float = 60.0  # thin tissue above the epidermis counted as stratum corneum, µm
 
     def __post_init__(self) -> None:
-        checks = {
-            "mpp_um": 0.1 <= self.mpp_um <= 50.0,
-            "papillary_um": 0.0 < self.papillary_um,
-            "superficial_um": self.papillary_um < self.superficial_um,
-            "nuclear_sigma_um": 0.0 < self.nuclear_sigma_um <= 500.0,
-            "opening_um": 0.0 <= self.opening_um <= 500.0,
-            "threshold_od": 0.0 <= self.threshold_od <= 10.0,
-            "threshold_band_um": 0.0 < self.threshold_band_um,
-            "min_contrast": 1.0 <= self.min_contrast <= 100.0,
-            "min_epidermis_um2": 0.0 <= self.min_epidermis_um2,
-            "max_epidermis_thickness_um": 0.0 < self.max_epidermis_thickness_um,
-            "max_surface_gap_um": 0.0 <= self.max_surface_gap_um,
-            "max_corneum_um": 0.0 <= self.max_corneum_um,
-        }
-        for name, ok in checks.items():
+        # Each rule is phrased as what is allowed, so the protocol loader can show it after "[compartments] key =
+        # value:" (the `compartments.` prefix names the table when the class is built directly in Python).
+        def need(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"CompartmentParams.{name} is out of range ({getattr(self, name)!r})")
-        for name in ("enabled",):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CompartmentParams.{name} must be true or false")
+                raise ValueError(f"compartments.{name} = {getattr(self, name)!r}: must be {rule}")
+
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"compartments.enabled = {self.enabled!r}: must be true or false")
+        need(0.1 <= self.mpp_um <= 50.0, "mpp_um", "between 0.1 and 50 µm per pixel (2 to 4 is enough)")
+        need(0.0 < self.papillary_um, "papillary_um", "a depth greater than 0 µm below the DEJ")
+        need(
+            self.papillary_um < self.superficial_um,
+            "superficial_um",
+            f"greater than papillary_um = {self.papillary_um!r} (the superficial band starts where the papillary "
+            "band ends)",
+        )
+        need(0.0 < self.nuclear_sigma_um <= 500.0, "nuclear_sigma_um", "greater than 0 and at most 500 µm")
+        need(0.0 <= self.opening_um <= 500.0, "opening_um", "between 0 (off) and 500 µm")
+        need(0.0 <= self.threshold_od <= 10.0, "threshold_od", "between 0 (automatic) and 10 OD")
+        need(0.0 < self.threshold_band_um, "threshold_band_um", "greater than 0 µm")
+        need(
+            1.0 <= self.min_contrast <= 100.0,
+            "min_contrast",
+            "a ratio between 1 and 100 (the epidermis is denser than the rest of the tissue)",
+        )
+        need(0.0 <= self.min_epidermis_um2, "min_epidermis_um2", "at least 0 µm²")
+        need(0.0 < self.max_epidermis_thickness_um, "max_epidermis_thickness_um", "greater than 0 µm")
+        need(0.0 <= self.max_surface_gap_um, "max_surface_gap_um", "at least 0 µm")
+        need(0.0 <= self.max_corneum_um, "max_corneum_um", "at least 0 µm")
 
 
 @dataclass(frozen=True)
