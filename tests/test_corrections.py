@@ -248,3 +248,14 @@ def test_a_redrawn_epidermis_moves_the_dermis_and_its_bands(results):
         Corrections(regions={"epidermis": thicker, "dermis": own})
     )
     assert _rows(rows).loc["dermis", "region_area_mm2"] < got.loc["dermis", "region_area_mm2"]
+
+
+def test_a_recorded_protocol_that_no_longer_loads_still_recomputes(results, caplog):
+    """A slide's record from an older cleihc whose protocol today's rules refuse: corrections still apply (the
+    dermis then stays where it was), with a warning, rather than failing the review."""
+    _, out, _ = results
+    loaded = SlideResults.load(out, "S05_pre_cxcl10")
+    loaded.record["provenance"]["protocol"]["analysis"]["mpp_um"] = 20.0  # refused for cells today
+    rows, _ = loaded.recompute(Corrections(exclusions=(box(400, 300, 500, 400),)))
+    assert _rows(rows).loc["tissue", "corrected"]
+    assert "its recorded protocol does not load" in caplog.text

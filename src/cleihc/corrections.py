@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import getpass
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable
@@ -35,7 +36,7 @@ import pandas as pd
 import shapely
 from shapely.geometry import mapping, shape
 
-from cleihc.errors import RegionsError
+from cleihc.errors import CleihcError, RegionsError
 from cleihc.geometry import rasterize
 from cleihc.io import atomic_write, sha256_file
 from cleihc.measure import TotalsRaster
@@ -43,6 +44,8 @@ from cleihc.outputs import read_slide_records, rebuild_tables, write_json
 from cleihc.pipeline import _label_cells, region_rows
 from cleihc.protocol import Protocol
 from cleihc.regions import COMPARTMENT_NAMES, CompartmentParams, compartments_from_epidermis
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CellEdit",
@@ -435,7 +438,7 @@ class SlideResults:
             corrections,
             raster_downsample=self.raster_downsample,
             mpp_um=mpp_um,
-            compartments=Protocol.from_dict(protocol).compartments,
+            compartments=_compartments_of(protocol, self.slide),
         )
         metrics = protocol.get("metrics") or {}
         rows = region_rows(
@@ -455,6 +458,18 @@ class SlideResults:
         ]
         rows["corrected"] = rows["region"].map(lambda n: bool(corrected.get(n, False)))
         return rows, cells
+
+
+def _compartments_of(protocol: dict[str, Any], slide: str) -> CompartmentParams | None:
+    """The compartment parameters a slide was measured with (None when its recorded protocol no longer loads,
+    e.g. written by an older cleihc: the dermis then stays where it was)."""
+    try:
+        return Protocol.from_dict(protocol).compartments
+    except (CleihcError, ValueError, TypeError, KeyError) as exc:
+        log.warning(
+            "%s: its recorded protocol does not load (%s); a redrawn epidermis moves no band", slide, exc
+        )
+        return None
 
 
 def apply_saved_corrections(
