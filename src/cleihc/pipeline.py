@@ -62,6 +62,7 @@ from cleihc.stains import (
     estimate_background,
     estimate_macenko,
     stain_fit,
+    tissue_pixels,
 )
 from cleihc.tile_engine import SlidePlan, TileResult, iter_tiles, process_tile
 from cleihc.tiling import TileGrid
@@ -216,6 +217,12 @@ def plan_slide(
         _check_region_bounds(user_regions, slide.dimensions, warnings)
         user_epidermis = [r for r in user_regions if r.name == "epidermis"]
         overview, overview_ds, overview_mpp = _lowres_overview(slide, overview_um)
+        # Stain vectors are estimated where stains are not mixed: tissue pixels at the analysis resolution.
+        estimation_px = (
+            tissue_pixels(slide, tissue.mask, mask_downsample=tissue.downsample, mpp_um=proto.analysis.mpp_um)
+            if proto.stains.estimate == "macenko"
+            else None
+        )
     # The slide, and its cache of decoded tiles, is closed here: what follows works on whole-slide arrays only.
     tissue_ov = map_mask(
         tissue.mask,
@@ -223,7 +230,15 @@ def plan_slide(
         shape=(overview.shape[1], overview.shape[0]),
         downsample=overview_ds,
     )
-    stains = _resolve_stains(proto, overview, tissue_ov, warnings, glass_seen=tissue.method != "no_glass")
+    stains = _resolve_stains(
+        proto,
+        overview,
+        tissue_ov,
+        warnings,
+        glass_seen=tissue.method != "no_glass",
+        estimation_pixels=estimation_px,
+    )
+    del estimation_px
     fit = _check_stain_fit(proto, stains, overview, tissue_ov, warnings)
     overview_wh = (overview.shape[1], overview.shape[0])
     # Automatic compartments need one channel of the overview, not its RGB: dropped before they run.
