@@ -248,3 +248,15 @@ def test_backups_never_share_a_name(tmp_path, monkeypatch):
     assert len(set(made)) == 3
     assert [m.read_text() for m in made] == ["version 0\n", "version 1\n", "version 2\n"]
     assert made[0].name == "p.toml.20261125T152410123456.bak" and made[1].name.endswith("-1.bak")
+
+
+def test_an_invalid_protocol_is_a_usage_error_in_every_command(tmp_path, capsys):
+    """`cleihc quantify` and `cleihc protocols show` exit 2 for a protocol that does not load; `stains estimate`
+    exited 1."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('schema = 1\n[protocol]\nname = "bad"\nversion = "1"\nmystery = 3\n')
+    slide = str(SAMPLES / "S01_pre_cd3.svs")
+    for argv in (["stains", "estimate", slide, "--protocol", str(bad)], ["protocols", "show", str(bad)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "bad.toml" in err and "allowed" in err

@@ -13,7 +13,7 @@ import os
 import sys
 
 from cleihc import __version__
-from cleihc.errors import CleihcError
+from cleihc.errors import CleihcError, ProtocolError
 
 # Subcommand modules, in the order `cleihc --help` lists them.
 COMMANDS = ("info", "quantify", "tables", "report", "validate", "protocols", "stains")
@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
+    except ProtocolError as exc:  # the user's protocol file or name: a usage error in every command
+        print(f"cleihc {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except CleihcError as exc:
         print(f"cleihc {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
