@@ -200,7 +200,8 @@ def test_rewriting_the_same_vectors_changes_nothing(tmp_path, capsys):
     assert main([*base, "--protocol", "cd3"]) == 0
     first = out_path.read_text()
     written = load_protocol(out_path)
-    assert written.version == "1.2.0"
+    # Named after its file: `--stain my-cd3` finds it, and its results do not land in the built-in's folder.
+    assert written.name == "my-cd3" and written.version == "1.2.0"
     assert written.description.count("[stain vectors estimated from slide.png (macenko)]") == 1
     # on its own output: same vectors, so the same file (same sha256), no version bump, no backup
     for _ in range(2):

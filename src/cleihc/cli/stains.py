@@ -321,8 +321,13 @@ def run(args: argparse.Namespace) -> int:
             out = dataclasses.replace(
                 same, version=_bump_minor(proto.version), description=_with_note(proto.description, note)
             )
-        text = out.to_toml()
         target = Path(args.write)
+        if target.stem != out.name and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", target.stem):
+            # Named after its file: `--stain my-cd3` finds it, and its results go to their own folder rather than
+            # beside the built-in protocol's (a results folder holds one protocol's results).
+            out = dataclasses.replace(out, name=target.stem)
+            print(f"named:       {out.name} (after its file; it was {proto.name})")
+        text = out.to_toml()
         if target.exists() and target.read_text(encoding="utf-8") == text:
             print(
                 f"unchanged:   {args.write} (protocol {out.name} {out.version}, sha256 {out.sha256[:12]}...)"
