@@ -131,7 +131,7 @@ def test_stains_estimate_macenko_and_write(tmp_path, capsys):
     assert "method:      macenko" in out
     assert "I0 = RGB 241.0 238.0 246.0" in out
     written = load_protocol(out_path)
-    assert written.version == "1.2.0" and written.name == "cd3"
+    assert written.version == "1.2.0" and written.name == "cd3-lab"  # named after its file
     assert written.stains.estimate == "fixed" and written.background.rgb == (241.0, 238.0, 246.0)
     for name in ("hematoxylin", "dab"):
         assert stains.angle_deg(written.stains.matrix.vector(name), TRUTH.vector(name)) < 2.0
