@@ -13,35 +13,16 @@ import pytest
 from cleihc import stains
 from cleihc.cli import main
 from cleihc.protocol import load_protocol
+from cleihc_testdata import SCANNER_GLASS, SCANNER_HDAB, two_stain_slide
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
 
-TRUTH = stains.StainMatrix(("hematoxylin", "dab"), [[0.60, 0.74, 0.30], [0.33, 0.56, 0.76]])
-GLASS = (241, 238, 246)
+TRUTH = stains.StainMatrix(("hematoxylin", "dab"), [list(v) for v in SCANNER_HDAB])
+GLASS = SCANNER_GLASS
 EOSIN = (0.09, 0.95, 0.28)
 
 
-def synthetic_slide(tmp_path: Path) -> Path:
-    """A 400x400 px image (read at 2 µm/px): glass around a tissue square of hematoxylin and DAB (known vectors),
-    ~5 degrees from the hdab preset."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    h = w = 400
-    conc = np.zeros((h, w, 3))
-    y, x = np.mgrid[0:h, 0:w]
-    tissue = (np.abs(y - 200) < 140) & (np.abs(x - 200) < 140)
-    left, right = tissue & (x < 200), tissue & (x >= 200)
-    conc[..., 0] = np.where(left, rng.uniform(0.15, 1.0, (h, w)), 0) + np.where(
-        right, rng.uniform(0, 0.05, (h, w)), 0
-    )
-    conc[..., 1] = np.where(right, rng.uniform(0.15, 1.0, (h, w)), 0) + np.where(
-        left, rng.uniform(0, 0.05, (h, w)), 0
-    )
-    rgb = stains.recompose(conc, TRUTH, background=GLASS).astype(float) + rng.normal(0, 1.0, (h, w, 3))
-    path = tmp_path / "slide.png"
-    Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8)).save(path)
-    return path
+synthetic_slide = two_stain_slide
 
 
 def protocol_file(tmp_path: Path, name: str, stains_table: str) -> Path:
