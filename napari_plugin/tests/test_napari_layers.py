@@ -254,3 +254,25 @@ def test_results_of_a_run_given_a_relative_path_open_from_anywhere(sample_slide,
     assert rs.slide_path == sample_slide.resolve()
     roles = [kw["metadata"]["cleihc"]["role"] for _, kw, _ in get_results_reader(str(out))(str(out))]
     assert "slide" in roles
+
+
+def test_a_damaged_tile_is_drawn_white_not_raised(caplog):
+    """Regression: a tile that cannot be decoded raised from napari's paint loop (a 90-line traceback per draw)."""
+    from cleihc.errors import CorruptSlideError
+    from cleihc.slide import AnalysisResolution
+    from napari_cleihc._layers import _level_array
+
+    class Damaged:
+        path = "damaged.svs"
+        dimensions = (1000, 600)
+
+        def read_analysis_rect(self, res, location, size):
+            if location[0] >= 512:
+                raise CorruptSlideError("cannot decode tile data", path=self.path)
+            return np.full((size[1], size[0], 3), 7, dtype=np.uint8)
+
+    res = AnalysisResolution(level=0, factor=1, mpp_um=(0.5, 0.5), downsample=1.0, dimensions_a=(1000, 600))
+    data = np.asarray(_level_array(Damaged(), res, 512))
+    assert data.shape == (600, 1000, 3)
+    assert (data[:, :512] == 7).all() and (data[:, 512:] == 255).all()
+    assert caplog.text.count("part of the image cannot be shown") == 1

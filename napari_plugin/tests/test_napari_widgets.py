@@ -556,3 +556,83 @@ def test_a_relative_slide_path_is_not_taken_for_another_file(tmp_path, monkeypat
     assert not rs.slide_found
     shutil.copy(real, elsewhere / "slides" / real.name)  # the same file, moved with the results: found
     assert rs.slide_found and rs.slide_path == Path(f"slides/{real.name}")
+
+
+def test_a_slide_without_mpp_is_measured_with_the_one_given(make_napari_viewer, qtbot, tmp_path):
+    """Regression: a file without µm/px could not be measured or previewed from napari at all (the reader takes
+    no MPP and the dock had no field for one)."""
+    from PIL import Image
+
+    from cleihc import quantify
+    from cleihc.slide import open_slide
+
+    sample = Path(__file__).resolve().parents[2] / "sample_images" / "S01_pre_cd3.svs"
+    with open_slide(sample) as s:
+        rgb = s.read_level_rect(0, (0, 0), s.dimensions)
+    png = tmp_path / "S09_pre_cd3.png"
+    Image.fromarray(rgb).save(png)
+    viewer = make_napari_viewer()
+    viewer.open(str(png), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.select_protocol("cd3")
+    widget.run()
+    _wait_worker(qtbot, widget)
+    assert widget.result is None and "microns-per-pixel" in widget.status.text()
+    widget.mpp_spin.setValue(0.5)
+    widget.apply_mpp()
+    assert tuple(find_layer(viewer, "slide").scale) == (0.5, 0.5)
+    widget.run()
+    _wait_worker(qtbot, widget)
+    assert widget.result is not None, widget.status.text()
+    expected = quantify(png, "cd3", mpp=0.5)
+    assert len(widget.result.cells) == len(expected.cells) > 0
+    cells = find_layer(viewer, "cells")
+    assert tuple(cells.scale) == (0.5, 0.5)  # drawn over the slide, in µm
+
+
+def test_the_threshold_preview_uses_the_runs_stains(make_napari_viewer, sample_slide):
+    """Regression: the preview computed OD against white while the run estimates I0 from the slide's glass
+    (242, 240, 245 on the sample): 455 of 14,789 preview pixels at 0.35 OD disagreed with the run."""
+    from cleihc.pipeline import plan_slide
+    from cleihc.stains import concentration
+
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    viewer.reset_view()
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    rect, _, conc = widget.field_concentration()
+    proto = widget.protocol()
+    plan = plan_slide(sample_slide, proto)
+    assert plan.stains.background_rgb != (255.0, 255.0, 255.0)
+    slide = widget._slide(widget.slide_layer())
+    x, y, w, h = rect
+    mpp_um = max(proto.analysis.mpp_um, max(w * slide.mpp[0], h * slide.mpp[1]) / _quantify_widget.PREVIEW_PX)
+    rgb = slide.read_at_mpp((x, y), (w, h), mpp_um=mpp_um)
+    np.testing.assert_array_equal(conc, concentration(rgb, plan.stains, stain=proto.target))
+
+
+def test_a_region_drawn_on_one_slide_is_not_used_on_another(make_napari_viewer, sample_slide, tmp_path):
+    """Regression: with two slides open, the ROI drawn on one was measured, in its pixel numbers, on the other."""
+    other = tmp_path / "S02_pre_cd3.svs"
+    shutil.copy(sample_slide, other)
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    roi = widget.roi_layer(create=True)
+    roi.add_rectangles(np.array([[0.0, 0.0], [300.0, 300.0]]))
+    assert widget.roi("drawn region").area > 0
+    viewer.open(str(other), plugin=PLUGIN)  # now the top slide
+    viewer.layers.selection.active = viewer.layers[-1]
+    with pytest.raises(Exception, match="no drawn region"):
+        widget.roi("drawn region")
+
+
+def test_a_threshold_above_the_moderate_bin_is_named_as_such():
+    from cleihc.errors import CleihcError
+    from cleihc.protocol import load_protocol
+
+    with pytest.raises(CleihcError, match=r"0\.50 OD is not below the protocol's moderate bin \(0\.4 OD\)"):
+        _quantify_widget.protocol_with_threshold(load_protocol("cd3"), 0.5)

@@ -12,6 +12,7 @@ Every layer made here carries ``metadata["cleihc"]``: its ``role`` (``slide``, `
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from dask.base import tokenize
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.geometry.base import BaseGeometry
 
+from cleihc.errors import CleihcError
 from cleihc.geometry import polygonal, region_color
 from cleihc.slide import AnalysisResolution, Slide, open_slide, slide_stem
 
@@ -63,6 +65,8 @@ __all__ = [
     "visible_rect_px",
     "world_per_px",
 ]
+
+log = logging.getLogger(__name__)
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
 
@@ -102,9 +106,18 @@ def _chunks(n: int, c: int) -> tuple[int, ...]:
 def _level_array(slide: Slide, res: AnalysisResolution, chunk_px: int) -> da.Array:
     w, h = res.dimensions_a
 
+    warned: list[bool] = []
+
     def read(block_info: dict | None = None) -> np.ndarray:
         (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
-        return slide.read_analysis_rect(res, (x0, y0), (x1 - x0, y1 - y0))
+        try:
+            return slide.read_analysis_rect(res, (x0, y0), (x1 - x0, y1 - y0))
+        except CleihcError as exc:
+            # A damaged tile must not break napari's drawing: it is shown white, and said once per level.
+            if not warned:
+                warned.append(True)
+                log.warning("%s: part of the image cannot be shown (%s)", slide.path, exc)
+            return np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
 
     name = "cleihc-slide-" + tokenize(str(slide.path), res.level, res.factor, chunk_px, slide.dimensions)
     return da.map_blocks(

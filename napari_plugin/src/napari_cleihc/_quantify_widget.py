@@ -20,6 +20,7 @@ from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -86,6 +87,11 @@ def protocol_with_threshold(protocol: Protocol, positive_od: float) -> Protocol:
     """
     data = protocol.to_dict()
     bins = list(data["thresholds"]["bins_od"])
+    if not positive_od < bins[1]:
+        raise CleihcError(
+            f"a positivity threshold of {positive_od:.2f} OD is not below the protocol's moderate bin "
+            f"({bins[1]:g} OD): choose a lower one, or edit the protocol's [thresholds] bins_od"
+        )
     bins[0] = round(float(positive_od), 6)
     data["thresholds"]["bins_od"] = bins
     data["thresholds"]["positive_od"] = bins[0]
@@ -105,6 +111,7 @@ class QuantifyWidget(QWidget):
         self._signals.progress.connect(self._on_progress)
         self._protocols: dict[str, Protocol] = {}
         self._slides: dict[tuple[str, Any], Slide] = {}
+        self._stains: dict[tuple[Any, ...], Any] = {}
         self._field: tuple[Any, ...] | None = None  # (key, rect_px, wpp, concentration)
 
         self.protocol_combo = QComboBox()
@@ -121,6 +128,17 @@ class QuantifyWidget(QWidget):
         self.scope_combo.addItems(SCOPES)
         self.scope_combo.currentTextChanged.connect(self._on_scope_changed)
 
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setRange(0.0, 50.0)
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setSingleStep(0.05)
+        self.mpp_spin.setSpecialValueText("from the file")
+        self.mpp_spin.setToolTip(
+            "Microns per pixel of the slide, for a file that does not record it (as cleihc quantify --mpp); "
+            "cleihc never guesses it"
+        )
+        set_mpp = QPushButton("Set")
+        set_mpp.clicked.connect(self.apply_mpp)
         self.out_edit = QLineEdit()
         self.out_edit.setPlaceholderText("results folder (optional: whole-slide runs are saved there)")
         browse_out = QPushButton("…")
@@ -160,6 +178,10 @@ class QuantifyWidget(QWidget):
         row.addWidget(browse_protocol)
         form.addRow("Protocol", row)
         form.addRow("Measure", self.scope_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.mpp_spin, 1)
+        row.addWidget(set_mpp)
+        form.addRow("µm/px", row)
         row = QHBoxLayout()
         row.addWidget(self.out_edit, 1)
         row.addWidget(browse_out)
@@ -246,6 +268,21 @@ class QuantifyWidget(QWidget):
             raise CleihcError("no slide open: open a slide (File > Open) with the cleihc reader first")
         return layer
 
+    def apply_mpp(self) -> None:
+        """Give the selected slide the µm/px of the box (0: the file's own); its layer is rescaled to µm."""
+        layer = self.slide_layer()
+        meta = cleihc_meta(layer)
+        value = float(self.mpp_spin.value())
+        if value <= 0:
+            self.status.setText("Type the slide's microns per pixel (the scanner's value), then Set.")
+            return
+        meta["mpp_override"] = (value, value)
+        meta["world_per_px"] = (value, value)  # (y, x) µm per level-0 pixel
+        layer.scale = (value, value)
+        self._field = None
+        self.viewer.reset_view()
+        self.status.setText(f"{meta['slide']}: {value:g} µm per pixel (given here, not from the file).")
+
     def _slide(self, layer: Any) -> Slide:
         meta = cleihc_meta(layer)
         key = (meta["slide_path"], meta.get("mpp_override"))
@@ -262,9 +299,10 @@ class QuantifyWidget(QWidget):
 
     def roi_layer(self, *, create: bool = False) -> Any:
         """The 'ROI' Shapes layer (level-0 px data) of the current slide, created on request."""
-        layer = find_layer(self.viewer, "roi")
+        # Only this slide's: a region drawn on another slide is in that slide's pixels.
+        slide_layer = self.slide_layer()
+        layer = find_layer(self.viewer, "roi", slide=cleihc_meta(slide_layer).get("slide"))
         if layer is None and create:
-            slide_layer = self.slide_layer()
             meta = cleihc_meta(slide_layer)
             wpp = tuple(meta["world_per_px"])
             layer = self.viewer.add_shapes(
@@ -293,6 +331,7 @@ class QuantifyWidget(QWidget):
         roi = self.roi_layer()
         if roi is None or len(roi.data) == 0:
             raise CleihcError("no drawn region: draw a polygon on the 'ROI' layer first")
+
         geoms = geometries_from_shapes(
             layer_data_px(roi), roi.shape_type, ["roi"] * len(roi.data), [-1] * len(roi.data)
         )
@@ -477,18 +516,27 @@ class QuantifyWidget(QWidget):
             return self._field[1], self._field[2], self._field[3]
         slide = self._slide(layer)
         if not slide.has_mpp:
-            raise CleihcError("the slide has no microns-per-pixel: reopen it with one to preview thresholds")
+            raise CleihcError(
+                "the slide has no microns-per-pixel: type the scanner's value in µm/px and press Set"
+            )
         mx, my = slide.mpp
         x, y, w, h = rect
         mpp_um = max(proto.analysis.mpp_um, max(w * mx, h * my) / PREVIEW_PX)
         rgb = slide.read_at_mpp((x, y), (w, h), mpp_um=mpp_um)
-        stains = proto.stains.matrix
-        if slide.background_rgb is not None and proto.background.mode != "fixed":
-            stains = stains.with_background(slide.background_rgb)
-        conc = concentration(rgb, stains, stain=proto.target)
+        conc = concentration(rgb, self._run_stains(meta, proto), stain=proto.target)
         wpp = tuple(meta["world_per_px"])
         self._field = (key, rect, wpp, conc)
         return rect, wpp, conc
+
+    def _run_stains(self, meta: dict[str, Any], proto: Protocol) -> Any:
+        """The stains a run of this slide uses (I0 from its glass, its own vectors if the protocol estimates
+        them): the plan's, so the preview's positive pixels are the run's. Cached per slide and protocol."""
+        from cleihc.pipeline import plan_slide
+
+        key = (meta["slide_path"], meta.get("mpp_override"), proto.sha256)
+        if key not in self._stains:
+            self._stains[key] = plan_slide(meta["slide_path"], proto, mpp=meta.get("mpp_override")).stains
+        return self._stains[key]
 
     def refresh_preview(self) -> None:
         """Re-read the visible field (if it changed) and redraw the preview."""
