@@ -769,3 +769,29 @@ def test_read_analysis_image_equals_one_rect_read(tmp_path):
             base._BAND_PIXELS = old
     np.testing.assert_array_equal(banded, whole)
     assert banded.shape == (res.dimensions_a[1], res.dimensions_a[0], 3)
+
+
+def test_a_large_binned_read_is_made_in_bands_with_the_same_pixels(monkeypatch):
+    """Regression: a binned read (napari's zoomed-out view of a single-level scan) read its whole level-0 block
+    at once: a 1024-px chunk at factor 16 held 16384² level pixels (~800 MB). Above a bound it is read in bands;
+    the pixels are the same."""
+    import cleihc.slide.base as base
+    from cleihc_testdata import SAMPLE_IMAGES
+
+    with open_slide(SAMPLE_IMAGES / "S01_pre_cd3.svs") as s:
+        res = s.analysis_resolution(1.0)  # level 0 binned by 2 (the file's next level is 4x)
+        assert res.factor == 2
+        whole = s.read_analysis_rect(res, (-3, 5), (res.dimensions_a[0] + 6, 300))
+        reads = []
+        original = s.read_level_rect
+
+        def counted(level, location, size):
+            reads.append(size[0] * size[1])
+            return original(level, location, size)
+
+        monkeypatch.setattr(s, "read_level_rect", counted)
+        monkeypatch.setattr(base, "_MAX_BLOCK_PIXELS", 100_000)
+        monkeypatch.setattr(base, "_BAND_PIXELS", 50_000)
+        banded = s.read_analysis_rect(res, (-3, 5), (res.dimensions_a[0] + 6, 300))
+    np.testing.assert_array_equal(banded, whole)
+    assert len(reads) > 5 and max(reads) <= 50_000 + res.dimensions_a[0] * 4

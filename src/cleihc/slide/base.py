@@ -36,6 +36,9 @@ __all__ = ["AnalysisResolution", "Slide", "is_slide", "open_slide"]
 MPP_TOLERANCE = 1.1
 # Thumbnails are built from bands of at most this many level pixels, so a single-level giant never loads whole.
 _BAND_PIXELS = 4_000_000  # level pixels read at once by read_analysis_image: bounds its memory (~60 MB)
+# Above this many level pixels (~190 MB of RGB) read_analysis_rect bins in bands of _BAND_PIXELS; below, in one
+# read (the engine's tiles, even at factor 2, stay below it).
+_MAX_BLOCK_PIXELS = 64_000_000
 # Brightfield glass is bright; a fluorescence slide's background is near black (see Slide.check_brightfield).
 _MIN_BRIGHTFIELD_P95 = 120.0
 _MIN_BRIGHTFIELD_MEDIAN = 40.0
@@ -495,8 +498,12 @@ class Slide:
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, wa), min(y + h, ha)
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
-            block = self.read_level_rect(level, (x0 * f, y0 * f), ((x1 - x0) * f, (y1 - y0) * f))
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = _bin_mean(block, f)
+            size_l = ((x1 - x0) * f, (y1 - y0) * f)
+            if size_l[0] * size_l[1] > _MAX_BLOCK_PIXELS:  # e.g. a zoomed-out view of a single-level scan
+                binned = self._read_binned(level, (x0 * f, y0 * f), size_l, f)
+            else:  # one read: a band edge would decode the tiles it crosses twice
+                binned = _bin_mean(self.read_level_rect(level, (x0 * f, y0 * f), size_l), f)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = binned
         return out
 
     def read_analysis_image(self, res: AnalysisResolution) -> np.ndarray:
