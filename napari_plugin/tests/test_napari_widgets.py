@@ -636,3 +636,28 @@ def test_a_threshold_above_the_moderate_bin_is_named_as_such():
 
     with pytest.raises(CleihcError, match=r"0\.50 OD is not below the protocol's moderate bin \(0\.4 OD\)"):
         _quantify_widget.protocol_with_threshold(load_protocol("cd3"), 0.5)
+
+
+def test_cancel_after_the_last_tile_still_cancels(
+    make_napari_viewer, qtbot, sample_slide, tmp_path, monkeypatch
+):
+    """Regression: Cancel pressed once the last tile was measured was ignored: results written, layers replaced."""
+    import cleihc
+
+    viewer = make_napari_viewer()
+    viewer.open(str(sample_slide), plugin=PLUGIN)
+    widget = QuantifyWidget(viewer)
+    widget.select_protocol("cd3")
+    widget.out_edit.setText(str(tmp_path / "out"))
+    real = cleihc.quantify
+
+    def measured_then_cancelled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        widget._cancel.set()  # as the button does, after every tile is done
+        return result
+
+    monkeypatch.setattr(cleihc, "quantify", measured_then_cancelled)
+    widget.run()
+    _wait_worker(qtbot, widget)
+    assert widget.status.text() == "Cancelled." and widget.result is None
+    assert not (tmp_path / "out" / "slides").exists() and not layers_with_role(viewer, "cells")

@@ -414,6 +414,8 @@ class QuantifyWidget(QWidget):
             # `finished`, and a cancel is not reported as an error.
             try:
                 result = quantify(path, protocol, progress=progress, **kwargs)
+                if cancel.is_set():  # pressed after the last tile: still before anything is written or shown
+                    raise QuantifyCancelled
                 if out_dir is not None:
                     from cleihc.corrections import apply_saved_corrections, corrections_path
                     from cleihc.outputs import rebuild_tables, results_folder_lock, write_slide_outputs
