@@ -270,11 +270,8 @@ def _read_geojson(text: str) -> tuple[list[tuple[str, list[Polygon], list[Polygo
             continue
         name = _feature_name(props)
         polygons = _geojson_geometry(feat["geometry"], f"feature {k}", skipped)
-        if not polygons and isinstance(feat["geometry"], dict) and feat["geometry"].get("type") in (
-            "Polygon",
-            "MultiPolygon",
-            "GeometryCollection",
-        ):
+        kind = feat["geometry"].get("type") if isinstance(feat["geometry"], dict) else None
+        if not polygons and kind in ("Polygon", "MultiPolygon", "GeometryCollection"):
             skipped.append(f"feature {k} ({name!r}: an empty geometry)")
         shapes.append((name, polygons, []))
     return shapes, skipped
