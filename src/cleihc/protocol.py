@@ -60,6 +60,7 @@ __all__ = [
     "StainsParams",
     "Thresholds",
     "build_params",
+    "builtin_protocol",
     "find_protocol",
     "list_protocols",
     "load_protocol",
@@ -934,6 +935,12 @@ def _warn_bad_env_entries(entries: tuple[str, ...]) -> None:
 
 def _builtin_dir() -> Path:
     return Path(str(importlib.resources.files(BUILTIN_PACKAGE)))
+
+
+def builtin_protocol(name: str) -> Path | None:
+    """The built-in protocol file of that name, or None (a local file of the same name hides it by name)."""
+    path = _builtin_dir() / f"{name}.toml"
+    return path if path.is_file() else None
 
 
 def find_protocol(name_or_path: str | os.PathLike[str]) -> Path:

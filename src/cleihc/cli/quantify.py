@@ -18,18 +18,15 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _say_which_protocol(protocol: Any, *, by_name: bool) -> None:
     """Name the protocol file in run.log; warn when a name found a local file that hides the built-in one."""
-    import importlib.resources
-
-    from cleihc.protocol import BUILTIN_PACKAGE
+    from cleihc.protocol import builtin_protocol
 
     log = logging.getLogger("cleihc")
     source = Path(protocol.source) if protocol.source else None
     log.info("protocol %s@%s (sha256 %s) from %s", protocol.name, protocol.version, protocol.sha256, source)
     if not by_name or source is None:
         return
-    builtin = Path(str(importlib.resources.files(BUILTIN_PACKAGE)))
-    shadowed = builtin / source.name
-    if source.resolve().parent != builtin.resolve() and shadowed.is_file():
+    builtin = builtin_protocol(source.stem)
+    if builtin is not None and builtin.resolve() != source.resolve():
         log.warning(
             "--stain %s uses %s, not the built-in protocol of that name (a local file comes first); "
             "give --protocol FILE to choose explicitly",
