@@ -83,21 +83,26 @@ def test_tissue_pixels_reads_the_mask_at_the_analysis_resolution():
 
 
 # ----------------------------------------------------------------------------------- --write and the tolerance
-def test_write_refuses_vectors_beyond_the_tolerance(tmp_path, capsys):
-    slide = synthetic_slide(tmp_path)  # its vectors are ~5 degrees from the reference
-    proto = protocol_file(tmp_path, "tight", 'preset = "hdab"\ndrift_tolerance_deg = 2.0')
-    out_path = tmp_path / "out.toml"
-    args = [
+def _write_args(slide: Path, protocol: Path, out: Path) -> list[str]:
+    """`cleihc stains estimate` of the synthetic slide (read at 2 µm/px) with `--write out`."""
+    return [
         "stains",
         "estimate",
         str(slide),
         "--protocol",
-        str(proto),
+        str(protocol),
         "--mpp",
         "2.0",
         "--write",
-        str(out_path),
+        str(out),
     ]
+
+
+def test_write_refuses_vectors_beyond_the_tolerance(tmp_path, capsys):
+    slide = synthetic_slide(tmp_path)  # its vectors are ~5 degrees from the reference
+    proto = protocol_file(tmp_path, "tight", 'preset = "hdab"\ndrift_tolerance_deg = 2.0')
+    out_path = tmp_path / "out.toml"
+    args = _write_args(slide, proto, out_path)
     assert main(args) == 1
     captured = capsys.readouterr()
     assert "BEYOND the protocol's 2 deg tolerance" in captured.out
@@ -121,17 +126,7 @@ def test_three_stain_protocol_keeps_the_third_reference_vector(tmp_path, capsys)
         "vectors = { hematoxylin = [0.65, 0.70, 0.29], dab = [0.27, 0.57, 0.78], eosin = [0.09, 0.95, 0.28] }",
     )
     out_path = tmp_path / "three-lab.toml"
-    args = [
-        "stains",
-        "estimate",
-        str(slide),
-        "--protocol",
-        str(proto),
-        "--mpp",
-        "2.0",
-        "--write",
-        str(out_path),
-    ]
+    args = _write_args(slide, proto, out_path)
     assert main(args) == 0
     out = capsys.readouterr().out
     assert re.search(r"eosin .*kept, not estimated \(Macenko's method estimates two stains\)", out)

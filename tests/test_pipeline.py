@@ -205,6 +205,10 @@ def test_pigment_is_found_once_per_tile_and_does_not_depend_on_tiles(tmp_path):
         assert int(other.raster.pigment_px.sum()) == pigment_px
 
 
+#: The columns every regions table has (issue 4's output contract: other tools read them).
+CONTRACT_COLUMNS = ("slide", "path", "stain", "protocol", "protocol_sha256", "region", "region_area_mm2")
+
+
 def test_outputs_follow_the_contract(cd3_slide, tmp_path):
     path, _ = cd3_slide
     res = quantify(path, "cd3")
@@ -212,13 +216,7 @@ def test_outputs_follow_the_contract(cd3_slide, tmp_path):
     table = rebuild_tables(tmp_path)
     stem = slide_stem(path)
     for col in (
-        "slide",
-        "path",
-        "stain",
-        "protocol",
-        "protocol_sha256",
-        "region",
-        "region_area_mm2",
+        *CONTRACT_COLUMNS,
         "cells_total",
         "cells_positive",
         "cells_negative",
@@ -271,13 +269,7 @@ def test_area_outputs_follow_the_contract(tmp_path):
     write_slide_outputs(res, tmp_path)
     table = rebuild_tables(tmp_path)
     for col in (
-        "slide",
-        "path",
-        "stain",
-        "protocol",
-        "protocol_sha256",
-        "region",
-        "region_area_mm2",
+        *CONTRACT_COLUMNS,
         "positive_area_mm2",
         "positive_area_percent",
         "weak_area_percent",

@@ -661,3 +661,21 @@ def test_cancel_after_the_last_tile_still_cancels(
     _wait_worker(qtbot, widget)
     assert widget.status.text() == "Cancelled." and widget.result is None
     assert not (tmp_path / "out" / "slides").exists() and not layers_with_role(viewer, "cells")
+
+
+def test_a_tissue_outline_beyond_the_detected_tissue_is_named(make_napari_viewer, results_dir):
+    """A drawn tissue only restricts the detected tissue (as with --regions): an enlarged outline changed nothing
+    and said nothing; the status now names the area it adds in vain."""
+    viewer = make_napari_viewer()
+    widget = _open_results(viewer, results_dir)
+    tissue = find_layer(viewer, "tissue")
+    tissue.selected_data = set(range(len(tissue.data)))
+    tissue.remove_selected()
+    widget.region_combo.setCurrentText("tissue")
+    widget.draw_region()
+    h, w = SlideResults.load(results_dir, widget.bound[1]).masks["tissue"].shape
+    r = widget.automatic.raster_downsample
+    tissue.add_polygons([np.array([[0.0, 0.0], [0.0, w * r], [h * r, w * r], [h * r, 0.0]])])
+    rows = widget.recompute()
+    assert not _row(rows, "tissue")["corrected"]  # the whole slide holds all of the detected tissue
+    assert "beyond the detected tissue" in widget.status.text()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -364,7 +365,7 @@ class CorrectWidget(QWidget):
             return ""
         outside_px2 = float(polygonal(drawn).difference(polygonal(self.automatic.regions["tissue"])).area)
         out_dir, slide = self.bound
-        mpp = ResultsSlide.load(out_dir, slide).mpp_um
+        mpp = ResultsSlide(Path(out_dir), slide, self.results.record).mpp_um  # the record already loaded
         outside_mm2 = outside_px2 * mpp[0] * mpp[1] / 1e6
         if outside_mm2 < 1e-4:
             return ""
